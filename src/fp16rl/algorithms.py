@@ -1,0 +1,157 @@
+"""GRPO-family advantages, importance-sampling corrections and the clipped surrogate loss.
+
+Pure tensor functions: the training loop in ``trainer.py`` wires them. Formulas follow DESIGN.md;
+the loss-type normalisations follow TRL's GRPOTrainer so results are comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+IS_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+_STD_EPS = 1e-4
+_MAX_LOG_RATIO = 20.0
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+    """``A_i = (R_i - mean_group R) / (std + 1e-4)``; std of the group, of the batch, or none (no division).
+
+    Rows ``i*G .. i*G+G-1`` form group ``i``. Standard deviations are unbiased, as in TRL.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    grouped = rewards.float().view(-1, num_generations)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        std = grouped.std(dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(centred)
+    else:
+        std = rewards.float().std() if rewards.numel() > 1 else torch.tensor(0.0)
+    return centred / (std + _STD_EPS)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """IS correction of the sampler/trainer mismatch on ``rho = pi_old / mu`` (DESIGN.md 'Losses')."""
+
+    mode: str = "none"
+    clip_max: float = 2.0  # C: truncation cap, or upper bound of the kept band for *_mask
+    clip_min: float = 0.0  # Cmin: lower bound of the kept band for *_mask
+
+    def __post_init__(self) -> None:
+        if self.mode not in IS_CORRECTIONS:
+            raise ValueError(f"is_correction must be one of {IS_CORRECTIONS}, got {self.mode!r}")
+        if self.clip_max <= 0 or self.clip_min < 0 or self.clip_min >= self.clip_max:
+            raise ValueError("IS clip values need 0 <= is_clip_min < is_clip_max")
+
+    def weights(
+        self, old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """Detached per-token weights ``[N, C]`` and the fraction of tokens a mask mode zeroed."""
+        mask = mask.bool()
+        if self.mode == "none":
+            return torch.ones_like(old_logprobs), 0.0
+        log_rho = ((old_logprobs - sampler_logprobs) * mask).detach().float()
+        if self.mode.startswith("token"):
+            rho = torch.exp(log_rho.clamp(max=_MAX_LOG_RATIO))
+        else:  # the full product of token ratios, not the length-normalised one (TRL #5814)
+            rho = torch.exp(log_rho.sum(dim=1, keepdim=True).clamp(max=_MAX_LOG_RATIO)).expand_as(log_rho)
+        if self.mode.endswith("truncate"):
+            return rho.clamp(max=self.clip_max), 0.0
+        keep = (rho >= self.clip_min) & (rho <= self.clip_max)
+        masked_ratio = ((~keep) & mask).sum().item() / max(int(mask.sum()), 1)
+        return rho * keep, masked_ratio
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Options of the clipped surrogate (DESIGN.md 'Losses'; defaults as in TRL's GRPOConfig)."""
+
+    loss_type: str = "bnpo"
+    importance_sampling_level: str = "token"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None = epsilon (symmetric); DAPO uses 0.28
+    beta: float = 0.0
+    max_completion_length: int = 256  # dr_grpo's constant normaliser
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}")
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+def k3(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(q || p) on samples from q: ``exp(log_p - log_q) - (log_p - log_q) - 1``."""
+    diff = log_p - log_q
+    return torch.exp(diff) - diff - 1
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: LossSettings,
+    is_weights: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    grad_accum_steps: int = 1,
+    batch_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch, already scaled so summing micro-batches gives the step's loss.
+
+    ``logprobs`` carry gradient (pi_theta); ``old_logprobs`` are pi_old; ``advantages`` is ``[N]``;
+    ``mask`` marks the tokens that contribute; ``batch_tokens`` is the number of such tokens in the
+    whole generation batch (dapo's normaliser).
+    """
+    mask = mask.float()
+    log_ratio = logprobs - old_logprobs
+    if settings.importance_sampling_level == "sequence":  # GSPO: length-normalised sequence ratio
+        log_ratio = ((log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).unsqueeze(1)
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - settings.epsilon, 1 + settings.eps_high)
+    adv = advantages[:, None]
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
+    kl = None
+    if settings.beta != 0.0 and ref_logprobs is not None:
+        kl = k3(ref_logprobs, logprobs)
+        per_token = per_token + settings.beta * kl
+
+    loss = aggregate(per_token, mask, settings, grad_accum_steps, batch_tokens)
+    with torch.no_grad():
+        ratio_full = ratio.expand_as(mask)
+        tokens = mask.sum().clamp(min=1)
+        stats = {
+            "clip_ratio_low": (((ratio_full < 1 - settings.epsilon) & (adv < 0)).float() * mask).sum() / tokens,
+            "clip_ratio_high": (((ratio_full > 1 + settings.eps_high) & (adv > 0)).float() * mask).sum() / tokens,
+        }
+        if kl is not None:
+            stats["kl_ref"] = (kl * mask).sum() / tokens
+    return loss, stats
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, settings: LossSettings, grad_accum_steps: int, batch_tokens: int | None
+) -> torch.Tensor:
+    """Reduce per-token losses as ``settings.loss_type`` says (TRL semantics)."""
+    masked = per_token * mask
+    if settings.loss_type == "grpo":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean() / grad_accum_steps
+    if settings.loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1) / grad_accum_steps
+    if settings.loss_type == "dapo":
+        total = batch_tokens if batch_tokens is not None else mask.sum().item() * grad_accum_steps
+        return masked.sum() / max(total, 1)
+    return masked.sum() / (per_token.shape[0] * settings.max_completion_length) / grad_accum_steps

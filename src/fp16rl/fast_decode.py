@@ -1,0 +1,213 @@
+"""A lean decode loop for Llama-family models (Llama, Qwen2, Mistral), with or without peft LoRA.
+
+Why: on small models each ``model(...)`` decode step through Hugging Face spends most of its
+time outside the maths (mask building, ``DynamicCache`` concatenation per layer, config
+look-ups, output dataclasses). This decoder keeps a preallocated KV cache written in place and
+an attention mask it updates one column per step, and calls the model's own modules (embedding,
+RMSNorms, projections, MLP, rotary embedding, lm_head) in the same order and shapes as the
+Hugging Face layer does, so the logits are those of ``HFCacheDecoder`` (fp32: equal to ~1e-6).
+Projections are called as modules, so LoRA adapters apply. The prefill runs once through the
+Hugging Face model itself and its cache is copied in: the prompt pass is exactly the reference.
+
+Attention mirrors transformers' own choice per step: SDPA without a mask (``enable_gqa``) when
+no row has padding, otherwise SDPA with a boolean mask and the query heads packed onto their
+key/value head (``pack_gqa``); for ``attn_implementation="eager"`` the eager formula
+(additive mask, softmax in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+
+# Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
+SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face causal LM inside ``model`` (a peft ``PeftModel`` is unwrapped; its LoRA layers stay)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the fast path cannot run ``model`` faithfully, or None when it can."""
+    lm = causal_lm(model)
+    if type(lm) not in SUPPORTED_CLASSES:
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
+        return f"model class {type(lm).__name__} is not one of {names}"
+    config = lm.config
+    if config._attn_implementation not in SUPPORTED_ATTENTION:
+        return f"attention implementation {config._attn_implementation!r} is not sdpa or eager"
+    if getattr(config, "sliding_window", None) is not None:
+        return "sliding-window attention is configured"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return f"layer types {sorted(set(layer_types))} are not all full_attention"
+    if lm.training:
+        return "model is in training mode (dropout)"
+    return None
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """Whether ``LlamaFamilyDecoder`` reproduces this model's decoding (else use ``HFCacheDecoder``)."""
+    return unsupported_reason(model) is None
+
+
+class LlamaFamilyDecoder:
+    """Incremental decoding for one ``generate`` call; same interface as ``HFCacheDecoder``.
+
+    State: per layer K/V buffers ``[rows, kv_heads, prompt_width + max_new_tokens, head_dim]``
+    whose first ``length`` columns are filled, a boolean key mask of the same width, and each
+    row's position. ``select`` compacts rows to the front of the buffers in place.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_new_tokens: int):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"fast decoder cannot run this model: {reason}")
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        lm: PreTrainedModel = causal_lm(model)
+        body = lm.model
+        self.embed_tokens = body.embed_tokens
+        # Modules resolved once: nn.Module attribute look-ups are a visible share of a tiny model's step.
+        self.layers = [
+            (
+                layer.input_layernorm,
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+                layer.self_attn.scaling,
+                layer.post_attention_layernorm,
+                layer.mlp,
+            )
+            for layer in body.layers[: lm.config.num_hidden_layers]
+        ]
+        self.norm = body.norm
+        self.rotary_emb = body.rotary_emb
+        self.lm_head = lm.lm_head
+        self.eager = lm.config._attn_implementation == "eager"
+        attn = body.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.groups = attn.num_key_value_groups
+        half = self.head_dim // 2
+        weight = self.embed_tokens.weight  # rotary cos/sin come in the hidden states' dtype
+        self.sin_sign = torch.tensor([-1.0] * half + [1.0] * half, dtype=weight.dtype, device=weight.device)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompts through the Hugging Face model; copy its cache in; return last-position logits."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        rows, width = input_ids.shape
+        capacity = width + self.max_new_tokens
+        self.keys, self.values = [], []
+        for layer in out.past_key_values.layers[: len(self.layers)]:
+            for store, filled in ((self.keys, layer.keys), (self.values, layer.values)):
+                buffer = filled.new_empty(rows, filled.shape[1], capacity, filled.shape[3])
+                buffer[:, :, :width] = filled
+                store.append(buffer)
+        self.mask = torch.zeros(rows, capacity, dtype=torch.bool, device=input_ids.device)
+        self.mask[:, :width] = attention_mask.bool()
+        self.positions = attention_mask.sum(-1) - 1
+        self.length = width
+        self.rows = rows
+        self._update_padding()
+        return out.logits[:, -1]
+
+    def repeat_interleave(self, n: int) -> None:
+        """Fan each prompt's state out to ``n`` rows; only the filled columns are copied."""
+        if n == 1:
+            return
+        for store in (self.keys, self.values):
+            for i, buffer in enumerate(store):
+                rows, heads, capacity, dim = buffer.shape
+                fanned = buffer.new_empty(rows * n, heads, capacity, dim)
+                fanned.view(rows, n, heads, capacity, dim)[:, :, :, : self.length] = buffer[:, None, :, : self.length]
+                store[i] = fanned
+        self.mask = self.mask.repeat_interleave(n, dim=0)
+        self.positions = self.positions.repeat_interleave(n, dim=0)
+        self.rows *= n
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep rows ``keep``: move them to the front of the buffers (filled columns only)."""
+        count = keep.numel()
+        for buffer in (*self.keys, *self.values):
+            buffer[:count, :, : self.length] = buffer[keep, :, : self.length]
+        self.mask[:count] = self.mask[keep]
+        self.positions = self.positions[keep]
+        self.rows = count
+        self._update_padding()
+
+    def _update_padding(self) -> None:
+        # transformers drops the SDPA mask when no live row has padding; mirror it (other kernel path).
+        self.padded = not bool(self.mask[: self.rows, : self.length].all())
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row; return the next-token logits ``[B, V]``."""
+        rows, column = self.rows, self.length
+        self.mask[:rows, column] = True
+        self.length = length = column + 1
+        self.positions = self.positions + 1
+        key_mask = self.mask[:rows, None, None, :length] if self.padded or self.eager else None
+        if self.eager:
+            dtype = self.keys[0].dtype
+            key_mask = key_mask.new_zeros(key_mask.shape, dtype=dtype).masked_fill_(~key_mask, torch.finfo(dtype).min)
+
+        hidden = self.embed_tokens(tokens[:, None])
+        cos, sin = self.rotary_emb(hidden, self.positions[:, None])  # [B, 1, head_dim]
+        # RoPE as transformers writes it, q*cos + rotate_half(q)*sin with rotate_half(q) = (-q2, q1),
+        # in fewer ops: roll(q) = (q2, q1) and the sign moved onto sin (bitwise equal: x*-y == -x*y).
+        sin = sin * self.sin_sign
+        half = self.head_dim // 2
+        heads = (rows, -1, self.head_dim)  # one token per row: [B, 1, H*D] -> [B, H, D] is a view
+        for layer, key_buffer, value_buffer in zip(self.layers, self.keys, self.values):
+            input_norm, q_proj, k_proj, v_proj, o_proj, scaling, post_norm, mlp = layer
+            residual = hidden
+            hidden = input_norm(hidden)
+            query = q_proj(hidden).view(heads)
+            key = k_proj(hidden).view(heads)
+            query = query * cos + query.roll(half, -1) * sin
+            torch.add(key * cos, key.roll(half, -1) * sin, out=key_buffer[:rows, :, column])
+            value_buffer[:rows, :, column] = v_proj(hidden).view(heads)
+            out = self._attend(query, key_buffer[:rows, :, :length], value_buffer[:rows, :, :length], key_mask, scaling)
+            hidden = residual + o_proj(out)
+            residual = hidden
+            hidden = residual + mlp(post_norm(hidden))
+        return self.lm_head(self.norm(hidden))[:, -1]
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """Query ``[B, H, D]`` against the cached keys -> ``[B, 1, H * D]``, as transformers computes it."""
+        rows, heads = query.shape[0], query.shape[1]
+        if self.eager:
+            if self.groups > 1:
+                keys = keys.repeat_interleave(self.groups, dim=1)
+                values = values.repeat_interleave(self.groups, dim=1)
+            weights = torch.matmul(query[:, :, None], keys.transpose(2, 3)) * scaling + key_mask
+            weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+            out = torch.matmul(weights, values)
+        elif self.groups == 1:
+            out = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=key_mask, scale=scaling)
+        elif key_mask is None:
+            out = F.scaled_dot_product_attention(query[:, :, None], keys, values, scale=scaling, enable_gqa=True)
+        else:
+            # pack_gqa: a key/value head's query heads become its query rows; one mask serves them all.
+            packed = query.view(rows, heads // self.groups, self.groups, self.head_dim)
+            out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=key_mask, scale=scaling)
+        return out.reshape(rows, 1, heads * self.head_dim)

@@ -1,0 +1,66 @@
+"""How far the sampler's token logprobs (mu) are from the trainer's (pi) on the same tokens.
+
+Notation (DESIGN.md): per real completion token t, lmu = sampler logprob, lpi = trainer logprob
+at the rollout parameters, d = lpi - lmu, r = exp(d). Sequence quantities sum d over a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# exp() of a summed log-ratio overflows fp32 near 88; clamping keeps the statistics finite
+# while still showing an astronomically large ratio.
+_MAX_LOG_RATIO = 20.0
+
+
+def mismatch_metrics(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """All ``mismatch/*`` metrics of DESIGN.md for ``[N, C]`` logprobs and a ``[N, C]`` token mask."""
+    mask = mask.bool()
+    lmu = sampler_logprobs.float()[mask]
+    lpi = trainer_logprobs.float()[mask]
+    if lmu.numel() == 0:
+        return {}
+    d = lpi - lmu
+    r = torch.exp(d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    p_pi, p_mu = lpi.exp(), lmu.exp()
+    prob_diff = p_pi - p_mu
+
+    rows = mask.any(dim=1)
+    seq_d = ((trainer_logprobs.float() - sampler_logprobs.float()) * mask)[rows].sum(dim=1)
+    seq_ratio = torch.exp(seq_d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+    return {
+        "mismatch/token_kl_k1": (lmu - lpi).mean().item(),
+        "mismatch/token_kl_k3": (r - 1 - d).mean().item(),
+        "mismatch/seq_kl": (-seq_d).mean().item(),
+        "mismatch/logp_abs_diff_mean": d.abs().mean().item(),
+        "mismatch/logp_abs_diff_max": d.abs().max().item(),
+        "mismatch/prob_abs_diff_mean": prob_diff.abs().mean().item(),
+        "mismatch/prob_abs_diff_max": prob_diff.abs().max().item(),
+        "mismatch/prob_diff_min": prob_diff.min().item(),
+        "mismatch/prob_diff_max": prob_diff.max().item(),
+        "mismatch/is_ratio_token_min": r.min().item(),
+        "mismatch/is_ratio_token_mean": r.mean().item(),
+        "mismatch/is_ratio_token_max": r.max().item(),
+        "mismatch/is_ratio_seq_min": seq_ratio.min().item(),
+        "mismatch/is_ratio_seq_mean": seq_ratio.mean().item(),
+        "mismatch/is_ratio_seq_max": seq_ratio.max().item(),
+        "mismatch/chi2_token": (r.square().mean() - 1).item(),
+        "mismatch/ess": effective_sample_size(r),
+        "mismatch/pearson_prob": pearson(p_pi, p_mu),
+    }
+
+
+def effective_sample_size(weights: torch.Tensor) -> float:
+    """Normalised ESS of importance weights, ``1 / mean((w / mean w)^2)``, in (0, 1]; 1 = no mismatch."""
+    normalised = weights / weights.mean()
+    return (1.0 / normalised.square().mean()).item()
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation; 1.0 when both are constant and equal (nothing to disagree on)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    if denom == 0:
+        return 1.0 if torch.equal(x, y) else 0.0
+    return ((x * y).sum() / denom).item()

@@ -1,0 +1,239 @@
+"""Loading causal LMs and tokenizers from local folders, LoRA through peft, and a tiny-model factory.
+
+Everything is a normal Hugging Face folder loaded with ``from_pretrained``: the tiny test model is
+written to disk and read back exactly like a user's model, so tests exercise the real path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from fp16rl.atomic import atomic_directory
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+# ChatML, the template of Qwen2 and SmolLM2; `continue_final_message` needs the assistant text
+# to be rendered verbatim, which this template does.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% if not loop.last or message['role'] != 'assistant' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ModelError(ValueError):
+    """A model path or model option that cannot work; the CLI prints it as one line, exit 2."""
+
+
+def fp16rl_home() -> Path:
+    """Cache directory for prepared models (``$FP16RL_HOME``, default ``~/.cache/fp16rl``)."""
+    return Path(os.environ.get("FP16RL_HOME", Path.home() / ".cache" / "fp16rl"))
+
+
+def resolve_model_path(model_path: str | os.PathLike) -> Path:
+    """A local HF folder, or the name of a model prepared under ``fp16rl_home()/models``."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model path {path} has no config.json: not a Hugging Face model folder")
+        return path
+    prepared = fp16rl_home() / "models" / str(model_path)
+    if not path.is_absolute() and (prepared / "config.json").is_file():
+        return prepared
+    raise ModelError(
+        f"model path {model_path!r} not found (neither a folder nor a prepared model in "
+        f"{fp16rl_home() / 'models'}; see `fp16rl models list`)"
+    )
+
+
+def load_tokenizer(model_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, set up for left-padded batched generation."""
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(
+    model_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load a causal LM with its weights stored in ``dtype``."""
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_path), dtype=dtype, attn_implementation=attn_implementation
+    )
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    return model.to(device)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; ``r == 0`` means full fine-tuning."""
+
+    r: int = 16
+    alpha: int = 64
+    use_rslora: bool = True
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    dropout: float = 0.0
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA adapters held in fp32 (the master weights); the base stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in lora.target_modules if t in present]
+    if not targets:
+        raise ModelError(f"none of the LoRA target modules {list(lora.target_modules)} exist in this model")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        use_rslora=lora.use_rslora,
+        target_modules=targets,
+        lora_dropout=lora.dropout,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return peft_model
+
+
+# --- tiny models -------------------------------------------------------------------------------
+
+# Text the tiny tokenizer is trained on: the kinds of strings its tasks produce (chat prompts,
+# Python `transform` code, grids of digits and colour names), so BPE merges are useful ones.
+_TOKENIZER_CORPUS = """\
+You are a world-class puzzle solver with exceptional pattern recognition skills and expertise in Python programming.
+Below are several input and output examples of a transformation. Write a Python function `transform` that maps any input grid to its output grid.
+The grids are 2D arrays written as text: cells are separated by spaces and rows by newlines.
+Example 1 Input: Output: Example 2 Example 3 Example 4 Test input:
+I will first reason about the transformation and then write Python code using the common library.
+The output is the input flipped left to right. The output is the input rotated by 90 degrees.
+```python
+import numpy as np
+
+def transform(grid):
+    grid = np.array(grid)
+    out = np.fliplr(grid)
+    out = np.flipud(grid)
+    out = np.rot90(grid, k=1)
+    out = grid.T
+    out = np.where(grid == 1, 2, grid)
+    out = np.kron(grid, np.ones((2, 2), dtype=int))
+    rows, cols = np.nonzero(grid)
+    out = grid[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    out = np.tile(grid, (2, 2))
+    out = np.roll(grid, 1, axis=0)
+    return out.tolist()
+```
+Black Blue Red Green Yellow Gray Pink Orange Purple Brown
+0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30
+0 0 0 1 1 1 2 2 2 3 3 3 4 4 4 5 5 5 6 6 6 7 7 7 8 8 8 9 9 9
+for i in range(len(grid)): for j in range(len(grid[0])): if grid[i][j] == 0: return [row[::-1] for row in grid]
+Repeat the digits. Write a sequence of digits. Count from one to ten.
+"""
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ChatML special tokens, trained on a small built-in corpus."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS.splitlines(keepends=True) * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+@dataclass
+class TinyModelSpec:
+    """Shape of a tiny test model: big enough to learn a toy task, small enough for CI on 2 cores."""
+
+    arch: str = "llama"  # llama | qwen2
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 4096
+    init_std: float = 0.1  # larger than HF's 0.02 so a random model is not near-uniform
+    seed: int = 0
+
+
+def write_tiny_model(output_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write a randomly initialised tiny Llama/Qwen2 model plus tokenizer as a normal HF folder."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ModelError(f"output folder {output_dir} exists and is not empty; refusing to overwrite it")
+    tokenizer = build_tiny_tokenizer(spec.vocab_size)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.init_std,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    if spec.arch == "llama":
+        model_cls, config = LlamaForCausalLM, LlamaConfig(**common)
+    elif spec.arch == "qwen2":
+        model_cls, config = Qwen2ForCausalLM, Qwen2Config(**common)
+    else:
+        raise ModelError(f"unknown tiny architecture {spec.arch!r} (use llama or qwen2)")
+    torch.manual_seed(spec.seed)
+    model = model_cls(config)
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return output_dir
+
+
+def tiny_model_path(spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """A cached tiny model folder for ``spec`` under ``fp16rl_home()``, written on first use."""
+    name = f"tiny-{spec.arch}-h{spec.hidden_size}-l{spec.num_hidden_layers}-v{spec.vocab_size}-s{spec.seed}"
+    path = fp16rl_home() / "models" / name
+    if not (path / "config.json").is_file():
+        write_tiny_model(path, spec)
+    return path

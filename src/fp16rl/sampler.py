@@ -1,0 +1,296 @@
+"""The inference engine: batched KV-cache decoding in the sampler dtype, returning token logprobs (mu).
+
+Like vLLM, the sampler holds its own copy of the weights in its dtype and computes in it; the
+trainer pushes new weights after every optimizer step (``sync_from``). The recorded logprob of
+a token is taken from the *unprocessed* temperature-scaled distribution, formed in fp32, which
+is exactly what the trainer evaluates; top-p/top-k/repetition penalty only shape the draw.
+
+Speed over ``model.generate()`` comes from prefilling each prompt once and fanning its KV cache
+out to the ``n`` samples, from dropping finished rows out of the batch, and from a lean loop.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
+from fp16rl.precision import DtypeRecorder
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are drawn; the defaults are those of the seed workload (T=1, top_p 0.95)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (divide positive logits, multiply negative)
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (logprobs are those of the temperature-scaled distribution)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+
+@dataclass
+class Rollouts:
+    """Completions of one ``generate`` call, grouped by prompt: rows ``i*n .. i*n+n-1`` share prompt ``i``."""
+
+    prompt_ids: list[list[int]]  # one per prompt (unpadded)
+    completion_ids: torch.Tensor  # [N, C] right-padded with pad_token_id
+    completion_mask: torch.Tensor  # [N, C] bool, True on real completion tokens (EOS included)
+    sampler_logprobs: torch.Tensor  # [N, C] fp32, mu_t; 0 where masked
+    finish_reasons: list[str]  # "eos" | "length"
+    num_generations: int
+    observed_dtype: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prompt_index(self) -> torch.Tensor:
+        return torch.arange(len(self.prompt_ids)).repeat_interleave(self.num_generations)
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [reason == "length" for reason in self.finish_reasons]
+
+    def completion_lists(self) -> list[list[int]]:
+        return [row[mask].tolist() for row, mask in zip(self.completion_ids, self.completion_mask)]
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters (not buffers) to ``dtype``: RoPE frequencies stay fp32, as in vLLM."""
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+class Sampler:
+    """Generates completions with its own weights held in ``dtype``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dtype: torch.dtype,
+        pad_token_id: int,
+        eos_token_ids: Sequence[int],
+        engine: str = "auto",
+    ):
+        """Build the sampler's copy of ``model`` (the trainer's); frozen weights already in ``dtype`` are shared.
+
+        ``engine``: "fast" = ``LlamaFamilyDecoder`` (Llama/Qwen2/Mistral, error if the model is not
+        one it reproduces), "hf" = ``HFCacheDecoder`` (any causal LM), "auto" = fast where supported.
+        """
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad and p.dtype == dtype}
+        self.model = copy.deepcopy(model, memo=shared)
+        cast_parameters(self.model, dtype)
+        self.model.requires_grad_(False).eval()
+        self.dtype = dtype
+        self.pad_token_id = pad_token_id
+        # long even when empty (no EOS stop): isin needs integer test elements.
+        self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
+        self._sync_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if engine not in ("auto", "hf", "fast"):
+            raise ValueError(f"unknown sampler engine {engine!r}; use auto, hf or fast")
+        reason = unsupported_reason(self.model)
+        if engine == "fast" and reason is not None:
+            raise ValueError(f"sampler engine 'fast' cannot run this model: {reason}")
+        self.engine = "hf" if engine == "hf" or reason is not None else "fast"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def sync_from(self, trainer_model: torch.nn.Module) -> None:
+        """Copy the trainer's trainable weights (LoRA: adapters only) into the sampler, cast to its dtype."""
+        source = dict(trainer_model.named_parameters())
+        target = dict(self.model.named_parameters())
+        for name in self._sync_names:
+            target[name].copy_(source[name])
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int
+    ) -> Rollouts:
+        """Sample ``num_generations`` completions for each prompt; deterministic for a given ``seed``."""
+        with torch.inference_mode():
+            rollouts = self._generate(prompt_ids, num_generations, params, seed)
+        # Inference-mode tensors cannot enter autograd later (the trainer indexes with the mask).
+        for name in ("completion_ids", "completion_mask", "sampler_logprobs"):
+            setattr(rollouts, name, getattr(rollouts, name).clone())
+        return rollouts
+
+    def _generate(
+        self, prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int
+    ) -> Rollouts:
+        device = self.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        recorder = DtypeRecorder()
+        n, max_new = num_generations, params.max_new_tokens
+        input_ids, attention = left_pad(prompt_ids, self.pad_token_id, device)
+        batch = input_ids.shape[0] * n
+
+        decoder = self.make_decoder(max_new)
+        with recorder.watch(self.model):
+            logits = decoder.prefill(input_ids, attention)
+        decoder.repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+
+        seen = None
+        if params.repetition_penalty != 1.0:
+            vocab = logits.shape[-1]
+            # Pad positions point at an extra column that is dropped, so only real tokens count.
+            prompt_tokens = input_ids.masked_fill(attention == 0, vocab).repeat_interleave(n, dim=0)
+            seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
+            seen = seen.scatter_(1, prompt_tokens, True)[:, :vocab].contiguous()
+
+        tokens = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
+        finished_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+        active = torch.arange(batch, device=device)  # original row of each row still in the batch
+        eos = self.eos_token_ids.to(device)
+
+        for step in range(max_new):
+            scaled = logits.float()
+            if params.temperature != 1.0:
+                scaled = scaled / params.temperature
+            next_tokens = self._draw(scaled, seen, params, generator)
+            tokens[active, step] = next_tokens
+            logprobs[active, step] = torch.log_softmax(scaled, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+            done = torch.isin(next_tokens, eos)
+            finished_eos[active[done]] = True
+            lengths[active[done]] = step + 1
+            if step == max_new - 1:
+                break
+            if done.any():
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                decoder.select(keep)
+                active, next_tokens = active[keep], next_tokens[keep]
+                seen = seen[keep] if seen is not None else None
+            if seen is not None:
+                seen[torch.arange(len(active), device=device), next_tokens] = True
+            logits = decoder.step(next_tokens)
+
+        width = int(lengths.max())
+        completion_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        return Rollouts(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=tokens[:, :width].masked_fill(~completion_mask, self.pad_token_id).cpu(),
+            completion_mask=completion_mask.cpu(),
+            sampler_logprobs=logprobs[:, :width].masked_fill(~completion_mask, 0.0).cpu(),
+            finish_reasons=["eos" if f else "length" for f in finished_eos.tolist()],
+            num_generations=n,
+            observed_dtype=recorder.report(),
+        )
+
+    def make_decoder(self, max_new_tokens: int) -> "HFCacheDecoder | LlamaFamilyDecoder":
+        """The decoding engine for one ``generate`` call (``self.engine``, resolved at construction)."""
+        if self.engine == "fast":
+            return LlamaFamilyDecoder(self.model, max_new_tokens)
+        return HFCacheDecoder(self.model, max_new_tokens)
+
+    @staticmethod
+    def _draw(
+        scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Sample one token per row from the processed distribution (penalty, top-k, top-p)."""
+        logits = scaled
+        if seen is not None:
+            penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        if params.top_k > 0 and params.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        # Exponential race: argmax(p / E), E ~ Exp(1), draws from p exactly and is much cheaper than
+        # torch.multinomial on CPU. Masked tokens have p = 0 and can never win.
+        probs = torch.softmax(logits, dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        return (probs / race).argmax(dim=-1)
+
+
+def left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[P, L]`` ids and attention mask."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise ValueError("empty prompt")
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt))
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFCacheDecoder:
+    """Incremental decoding through any Hugging Face causal LM and its ``DynamicCache``.
+
+    The state of one ``generate`` call: KV cache, attention mask and positions of the rows still
+    decoding. ``prefill`` -> ``repeat_interleave(n)`` -> (``step`` | ``select``)*.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_new_tokens: int):
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompts; return the logits of their last position ``[P, V]``."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        width = input_ids.shape[1]
+        # The mask for the whole call, filled column by column (no concatenation per step).
+        self.mask = torch.zeros(
+            input_ids.shape[0], width + self.max_new_tokens, dtype=torch.long, device=input_ids.device
+        )
+        self.mask[:, :width] = attention_mask
+        self.positions = attention_mask.sum(-1) - 1  # position of each row's last token
+        self.length = width
+        return out.logits[:, -1]
+
+    def repeat_interleave(self, n: int) -> None:
+        """Fan each prompt's state out to ``n`` rows (prefix sharing: one prefill per prompt)."""
+        self.cache.batch_repeat_interleave(n)
+        self.mask = self.mask.repeat_interleave(n, dim=0)
+        self.positions = self.positions.repeat_interleave(n, dim=0)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only rows ``keep``: finished rows leave the batch."""
+        self.cache.batch_select_indices(keep)
+        self.mask, self.positions = self.mask[keep], self.positions[keep]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row; return the next-token logits ``[B, V]``."""
+        self.mask[:, self.length] = 1
+        self.length += 1
+        self.positions = self.positions + 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask[:, : self.length],
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]

@@ -1,0 +1,1 @@
+"""The ARC code-induction workload: the model writes `transform`, the reward runs it on the grids."""

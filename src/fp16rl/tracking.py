@@ -1,0 +1,101 @@
+"""Where a run's numbers go: metrics.jsonl (the source of truth), TensorBoard, samples/, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fp16rl.atomic import atomic_write_text
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All step records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as strings so the file stays parseable everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunTracker:
+    """Appends one JSON object per step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.samples_dir = self.run_dir / "samples"
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            # Steps after the checkpoint will be run again: drop their records so no step appears twice.
+            kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._metrics = self.metrics_path.open("a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        atomic_write_text(self.samples_dir / f"step-{step:06d}.jsonl", text)
+
+    def close(self) -> None:
+        self._metrics.close()
+        self.tb.close()
+
+
+class ProgressDisplay:
+    """One progress line with the numbers a user watches: reward, mismatch, loss scale."""
+
+    def __init__(self, total_steps: int, start_step: int, console: Console | None = None):
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
+
+    def __enter__(self) -> "ProgressDisplay":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        stats = (
+            f"reward {metrics.get('reward/mean', float('nan')):.3f}  "
+            f"|dlogp| {metrics.get('mismatch/logp_abs_diff_mean', float('nan')):.2e}  "
+            f"kl {metrics.get('mismatch/token_kl_k3', float('nan')):.1e}  "
+            f"scale {metrics.get('optim/loss_scale', 1.0):.0f}"
+        )
+        self.progress.update(self.task, completed=step, stats=stats)

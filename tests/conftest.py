@@ -1,0 +1,36 @@
+"""Shared fixtures: an isolated $FP16RL_HOME and the tiny model written there once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fp16rl_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests never read or write the user's model cache."""
+    home = tmp_path_factory.mktemp("fp16rl_home")
+    os.environ["FP16RL_HOME"] = str(home)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_path(fp16rl_home: Path) -> Path:
+    from fp16rl.models import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path: Path):
+    from fp16rl.models import load_tokenizer
+
+    return load_tokenizer(tiny_path)
