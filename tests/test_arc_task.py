@@ -172,3 +172,14 @@ def test_memory_limit_is_counted_as_its_own_outcome(lite: Path) -> None:
         task.close()
     assert scores.details[0]["outcome"] == "memory_limit" and scores.rewards == [0.0, 0.0]
     assert scores.metrics["code/memory_limit_ratio"] == 0.5 and scores.metrics["code/parse_error_ratio"] == 0.5
+
+
+def test_describe_records_dataset_and_sandbox_layers(lite: Path) -> None:
+    task = ArcTask(lite, _tokenizer(), encoder="digits", n_jobs=1)
+    try:
+        info = task.describe()
+    finally:
+        task.close()
+    assert info["num_tasks"] == 12 and info["reward"] == "arc-v2-no-pixel-score" and info["grid_encoder"]
+    assert {"rlimits", "seccomp", "landlock"} <= set(info["sandbox_layers"])
+    assert info["sandbox_layers"]["rlimits"] == "active"

@@ -472,3 +472,11 @@ def test_interpret_distrusts_the_payload() -> None:
     result = _interpret({"status": "exited", "code": 0}, payload, 3, LIMITS)
     assert result.outputs == [[[2]], [[4]], None]
     assert result.outcome == Outcome.EXCEPTION and "exited (code 0)" in (result.error or "")
+
+
+def test_closed_sandbox_refuses_work() -> None:
+    sb = Sandbox(n_jobs=1, limits=LIMITS)
+    sb.close()
+    sb.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        sb.run(FLIP, GRIDS)

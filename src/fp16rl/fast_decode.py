@@ -158,10 +158,14 @@ class LlamaFamilyDecoder:
         self.mask[:rows, column] = True
         self.length = length = column + 1
         self.positions = self.positions + 1
-        key_mask = self.mask[:rows, None, None, :length] if self.padded or self.eager else None
-        if self.eager:
+        key_mask = None
+        if self.padded or self.eager:
+            # Additive mask built once per step for all layers. SDPA would turn a boolean mask into
+            # exactly this (0 / -inf in the query dtype) inside every call; eager uses dtype min as transformers does.
             dtype = self.keys[0].dtype
-            key_mask = key_mask.new_zeros(key_mask.shape, dtype=dtype).masked_fill_(~key_mask, torch.finfo(dtype).min)
+            fill = torch.finfo(dtype).min if self.eager else float("-inf")
+            visible = self.mask[:rows, None, None, :length]
+            key_mask = visible.new_zeros(visible.shape, dtype=dtype).masked_fill_(~visible, fill)
 
         hidden = self.embed_tokens(tokens[:, None])
         cos, sin = self.rotary_emb(hidden, self.positions[:, None])  # [B, 1, head_dim]

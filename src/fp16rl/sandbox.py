@@ -79,6 +79,7 @@ Grid = list[list[int]]
 OPTIONAL_LAYERS = ("privilege_drop", "pid_namespace", "net_namespace", "landlock", "seccomp")
 DISABLE_ENV = "FP16RL_SANDBOX_DISABLE"
 ACTIVE = "active"
+_DISABLED = f"disabled ({DISABLE_ENV} or Sandbox(disable=...))"
 
 # Executed once in every fork server; each program starts from a copy of the namespace, so
 # model code that forgets ``import numpy as np`` still runs (as it did in the original).
@@ -139,8 +140,9 @@ def extract_code(completion: str) -> str | None:
     """The code of the first ```python block, or None if there is none.
 
     The code starts on the line after the opening fence (anything after ``python`` on that
-    line, such as ``3``, is ignored) and ends at the next ````` `` or, for an unclosed block
-    (a completion cut at the token limit), at the end of the text, as in the original.
+    line, such as ``3``, is ignored) and ends at the next triple backtick or, for an unclosed
+    block (a completion cut at the token limit), at the end of the text, as in the original.
+    ``py`` or bare fences do not count.
     """
     start = completion.find("```python")
     if start < 0:
@@ -249,7 +251,9 @@ class Sandbox:
                 worker.await_hello()
                 self._idle.put(worker)
         except BaseException:
-            self.close()
+            for worker in self._workers:
+                worker.stop()
+            shutil.rmtree(self._base, ignore_errors=True)
             raise
         self._pool = ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="sandbox")
         self._closed = False
@@ -261,12 +265,12 @@ class Sandbox:
     def run(self, code: str, inputs: list[Grid]) -> ExecutionResult:
         """Run plain Python source defining ``transform`` on each input grid (a fresh list of
         lists per call); thread-safe."""
-        if self._closed:
-            raise RuntimeError("Sandbox is closed")
         request = json.dumps({"code": code, "inputs": inputs}).encode()
         worker = self._idle.get()
         start = time.monotonic()
         try:
+            if self._closed:
+                raise RuntimeError("Sandbox is closed")
             result = worker.execute(request, len(inputs), self.limits)
         finally:
             self._idle.put(worker)
@@ -285,13 +289,16 @@ class Sandbox:
         return self.run(code, inputs)
 
     def close(self) -> None:
-        """Kill the workers and remove the working directories; idempotent."""
+        """Kill the workers (each once its current program is done) and remove the working
+        directories; idempotent, and later runs raise instead of respawning workers."""
+        if self._closed:
+            return
         self._closed = True
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True)
-        for worker in self._workers:
+        self._pool.shutdown(wait=True)
+        workers = [self._idle.get() for _ in self._workers]
+        for worker in workers:
             worker.stop()
+            self._idle.put(worker)
         shutil.rmtree(self._base, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
@@ -440,7 +447,8 @@ def _interpret(header: dict[str, Any], payload: bytes, n: int, limits: SandboxLi
         index = message.get("i")
         if index is None:
             if kind in _PROGRAM_KINDS:
-                return ExecutionResult(_PROGRAM_KINDS[kind], [None] * n, _PROGRAM_PREFIX[kind] + error)
+                prefix = "sandbox setup failed: " if kind == "setup_error" else ""
+                return ExecutionResult(_PROGRAM_KINDS[kind], [None] * n, prefix + error)
             continue
         if type(index) is not int or not 0 <= index < n or reported[index]:
             continue
@@ -468,7 +476,6 @@ _PROGRAM_KINDS = {
     "memory_limit": Outcome.MEMORY_LIMIT,
     "setup_error": Outcome.EXCEPTION,
 }
-_PROGRAM_PREFIX = {"parse_error": "", "exception": "", "memory_limit": "", "setup_error": "sandbox setup failed: "}
 _GRID_KINDS = {
     "exception": Outcome.EXCEPTION,
     "memory_limit": Outcome.MEMORY_LIMIT,
@@ -547,9 +554,8 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def _prctl(option: int, arg: int | ctypes.c_void_p = 0) -> None:
-    value = arg if isinstance(arg, ctypes.c_void_p) else ctypes.c_ulong(arg)
-    _check(_libc.prctl(ctypes.c_int(option), value, ctypes.c_ulong(0), ctypes.c_ulong(0),
+def _prctl(option: int, arg: int = 0) -> None:
+    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0),
                        ctypes.c_ulong(0)), f"prctl({option})")
 
 
@@ -574,6 +580,11 @@ def _landlock_ruleset(paths: Iterable[str]) -> int:
         finally:
             os.close(fd)
     return ruleset
+
+
+def _landlock_restrict(ruleset_fd: int) -> None:
+    _check(_libc.syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_long(ruleset_fd),
+                         ctypes.c_uint32(0)), "landlock_restrict_self")
 
 
 def _readable_paths() -> list[str]:
@@ -680,6 +691,7 @@ class _Server:
         self.is_init = self.pid == 1  # init of our own PID namespace: kill(-1) is contained
         self.namespace: dict[str, Any] = {"__name__": "program"}
         exec(PREAMBLE, self.namespace)
+        np.random.seed(0)  # the first call costs ~10 ms of lazy set-up: pay it once, here
         self.layers = layers
         self.ruleset_fd = -1
         self.seccomp_filter: ctypes.Array[ctypes.c_char] | None = None
@@ -784,7 +796,9 @@ class _Server:
         """Collect the child's bytes until it exits, overflows the cap or runs out of time."""
         cap = self.limits.max_output_bytes
         data = bytearray()
-        poller = _poll_for_input(read_fd, self._wake_r)
+        poller = select.poll()
+        for fd in (read_fd, self._wake_r):
+            poller.register(fd, select.POLLIN)
         status: str | None = None
         waited: tuple[int, int, resource.struct_rusage] | None = None
         while status is None:
@@ -844,6 +858,7 @@ class _Server:
                 return
 
     def _child(self, result_fd: int, workdir: str, code: str, inputs: list[Grid]) -> NoReturn:
+        """Confine this freshly forked process, then run the program; never returns."""
         try:
             self._confine(result_fd, workdir, strict=True)
         except BaseException as exc:
@@ -892,9 +907,7 @@ class _Server:
         if os.getppid() != self.pid:
             os._exit(72)  # the server died before we could tie our life to it
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        layer("landlock", lambda: _check(_libc.syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF),
-                                                       ctypes.c_long(self.ruleset_fd), ctypes.c_uint32(0)),
-                                         "landlock_restrict_self"))
+        layer("landlock", lambda: _landlock_restrict(self.ruleset_fd))
         os.closerange(3, result_fd)
         os.closerange(result_fd + 1, 1 << 16)
         layer("seccomp", lambda: _seccomp_install(self.seccomp_prog))
@@ -967,6 +980,7 @@ def _run_program(fd: int, code: str, inputs: list[Grid], namespace: dict[str, An
 
 
 def _kind(exc: BaseException) -> str:
+    """The outcome kind of an exception raised by the program (MemoryError is its own)."""
     return "memory_limit" if isinstance(exc, MemoryError) else "exception"
 
 
@@ -989,14 +1003,6 @@ def _emit(fd: int, message: dict[str, Any]) -> None:
         os._exit(73)
 
 
-def _poll_for_input(*fds: int) -> select.poll:
-    """A poll object watching fds for input."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    return poller
-
-
 def _read_into(fd: int, data: bytearray, cap: int) -> bool:
     """Append what is available (never more than cap + 1 bytes in all); False at EOF."""
     try:
@@ -1008,6 +1014,7 @@ def _read_into(fd: int, data: bytearray, cap: int) -> bool:
 
 
 def _drain(fd: int) -> None:
+    """Empty a non-blocking pipe (the SIGCHLD wake-up bytes)."""
     try:
         while os.read(fd, 4096):
             pass
@@ -1016,11 +1023,13 @@ def _drain(fd: int) -> None:
 
 
 def _send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes) -> None:
+    """Server -> trainer: ``<II`` lengths, JSON header, the child's raw bytes."""
     head = json.dumps(header).encode()
     sock.sendall(struct.pack("<II", len(head), len(payload)) + head + payload)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """n bytes from the trainer, or None once it has gone (EOF)."""
     data = bytearray()
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -1031,8 +1040,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 def _unshare(flag: int, name: str, disabled: set[str]) -> str:
+    """Enter a new namespace of one kind; the layer's status."""
     if name in disabled:
-        return f"disabled ({DISABLE_ENV} or Sandbox(disable=...))"
+        return _DISABLED
     if _libc.unshare(ctypes.c_int(flag)) != 0:
         return f"unavailable: unshare failed: {os.strerror(ctypes.get_errno())}"
     return ACTIVE
@@ -1048,7 +1058,7 @@ def _serve(config_json: str) -> NoReturn:
     os.dup2(devnull, 1)  # a stray print can never reach the protocol socket
     os.close(devnull)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a program could signal us as PID 1
-    layers = {name: f"disabled ({DISABLE_ENV} or Sandbox(disable=...))" for name in disabled}
+    layers = {name: _DISABLED for name in disabled}
     layers["net_namespace"] = _unshare(_CLONE_NEWNET, "net_namespace", disabled)
     layers["pid_namespace"] = _unshare(_CLONE_NEWPID, "pid_namespace", disabled)
     if layers["pid_namespace"] == ACTIVE:

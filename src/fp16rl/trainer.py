@@ -10,6 +10,7 @@ import copy
 import math
 import platform
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -380,7 +381,9 @@ class Trainer:
         else:
             skipped = 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows steps, skipped ones included (as in HF Trainer)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         return skipped, grad_norm
 
     # --- outputs -------------------------------------------------------------------------------

@@ -134,6 +134,18 @@ class ArcTask:
             f" (shortest {min(lengths)} tokens); raise the limit or use a dataset with smaller tasks"
         )
 
+    def describe(self) -> dict[str, Any]:
+        """What config.yaml records about the workload, including which sandbox layers are active."""
+        return {
+            "dataset": self.dataset.source,
+            "num_tasks": len(self.task_ids),
+            "skipped_invalid_tasks": len(self.dataset.skipped),
+            "reward": self.reward_name,
+            "grid_encoder": self.encoder.name,
+            "augmentation": self.augment,
+            "sandbox_layers": self.sandbox.layers(),
+        }
+
     @property
     def sandbox(self) -> Sandbox:
         """One worker pool for the whole run (spawning workers costs seconds)."""
