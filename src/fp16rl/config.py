@@ -97,6 +97,8 @@ class TrainConfig:
     # --- logging / checkpoints ---------------------------------------------------------------
     logging_steps: int = opt(10, "Save sample completions every this many steps (metrics are logged every step).")
     save_steps: int = opt(100, "Checkpoint every this many steps (and at the end).")
+    stop_on_collapse: bool = opt(False, "End the run cleanly (checkpoint + summary.json) when the collapse monitor fires.")
+    arm: str | None = opt(None, "Label of this run's arm in a comparison (set by fp16rl compare; shown by fp16rl report).")
     logprob_chunk_tokens: int = opt(2048, "Tokens per lm_head/log-softmax chunk in the trainer (memory vs speed).")
     sampler_engine: str = opt("auto", "Sampler decoding engine: auto | fast | hf.", choices=("auto", "fast", "hf"))
 

@@ -7,6 +7,7 @@ DESIGN.md; set-up, checkpoints and logging are around it.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import platform
 import time
@@ -27,12 +28,13 @@ from fp16rl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.logprobs import TokenBatch, build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
+from fp16rl.monitor import CollapseEvent, CollapseMonitor
 from fp16rl.models import LoraSettings, apply_lora, load_model, load_tokenizer, resolve_model_path, tiny_model_path
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed
 from fp16rl.sampler import Rollouts, Sampler, SamplingParams, cast_parameters
 from fp16rl.tasks import make_task
 from fp16rl.tasks.base import PromptItem, Scores, Task
-from fp16rl.tracking import ProgressDisplay, RunTracker
+from fp16rl.tracking import ProgressDisplay, RunTracker, read_metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,6 +148,9 @@ class Trainer:
             self.precision_report = state.get("precision")
             self.sampler.sync_from(self.model)
         self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if resume_from else None)
+        self.monitor = CollapseMonitor()
+        for record in read_metrics(self.run_dir / "metrics.jsonl"):  # resume: rebuild the monitor's state
+            self.monitor.update(record["step"], record)
         self._write_config()
 
     # --- set-up --------------------------------------------------------------------------------
@@ -203,8 +208,9 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def train(self, show_progress: bool = True) -> dict[str, Any]:
-        """Run until ``total_steps``; returns the last step's metrics."""
+        """Run until ``total_steps`` (or a collapse with ``stop_on_collapse``); returns the last metrics."""
         metrics: dict[str, Any] = {}
+        status = "failed"
         display = ProgressDisplay(self.total_steps, self.start_step) if show_progress else nullcontext()
         try:
             with display:
@@ -213,12 +219,35 @@ class Trainer:
                     self.tracker.log(step, metrics)
                     if show_progress:
                         display.update(step, metrics)
+                    event = self.monitor.update(step, metrics)
+                    if event is not None:
+                        self._announce(event, show_progress)
+                    if event is not None and self.config.stop_on_collapse:
+                        self.save(step)
+                        status = "stopped_on_collapse"
+                        break
                     if step % self.config.save_steps == 0 or step == self.total_steps:
                         self.save(step)
+                else:
+                    status = "finished"
         finally:
             self.tracker.close()
             self.task.close()
+            self._write_summary(status)
         return metrics
+
+    def _announce(self, event: CollapseEvent, show_progress: bool) -> None:
+        if show_progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold yellow]collapse detected[/] at step {event.step}: "
+                                       f"{event.rule} ({event.detail})")
+
+    def _write_summary(self, status: str) -> None:
+        """summary.json: the run's outcome at a glance (what `fp16rl compare` and `report` read)."""
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(
+            summarize_run(read_metrics(self.run_dir / "metrics.jsonl"), self.monitor.event, status=status,
+                          total_steps=self.total_steps, arm=self.config.arm, seed=self.config.seed), indent=2))
 
     def step(self, step: int) -> dict[str, float]:
         """One GRPO step (1-based ``step``); returns its metrics."""
@@ -406,6 +435,32 @@ class Trainer:
     def save(self, step: int) -> Path:
         state = {"skipped_steps_total": self.skipped_steps_total, "data_position": step, "precision": self.precision_report}
         return save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.scaler, state)
+
+
+def summarize_run(
+    records: list[dict[str, Any]], event: CollapseEvent | None, *, status: str, total_steps: int,
+    arm: str | None, seed: int,
+) -> dict[str, Any]:
+    """Final reward (mean over the last 10% of steps), best 10-step moving average, collapse, speed."""
+    rewards = [float(r["reward/mean"]) for r in records if "reward/mean" in r]
+    tail = max(1, len(rewards) // 10)
+    window = min(10, len(rewards)) or 1
+    moving = [sum(rewards[i : i + window]) / window for i in range(len(rewards) - window + 1)]
+    wall = sum(float(r.get("time/step_s", 0.0)) for r in records)
+    return {
+        "status": status,
+        "steps_completed": records[-1]["step"] if records else 0,
+        "total_steps": total_steps,
+        "final_reward": sum(rewards[-tail:]) / tail if rewards else None,
+        "best_reward": max(moving) if moving else None,
+        "collapse_step": event.step if event else None,
+        "collapse_rule": event.rule if event else None,
+        "collapse_detail": event.detail if event else None,
+        "steps_per_s": len(records) / wall if wall > 0 else None,
+        "wall_s": wall,
+        "arm": arm,
+        "seed": seed,
+    }
 
 
 def _as_list(value: Any) -> list:

@@ -1,0 +1,167 @@
+"""Paired multi-seed comparisons: every arm x seed as an ordinary ``fp16rl train`` run.
+
+Pairing comes from the seed alone: a task's prompts and augmentations are a pure function of
+``(seed, step)`` and the sampler's draws of ``step_seed(seed, step)``, so runs with the same seed
+see the same prompts in every arm; only what the arm changes (e.g. the dtype) differs.
+
+Layout: ``<out>/compare.json`` (base options, arms, seeds), ``<out>/runs/<arm_slug>/seed-<s>/``
+(normal run folders), ``<out>/logs/<arm_slug>-seed-<s>.log``. Re-running the same command keeps
+finished runs, resumes interrupted ones from their last checkpoint and starts missing ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fp16rl.atomic import atomic_write_text
+from fp16rl.checkpoint import checkpoint_dirs
+from fp16rl.config import ConfigError, TrainConfig, load_yaml_options, parse_train_args
+
+DONE_STATUSES = ("finished", "stopped_on_collapse")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str  # as the user wrote it, e.g. "dtype=bfloat16,is_correction=token_truncate"
+    overrides: dict[str, str]
+
+    @property
+    def slug(self) -> str:
+        return arm_slug(self.name)
+
+
+def arm_slug(name: str) -> str:
+    """A folder name for an arm: characters outside ``[A-Za-z0-9._=-]`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", name)
+
+
+def parse_arm(spec: str) -> Arm:
+    """``"dtype=bfloat16,is_correction=token_truncate"`` -> an Arm; keys in either spelling."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not value.strip():
+            raise ConfigError(f"arm {spec!r}: expected key=value pairs separated by commas, got {part!r}")
+        if key not in names or key in ("output_dir", "seed", "resume", "config", "arm"):
+            raise ConfigError(f"arm {spec!r}: {key!r} is not an option an arm can set")
+        overrides[key] = value.strip()
+    if not overrides:
+        raise ConfigError(f"arm {spec!r} sets nothing")
+    return Arm(spec.strip(), overrides)
+
+
+@dataclass
+class RunSpec:
+    arm: Arm
+    seed: int
+    run_dir: Path
+    log_path: Path
+
+    def train_args(self, base_config: Path) -> list[str]:
+        args = ["--config", str(base_config), "--output-dir", str(self.run_dir), "--seed", str(self.seed),
+                "--arm", self.arm.name]
+        for key, value in self.arm.overrides.items():
+            flag = "--" + key.replace("_", "-")
+            if value.lower() in ("true", "false") and _is_bool(key):
+                args.append(flag if value.lower() == "true" else flag.replace("--", "--no-", 1))
+            else:
+                args += [flag, value]
+        return args
+
+    def state(self) -> str:
+        """done | resume | fresh: what running it again means."""
+        summary = self.run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("status") in DONE_STATUSES:
+            return "done"
+        if checkpoint_dirs(self.run_dir):
+            return "resume"
+        return "fresh"
+
+
+def _is_bool(name: str) -> bool:
+    return isinstance(getattr(TrainConfig(), name), bool)
+
+
+def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence[int], output_dir: Path) -> list[RunSpec]:
+    """Validate everything up front (each arm x seed parses as a train config) and record compare.json."""
+    base_config = Path(base_config)
+    base = load_yaml_options(base_config)
+    arms = [parse_arm(spec) for spec in arm_specs]
+    if len({arm.slug for arm in arms}) != len(arms):
+        raise ConfigError("two arms have the same name")
+    if not seeds:
+        raise ConfigError("--seeds needs at least one seed")
+    manifest = {
+        "base_config": base,
+        "arms": [{"name": arm.name, "overrides": arm.overrides} for arm in arms],
+        "seeds": list(seeds),
+    }
+    output_dir = Path(output_dir)
+    manifest_path = output_dir / "compare.json"
+    if manifest_path.is_file():
+        if json.loads(manifest_path.read_text()) != manifest:
+            raise ConfigError(f"{output_dir} holds a different comparison (compare.json differs); "
+                              "use another --output-dir")
+    elif output_dir.is_dir() and any(output_dir.iterdir()):
+        raise ConfigError(f"--output-dir {output_dir} is in use (not empty, no compare.json)")
+    specs = [RunSpec(arm, seed, output_dir / "runs" / arm.slug / f"seed-{seed}",
+                     output_dir / "logs" / f"{arm.slug}-seed-{seed}.log") for arm in arms for seed in seeds]
+    for spec in specs:  # an impossible arm fails now, not after hours of other runs
+        parse_train_args(spec.train_args(base_config))
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    return specs
+
+
+def run_comparison(
+    base_config: Path,
+    arm_specs: Sequence[str],
+    seeds: Sequence[int],
+    output_dir: Path,
+    parallel: int = 1,
+    on_event: Callable[[RunSpec, str], None] = lambda spec, event: None,
+) -> dict[str, str]:
+    """Run (or resume) every arm x seed; returns ``{run_dir: outcome}`` (kept | finished | failed...)."""
+    specs = plan_comparison(base_config, arm_specs, seeds, output_dir)
+    threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
+
+    def execute(spec: RunSpec) -> tuple[str, str]:
+        state = spec.state()
+        if state == "done":
+            on_event(spec, "kept")
+            return str(spec.run_dir), "kept"
+        if state == "fresh" and spec.run_dir.exists():
+            # Interrupted before its first checkpoint: nothing to resume from; keep its partial output aside.
+            aside = spec.run_dir.with_name(spec.run_dir.name + ".incomplete")
+            shutil.rmtree(aside, ignore_errors=True)
+            spec.run_dir.rename(aside)
+        args = spec.train_args(Path(base_config)) + (["--resume"] if state == "resume" else [])
+        on_event(spec, "resuming" if state == "resume" else "starting")
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        with spec.log_path.open("a") as log:
+            code = subprocess.run([sys.executable, "-m", "fp16rl.cli", "train", *args], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env).returncode
+        outcome = spec.state()
+        result = "failed" if code != 0 else ("finished" if outcome == "done" else "incomplete")
+        on_event(spec, result)
+        return str(spec.run_dir), result
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return dict(pool.map(execute, specs))
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,83 @@
+"""fp16rl compare: arms x seeds with paired randomness, resumable."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fp16rl.config import ConfigError
+from fp16rl.experiments import arm_slug, parse_arm, plan_comparison, run_comparison
+from fp16rl.tasks.arc.synthetic import write_synthetic
+
+
+def test_parse_arm_and_slug():
+    arm = parse_arm("dtype=bfloat16, is-correction=token_truncate")
+    assert arm.overrides == {"dtype": "bfloat16", "is_correction": "token_truncate"}
+    assert arm_slug(arm.name) == "dtype=bfloat16__is-correction=token_truncate"
+    for bad, match in [("dtype", "key=value"), ("seed=3", "not an option"), ("nope=1", "not an option"), ("", "sets nothing")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_arm(bad)
+
+
+def test_plan_validates_arms_and_refuses_other_comparisons(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model_path: tiny\ndataset_path: toy:digits\nmax_steps: 2\n")
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        plan_comparison(base, ["dtype=float8"], [0], tmp_path / "cmp")
+    specs = plan_comparison(base, ["dtype=bfloat16", "dtype=float16"], [0, 1], tmp_path / "cmp")
+    assert [(s.arm.name, s.seed) for s in specs] == [("dtype=bfloat16", 0), ("dtype=bfloat16", 1),
+                                                     ("dtype=float16", 0), ("dtype=float16", 1)]
+    assert specs[0].run_dir == tmp_path / "cmp" / "runs" / "dtype=bfloat16" / "seed-0"
+    with pytest.raises(ConfigError, match="different comparison"):
+        plan_comparison(base, ["dtype=bfloat16"], [0], tmp_path / "cmp")
+
+
+@pytest.fixture(scope="module")
+def arc_base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cmp")
+    data, _ = write_synthetic(root / "lite.json.gz", num_tasks=8, seed=0, min_side=3, max_side=4)
+    base = root / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "model_path": "tiny", "dataset_path": str(data), "grid_encoder": "digits", "lora_r": 0,
+        "num_generations": 2, "prompts_per_step": 2, "max_completion_length": 8, "max_seq_length": 2048,
+        "max_steps": 2, "save_steps": 1, "logging_steps": 1, "beta": 0.0, "n_jobs": 1, "top_p": 1.0,
+    }))
+    return base
+
+
+def _prompts(run_dir: Path) -> list[tuple[str, str]]:
+    rows = []
+    for path in sorted((run_dir / "samples").glob("step-*.jsonl")):
+        rows += [(r["uid"], r["prompt"]) for r in map(json.loads, path.read_text().splitlines())]
+    return rows
+
+
+@pytest.mark.slow
+def test_compare_pairs_seeds_and_resumes(arc_base, tmp_path):
+    out = tmp_path / "cmp"
+    events = []
+    outcomes = run_comparison(arc_base, ["dtype=bfloat16", "dtype=float16"], [3], out,
+                              on_event=lambda spec, event: events.append((spec.arm.name, event)))
+    assert set(outcomes.values()) == {"finished"}, (outcomes, list((out / "logs").iterdir()))
+    bf16, fp16 = out / "runs" / "dtype=bfloat16" / "seed-3", out / "runs" / "dtype=float16" / "seed-3"
+    # Paired: the same seed gives both arms the same prompts, augmentations included.
+    assert _prompts(bf16) and _prompts(bf16) == _prompts(fp16)
+    for run, dtype in ((bf16, "bfloat16"), (fp16, "float16")):
+        stored = yaml.safe_load((run / "config.yaml").read_text())
+        assert stored["config"]["dtype"] == dtype and stored["config"]["seed"] == 3
+        assert stored["precision"]["observed"]["sampler"]["compute_dtype"] == dtype
+        assert json.loads((run / "summary.json").read_text())["arm"] == f"dtype={dtype}"
+
+    # Interrupt the fp16 run after step 1: its summary and last checkpoint are gone.
+    (fp16 / "summary.json").unlink()
+    shutil.rmtree(fp16 / "checkpoints" / "step-2")
+    kept_mtime = (bf16 / "metrics.jsonl").stat().st_mtime_ns
+    events.clear()
+    outcomes = run_comparison(arc_base, ["dtype=bfloat16", "dtype=float16"], [3], out,
+                              on_event=lambda spec, event: events.append((spec.arm.name, event)))
+    assert outcomes == {str(bf16): "kept", str(fp16): "finished"}
+    assert ("dtype=float16", "resuming") in events and ("dtype=bfloat16", "kept") in events
+    assert (bf16 / "metrics.jsonl").stat().st_mtime_ns == kept_mtime  # the finished arm was not re-run
+    assert [json.loads(line)["step"] for line in (fp16 / "metrics.jsonl").read_text().splitlines()] == [1, 2]
