@@ -121,7 +121,10 @@ def main() -> None:
         f"model {path} | dtype {dtype_name(dtype)} | {args.new_tokens} new tokens | torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads | median of {args.repeats} after {args.warmup} warm-up\n"
     )
-    print("| workload | sequences | generate() tok/s | ours hf tok/s | ours fast tok/s | hf / generate | fast / generate |")
+    print(
+        "| workload | sequences | generate() tok/s | ours hf tok/s | ours fast tok/s "
+        "| hf / generate | fast / generate |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, num_prompts, n in WORKLOADS:
         prompts = prompt_ids(tokenizer, num_prompts)

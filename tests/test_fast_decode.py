@@ -107,8 +107,8 @@ def test_supports_and_engine_choice():
         Sampler(gpt2, torch.float32, PAD, [1], engine="vllm")
 
 
-# One token in 32 ends a row, so rows finish at many different steps (select is exercised).
-MANY_EOS = list(range(3, 512, 32))
+# One token in 16 ends a row, so rows finish at many different steps (select is exercised).
+MANY_EOS = list(range(3, 512, 16))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

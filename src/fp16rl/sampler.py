@@ -6,7 +6,10 @@ a token is taken from the *unprocessed* temperature-scaled distribution, formed 
 is exactly what the trainer evaluates; top-p/top-k/repetition penalty only shape the draw.
 
 Speed over ``model.generate()`` comes from prefilling each prompt once and fanning its KV cache
-out to the ``n`` samples, from dropping finished rows out of the batch, and from a lean loop.
+out to the ``n`` samples, from dropping finished rows out of the batch, and from a lean loop. Two
+decoding engines share that loop: ``HFCacheDecoder`` (any HF causal LM, DynamicCache) and, for
+Llama/Qwen2/Mistral, ``fast_decode.LlamaFamilyDecoder`` (preallocated cache, no per-step HF
+overhead; bitwise equal to the HF path in tests).
 """
 
 from __future__ import annotations
@@ -217,10 +220,12 @@ class Sampler:
             drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
-        # Exponential race: argmax(p / E), E ~ Exp(1), draws from p exactly and is much cheaper than
-        # torch.multinomial on CPU. Masked tokens have p = 0 and can never win.
+        # Exponential race: argmax(p / E) with E = -log(U) ~ Exp(1) draws from p exactly, and is much
+        # cheaper on CPU than torch.multinomial (and than Tensor.exponential_). U is kept off 0 and 1
+        # so E is finite and positive; masked tokens have p = 0 and can never win.
         probs = torch.softmax(logits, dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=generator)
+        uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+        race = -torch.log(uniform.clamp_(min=1e-30, max=1 - 1e-7))
         return (probs / race).argmax(dim=-1)
 
 
