@@ -1,4 +1,4 @@
-"""The ``fp16rl`` command: train | probe | models | arc | demo (compare and report come next)."""
+"""The ``fp16rl`` command: train | probe | report | models | arc | demo (compare comes next)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from fp16rl.config import ConfigError, parse_train_args
 from fp16rl.models import ModelError, TinyModelSpec, fp16rl_home, write_tiny_model
 from fp16rl.precision import PrecisionError
+from fp16rl.report import ReportError
 from fp16rl.tasks.arc.cli import app as arc_app
 from fp16rl.tasks.arc.data import DatasetError
 
@@ -22,7 +23,7 @@ app.add_typer(arc_app, name="arc")
 console = Console(stderr=True)
 
 # Bad input of any kind ends in one line naming the problem and exit code 2.
-USER_ERRORS = (ConfigError, ModelError, PrecisionError, DatasetError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ModelError, PrecisionError, DatasetError, FileNotFoundError, ReportError)
 
 
 def fail(message: str) -> None:
@@ -133,16 +134,20 @@ def probe(
     check_fp16_range: bool = typer.Option(True, help="Measure the largest activation per layer against the fp16 max 65504."),
     sampler_engine: str = typer.Option("auto", help="Sampler decoding engine: auto | fast | hf (as in train)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0 = auto: the cores other processes leave idle)."),
     output_dir: Optional[Path] = typer.Option(None, help="Where probe.json, probe.md and figures go; must be new or empty "
                                               "(default: a fresh runs/probe-<model>-<time>)."),
 ) -> None:
     """Measure the sampler/trainer mismatch of a model per dtype, without training (minutes on CPU)."""
-    from rich.console import Console as RichConsole
+    from rich.markup import escape
 
     from fp16rl.probe import (ProbeError, ProbeSettings, check_output_dir, comparison_lines, default_output_dir,
-                              fp16_range_summary, render_table, run_probe, write_outputs)
+                              fp16_range_summary, render_tables, run_probe, write_outputs)
+    from fp16rl.zoo import KNOWN_MODELS, is_prepared
 
     _quiet_libraries()
+    if model_path in KNOWN_MODELS and not Path(model_path).is_dir() and not is_prepared(model_path):
+        fail(f"model {model_path!r} is not prepared yet; run `fp16rl models prepare {model_path}` first")
     try:
         sizes = tuple(int(b) for b in _split(batch_sizes))
     except ValueError:
@@ -151,7 +156,7 @@ def probe(
         model_path=model_path, dtypes=_split(dtypes), attn=_split(attn), batch_sizes=sizes, num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         prompts_file=str(prompts) if prompts else None, chat_template=chat_template,
-        check_fp16_range=check_fp16_range, sampler_engine=sampler_engine, device=device,
+        check_fp16_range=check_fp16_range, sampler_engine=sampler_engine, device=device, threads=threads,
     )
     try:
         out_dir = output_dir or default_output_dir(Path(model_path).name)
@@ -160,15 +165,16 @@ def probe(
         files = write_outputs(result, out_dir)
     except USER_ERRORS + (ProbeError,) as err:
         fail(str(err))
-    stdout = RichConsole()
-    stdout.print(render_table(result))
+    stdout = Console()
+    for table in render_tables(result, stdout.width):
+        stdout.print(table)
     for line in comparison_lines(result):
         stdout.print(line, highlight=False)
     if result.fp16_range is not None:
         summary = fp16_range_summary(result.fp16_range)
-        stdout.print(summary if result.fp16_range["ok"] else f"[bold yellow]{summary}[/]", highlight=False)
-    stdout.print(f"runtime {result.runtime_s:.0f} s; results in {out_dir}: " + ", ".join(p.name for p in files.values()),
-                 highlight=False)
+        stdout.print(escape(summary) if result.fp16_range["ok"] else f"[bold yellow]{escape(summary)}[/]", highlight=False)
+    stdout.print(f"runtime {result.runtime_s:.0f} s (torch threads: {result.versions['torch_threads']}); results in {out_dir}: "
+                 + ", ".join(p.name for p in files.values()), highlight=False)
 
 
 def _split(values: str) -> tuple[str, ...]:
@@ -201,6 +207,30 @@ def demo(
     console.print(f"final reward/mean {last['reward/mean']:.3f}, mismatch |dlogp| "
                   f"{last['mismatch/logp_abs_diff_mean']:.2e}, precision {trainer.precision_report['observed']}")
     _print_outputs(run_dir)
+
+
+@app.command()
+def report(
+    paths: list[Path] = typer.Argument(..., help="Run folders and/or compare folders (any mix).", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for report.html, report.md, report.json "
+                                          "and the figures; must be new or empty (default: <first path>/report)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder, replacing an earlier report."),
+    reference: Optional[str] = typer.Option(None, help="Arm the others are compared with (default: the first arm)."),
+    smooth: Optional[int] = typer.Option(None, help="Moving-average window of the plots in steps (default: automatic; 1 = none)."),
+) -> None:
+    """Plots, tables, a paired seed-by-seed comparison of the arms and a conclusion computed from the runs."""
+    import json
+
+    from fp16rl.report import build_report
+
+    try:
+        html_path = build_report(paths, output or paths[0] / "report", overwrite=overwrite, reference=reference,
+                                 smooth=smooth)
+    except USER_ERRORS as err:
+        fail(str(err))
+    for line in json.loads((html_path.parent / "report.json").read_text())["conclusion"]:
+        typer.echo(line)
+    typer.echo(str(html_path))
 
 
 def _fresh_dir(base: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,7 @@ class ProbeSettings:
     fp16_headroom: float = 8.0  # warn when a layer's largest activation exceeds FP16_MAX / fp16_headroom
     sampler_engine: str = "auto"  # as `fp16rl train --sampler-engine`
     device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 = auto (cores not busy with other work, see auto_threads)
 
     def validate(self) -> None:
         """Normalise dtype names and reject impossible values before anything is loaded."""
@@ -100,7 +102,7 @@ class ProbeSettings:
         self.dtypes = tuple(dict.fromkeys(dtype_name(parse_dtype(d)) for d in self.dtypes))
         bad = [a for a in self.attn if a not in ATTENTION_KINDS]
         if bad or not self.attn:
-            raise ProbeError(f"--attn {','.join(self.attn)!s}: use sdpa and/or eager")
+            raise ProbeError(f"--attn {','.join(self.attn)}: use sdpa and/or eager")
         self.attn = tuple(dict.fromkeys(self.attn))
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ProbeError("--batch-sizes must be positive integers")
@@ -111,6 +113,8 @@ class ProbeSettings:
             raise ProbeError("--temperature must be > 0 and --top-p in (0, 1]")
         if self.fp16_headroom < 1:
             raise ProbeError("the fp16 headroom factor must be >= 1")
+        if self.threads < 0:
+            raise ProbeError("--threads must be >= 0 (0 = torch's default)")
         if self.sampler_engine not in ("auto", "fast", "hf"):
             raise ProbeError(f"--sampler-engine {self.sampler_engine!r}: use auto, fast or hf")
 
@@ -175,6 +179,17 @@ def seq_log_ratio_slope(log_ratio: torch.Tensor, lengths: torch.Tensor) -> float
     return ((x * y).sum() / denom).item() * 1000.0
 
 
+def seq_log_ratio_slope_stderr(log_ratio: torch.Tensor, lengths: torch.Tensor) -> float:
+    """Standard error of ``seq_log_ratio_slope`` (per 1000 tokens): with a few dozen completions the
+    slope is noisy, and a user comparing dtypes should see by how much."""
+    x, y = lengths.double(), log_ratio.double()
+    denom = x.square().sum()
+    if denom == 0 or x.numel() < 2:
+        return float("nan")
+    residual = y - (x * y).sum() / denom * x
+    return (residual.square().sum() / (x.numel() - 1) / denom).sqrt().item() * 1000.0
+
+
 def bitwise_equal_ratio(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
     """Fraction of real tokens whose two logprobs are bitwise identical (batch-invariant kernels give 1)."""
     mask = mask.bool()
@@ -192,6 +207,7 @@ def probe_metrics(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor
     return {
         **mismatch_metrics(sampler_logprobs, trainer_logprobs, mask),
         "probe/seq_log_ratio_slope_per_1k": seq_log_ratio_slope(log_ratio, lengths),
+        "probe/seq_log_ratio_slope_stderr_per_1k": seq_log_ratio_slope_stderr(log_ratio, lengths),
         "probe/bitwise_equal_ratio": bitwise_equal_ratio(sampler_logprobs, trainer_logprobs, mask),
         "probe/num_tokens": float(lengths.sum()),
         "probe/num_sequences": float(mask.shape[0]),
@@ -314,12 +330,38 @@ def fp16_range_summary(report: dict[str, Any]) -> str:
     """One line: the largest activation, where, and whether it leaves enough headroom below 65504."""
     ratio = _headroom(report["max_abs"])
     head = f"largest |activation| {report['max_abs']:.4g} at {report['max_abs_at']} ({ratio:.3g}x below fp16 max 65504)"
+    nonfinite = report.get("fp16_nonfinite_tokens")
+    measured = "" if nonfinite is None else (
+        "; the float16 configurations here produced no inf/NaN" if nonfinite == 0
+        else f"; the float16 configurations here produced {nonfinite:.0f} inf/NaN token logprobs")
     if report["ok"]:
-        return f"fp16 range OK: {head}"
-    names = report["flagged_layers"] + [m for m in report["flagged_modules"] if m not in report["flagged_layers"]]
-    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    over = "OVERFLOWS in fp16" if report["max_abs"] > FP16_MAX else f"less than {report['headroom_factor']:g}x headroom"
-    return f"fp16 range WARNING: {head}; {over} in: {shown}"
+        return f"fp16 range OK: {head}{measured}"
+    layers = report["flagged_layers"]
+    modules = [m for m in report["flagged_modules"] if not any(m.startswith(layer + ".") for layer in layers)]
+    where = ", ".join(compact_names(layers) + modules)
+    if report["max_abs"] > FP16_MAX:
+        verdict = "OVERFLOWS in fp16"
+    else:
+        verdict = f"less than {report['headroom_factor']:g}x headroom"
+    return f"fp16 range WARNING: {verdict} in {where}; {head}{measured}"
+
+
+def compact_names(names: Sequence[str]) -> list[str]:
+    """``model.layers.11``, ``model.layers.12``, ``model.layers.13`` -> ``model.layers.11-13``."""
+    out: list[str] = []
+    runs: list[tuple[str, int, int]] = []  # (prefix, first, last)
+    for name in names:
+        prefix, _, index = name.rpartition(".")
+        if not index.isdigit():
+            out.append(name)
+            continue
+        number = int(index)
+        if runs and runs[-1][0] == prefix and runs[-1][2] == number - 1:
+            runs[-1] = (prefix, runs[-1][1], number)
+        else:
+            runs.append((prefix, number, number))
+    out += [f"{p}.{a}" if a == b else f"{p}.{a}-{b}" for p, a, b in runs]
+    return out
 
 
 # --- the measurement -------------------------------------------------------------------------
@@ -328,6 +370,18 @@ def fp16_range_summary(report: dict[str, Any]) -> str:
 def chunk_seed(seed: int, start: int) -> int:
     """Sampling seed of the chunk starting at sample ``start``: equal in every dtype (paired draws)."""
     return int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
+
+
+@dataclass
+class Measurement:
+    """Sampler and trainer logprobs of the same completions, ``[N, C]`` with a real-token mask."""
+
+    sampler_logprobs: torch.Tensor
+    trainer_logprobs: torch.Tensor
+    mask: torch.Tensor
+    observed: dict[str, Any]  # dtypes each engine actually computed in (DtypeRecorder)
+    sampler_s: float
+    trainer_s: float
 
 
 def measure_config(
@@ -339,11 +393,12 @@ def measure_config(
     pad_token_id: int,
     eos_token_ids: Sequence[int],
     advance: Callable[[str], None] = lambda _: None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+) -> Measurement:
     """Sample ``num_samples`` completions with the sampler in ``dtype``, recompute them as the trainer does.
 
     ``model`` holds the FP32 master weights (as in ``Trainer``); the sampler deep-copies and casts
-    them. Returns padded ``[N, C]`` sampler/trainer logprobs and mask, and the observed dtypes.
+    them, then decodes ``batch_size`` sequences per ``generate`` call; the trainer recomputes each
+    call's rows together under autocast(``dtype``).
     """
     policy = PrecisionPolicy.from_options(dtype_name(dtype))
     device = next(model.parameters()).device
@@ -371,17 +426,24 @@ def measure_config(
             observed = check_observed(policy, rollouts.observed_dtype, recorder.report())["observed"]
         parts.append((rollouts.sampler_logprobs, trainer_logprobs.cpu(), rollouts.completion_mask))
         advance(f"{len(rows)} samples")
-    width = max(p[0].shape[1] for p in parts)
-    padded = [[torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in part] for part in parts]
-    data = {name: torch.cat([p[i] for p in padded]) for i, name in enumerate(("sampler", "trainer", "mask"))}
-    data["mask"] = data["mask"].bool()
-    del sampler
-    return data, {**observed, "time_s": timings}
+    width = max(part[0].shape[1] for part in parts)
+    mu, pi, mask = (torch.cat([torch.nn.functional.pad(part[i], (0, width - part[i].shape[1])) for part in parts])
+                    for i in range(3))
+    return Measurement(mu, pi, mask.bool(), observed, timings["sampler"], timings["trainer"])
 
 
 def run_probe(settings: ProbeSettings, show_progress: bool = False) -> ProbeResult:
     """Every configuration of ``settings`` plus the fp16 range check; nothing is written here."""
     settings.validate()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads or auto_threads(_resolve_device(settings.device)))
+    try:
+        return _run_probe(settings, show_progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_probe(settings: ProbeSettings, show_progress: bool) -> ProbeResult:
     started = time.perf_counter()
     model_path = tiny_model_path() if settings.model_path == "tiny" else resolve_model_path(settings.model_path)
     texts = read_prompt_texts(settings.prompts_file) if settings.prompts_file else list(BUILTIN_PROMPTS)
@@ -411,30 +473,47 @@ def run_probe(settings: ProbeSettings, show_progress: bool = False) -> ProbeResu
                 for batch_size in settings.batch_sizes:
                     label = f"{dtype} {attn} bs{batch_size}"
                     progress.describe(label)
-                    data, observed = measure_config(
+                    measurement = measure_config(
                         model, prompts, parse_dtype(dtype), batch_size, settings, tokenizer.pad_token_id, eos_ids,
                         advance=lambda what, label=label: progress.advance(f"{label}: {what}"),
                     )
-                    configs.append(_config_result(dtype, attn, batch_size, data, observed))
+                    configs.append(_config_result(dtype, attn, batch_size, measurement))
             del model
+    if fp16_range is not None:
+        fp16_configs = [c for c in configs if c.dtype == "float16"]
+        if fp16_configs:
+            fp16_range["fp16_nonfinite_tokens"] = sum(c.metrics["probe/nonfinite_tokens"] for c in fp16_configs)
     settings_doc = {**asdict(settings), "num_prompts": len(prompts),
                     "prompts": "built-in" if settings.prompts_file is None else settings.prompts_file,
                     "device": str(device)}
     return ProbeResult(model_info, settings_doc, configs, fp16_range, time.perf_counter() - started, _versions())
 
 
-def _config_result(dtype: str, attn: str, batch_size: int, data: dict[str, torch.Tensor], observed: dict) -> ConfigResult:
-    mu, pi, mask = data["sampler"], data["trainer"], data["mask"]
+def _config_result(dtype: str, attn: str, batch_size: int, m: Measurement) -> ConfigResult:
+    mu, pi, mask = m.sampler_logprobs, m.trainer_logprobs, m.mask
     metrics = probe_metrics(mu, pi, mask)
-    times = observed.pop("time_s")
-    metrics["time/sampler_s"] = times["sampler"]
-    metrics["time/trainer_s"] = times["trainer"]
-    metrics["throughput/sampler_tokens_per_s"] = metrics["probe/num_tokens"] / max(times["sampler"], 1e-9)
+    metrics["time/sampler_s"] = m.sampler_s
+    metrics["time/trainer_s"] = m.trainer_s
+    metrics["throughput/sampler_tokens_per_s"] = metrics["probe/num_tokens"] / max(m.sampler_s, 1e-9)
     return ConfigResult(
-        dtype=dtype, attn=attn, batch_size=batch_size, metrics=metrics, observed=observed,
+        dtype=dtype, attn=attn, batch_size=batch_size, metrics=metrics, observed=m.observed,
         sampler_logprobs=mu[mask], trainer_logprobs=pi[mask],
         seq_log_ratio=((pi - mu) * mask).sum(dim=1), seq_lengths=mask.sum(dim=1),
     )
+
+
+def auto_threads(device: torch.device) -> int:
+    """CPU threads for the probe: torch's default, less the cores other processes keep busy.
+
+    Why: OpenMP threads wait for each other at every op; when another job holds one of the cores, a
+    thread that cannot run stalls all the others. Measured on a 2-core machine with one core busy:
+    SmolLM2-135M decoding took 46 s with 2 threads and 5 s with 1.
+    """
+    default = torch.get_num_threads()
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return default
+    idle = (os.cpu_count() or default) - round(os.getloadavg()[0])
+    return max(1, min(default, idle))
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -563,21 +642,32 @@ def table_rows(result: ProbeResult) -> list[list[str]]:
             for c in result.configs]
 
 
-def table_headers(separator: str = "\n") -> list[str]:
-    """Column headers; two-line on the terminal (narrower table), one line in markdown."""
-    return ["dtype", "attn", "batch", *(header.replace("\n", separator) for _, header, _ in TABLE_COLUMNS)]
+def table_headers() -> list[str]:
+    """Column headers of the markdown table (one row per configuration); "|" escaped for GFM tables."""
+    return ["dtype", "attn", "batch", *(header.replace("\n", " ").replace("|", "\\|") for _, header, _ in TABLE_COLUMNS)]
 
 
-def render_table(result: ProbeResult) -> Any:
-    """A rich Table of the configurations (sampler vs trainer logprobs on the same tokens)."""
+def render_tables(result: ProbeResult, width: int = 80) -> list[Any]:
+    """Rich Tables with one row per metric and one column per configuration.
+
+    Metrics down the side keep a column narrow (~12 characters), so a few configurations fit an
+    80-column terminal; more are split over several tables rather than truncated.
+    """
     from rich.table import Table
 
-    table = Table(title=f"sampler vs trainer mismatch: {result.model.get('name')}", title_style="bold")
-    for i, header in enumerate(table_headers()):
-        table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i < 3)
-    for row in table_rows(result):
-        table.add_row(*row)
-    return table
+    per_table = max(1, (width - 32) // 12)
+    tables = []
+    for start in range(0, len(result.configs), per_table):
+        configs = result.configs[start : start + per_table]
+        table = Table(title=f"{result.model.get('name')}: Δ = trainer - sampler logprob, same tokens",
+                      title_style="bold")
+        table.add_column("metric", no_wrap=True)
+        for config in configs:
+            table.add_column(f"{config.dtype}\n{config.attn} bs{config.batch_size}", justify="right", no_wrap=True)
+        for key, header, fmt in TABLE_COLUMNS:
+            table.add_row(header.replace("\n", " "), *(_cell(c.metrics.get(key), fmt) for c in configs))
+        tables.append(table)
+    return tables
 
 
 def comparison_lines(result: ProbeResult) -> list[str]:
@@ -598,7 +688,7 @@ def comparison_lines(result: ProbeResult) -> list[str]:
 def markdown_report(result: ProbeResult, files: dict[str, str]) -> str:
     """probe.md: the table, the plain-language comparison, the fp16 range check and the figures."""
     s = result.settings
-    headers = table_headers(separator=" ")
+    headers = table_headers()
     out = [
         f"# fp16rl probe: {result.model.get('name')}",
         "",
@@ -651,6 +741,13 @@ def _by_dtype(result: ProbeResult) -> dict[str, list[ConfigResult]]:
     return groups
 
 
+def _solid_legend(ax: Any, **kwargs: Any) -> None:
+    """A legend whose markers are opaque, though the points they stand for are translucent."""
+    legend = ax.legend(**kwargs)
+    for handle in legend.legend_handles:
+        handle.set_alpha(1.0)
+
+
 def plot_token_probs(result: ProbeResult, path: Path) -> None:
     """Trainer vs sampler probability of every sampled token, one column per dtype.
 
@@ -667,15 +764,21 @@ def plot_token_probs(result: ProbeResult, path: Path) -> None:
         top, bottom = axes[0][column], axes[1][column]
         for config in configs:
             p_mu, p_pi = config.sampler_logprobs.exp().numpy(), config.trainer_logprobs.exp().numpy()
-            label = f"{config.attn} bs{config.batch_size}" if len(configs) > 1 else None
-            top.scatter(p_mu, p_pi, s=4, alpha=0.35, linewidths=0, label=label)
+            m = config.metrics
+            label = (f"{config.attn} bs{config.batch_size}: mean |Δp| {m['mismatch/prob_abs_diff_mean']:.1e}, "
+                     f"max {m['mismatch/prob_abs_diff_max']:.1e}")
+            top.scatter(p_mu, p_pi, s=4, alpha=0.35, linewidths=0)
             bottom.scatter(p_mu, p_pi - p_mu, s=4, alpha=0.35, linewidths=0, label=label)
         top.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
         bottom.axhline(0, color="grey", linewidth=0.8, linestyle="--")
-        first = configs[0].metrics
-        top.set_title(f"{dtype}\nmean |Δp| {first['mismatch/prob_abs_diff_mean']:.1e}, "
-                      f"max |Δp| {first['mismatch/prob_abs_diff_max']:.1e}, "
-                      f"pearson {first['mismatch/pearson_prob']:.5f}", fontsize=9)
+        if len(configs) == 1:
+            m = configs[0].metrics
+            top.set_title(f"{dtype}\nmean |Δp| {m['mismatch/prob_abs_diff_mean']:.1e}, "
+                          f"max |Δp| {m['mismatch/prob_abs_diff_max']:.1e}, "
+                          f"pearson {m['mismatch/pearson_prob']:.5f}", fontsize=9)
+        else:
+            top.set_title(dtype, fontsize=10)
+            _solid_legend(bottom, fontsize=6.5, loc="lower right", markerscale=3)
         top.set_xlim(-0.02, 1.02)
         top.set_ylim(-0.02, 1.02)
         top.set_aspect("equal")
@@ -683,8 +786,6 @@ def plot_token_probs(result: ProbeResult, path: Path) -> None:
         bottom.set_ylim(-spread, spread)
         bottom.set_xlabel("sampler probability μ(y_t)")
         bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        if len(configs) > 1:
-            top.legend(fontsize=7, loc="upper left", markerscale=3)
     axes[0][0].set_ylabel("trainer probability π(y_t)")
     axes[1][0].set_ylabel("π(y_t) - μ(y_t)  (same scale in every panel)")
     fig.suptitle(f"{result.model.get('name')}: probability of each sampled token, trainer vs sampler", fontsize=11)
@@ -705,17 +806,21 @@ def plot_seq_log_ratio(result: ProbeResult, path: Path) -> None:
     for ax, (dtype, configs) in zip(axes, groups.items()):
         for config in configs:
             slope = config.metrics["probe/seq_log_ratio_slope_per_1k"]
+            stderr = config.metrics["probe/seq_log_ratio_slope_stderr_per_1k"]
+            name = f"{config.attn} bs{config.batch_size}: " if len(configs) > 1 else ""
             points = ax.scatter(config.seq_lengths.numpy(), config.seq_log_ratio.numpy(), s=14, alpha=0.7,
-                                label=f"{config.attn} bs{config.batch_size}")
+                                label=f"{name}slope {slope:+.3g} ± {stderr:.2g} per 1k tokens")
             if math.isfinite(slope):
-                ax.plot([0, longest], [0, slope * longest / 1000], color=points.get_facecolor()[0][:3],
-                        linewidth=1.2, label=f"fit: slope {slope:+.3g} per 1k tokens")
+                ax.plot([0, longest], [0, slope * longest / 1000], color=points.get_facecolor()[0][:3], linewidth=1.2)
         ax.axhline(0, color="grey", linewidth=0.6)
-        ax.set_title(f"{dtype}: seq KL[μ||π] {configs[0].metrics['mismatch/seq_kl']:.2e}", fontsize=10)
+        single = len(configs) == 1  # several configurations: their seq KL is in the table, not the title
+        ax.set_title(f"{dtype}: seq KL[μ||π] {configs[0].metrics['mismatch/seq_kl']:.2e}" if single else dtype,
+                     fontsize=10)
         ax.set_xlabel("completion length (tokens)")
         ax.set_xlim(0, longest * 1.05)
         ax.set_ylim(-limit, limit)
-        ax.legend(fontsize=7, loc="lower left")
+        _solid_legend(ax, fontsize=7, loc="best", title="points: completions; line: least-squares fit",
+                      title_fontsize=7)
     axes[0].set_ylabel("log π(y)/μ(y) = Σ_t (log π - log μ)")
     fig.suptitle(f"{result.model.get('name')}: sequence log-ratio vs length", fontsize=11)
     fig.savefig(path, dpi=110)

@@ -131,7 +131,6 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = ""
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config

@@ -1,19 +1,29 @@
-"""``fp16rl arc ...``: run one program on one ARC task, and generate arc-lite datasets."""
+"""``fp16rl arc ...``: run one program on one ARC task, generate arc-lite datasets, warm-start the tiny model."""
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import NoReturn
 
 import typer
 
 from fp16rl.sandbox import Sandbox, SandboxLimits, extract_code
+from fp16rl.sft import (
+    ARC_LITE_RL_OPTIONS,
+    ArcLiteSettings,
+    arc_lite_dataset,
+    arc_lite_warm_model,
+    read_warm_start_log,
+)
 from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.reward import REWARDS, evaluate, get_reward
 from fp16rl.tasks.arc.synthetic import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, write_synthetic
 
-app = typer.Typer(name="arc", help="ARC workload tools: run a program on a task, generate arc-lite data.")
+app = typer.Typer(
+    name="arc", help="ARC workload tools: run a program on a task, generate arc-lite data, warm-start the tiny model."
+)
 
 
 def _fail(message: str) -> NoReturn:
@@ -79,3 +89,40 @@ def synth(
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {num_tasks} tasks to {tasks_path} and their reference programs to {programs}")
+
+
+@app.command("warmstart")
+def warmstart(
+    output: Path | None = typer.Option(None, "--output", help="Write the warm model to this new folder."),
+    steps: int = typer.Option(ArcLiteSettings.steps, "--steps", help="Supervised steps (batches of 8)."),
+    num_tasks: int = typer.Option(ArcLiteSettings.num_tasks, "--num-tasks", "--num_tasks",
+                                  help="arc-lite tasks to learn from."),
+    seed: int = typer.Option(ArcLiteSettings.seed, "--seed", help="Seed of those tasks and of the warm start."),
+) -> None:
+    """Warm-start the tiny model on arc-lite (cached after the first time) so it writes runnable code;
+    print its path, the arc-lite RL dataset and an `fp16rl train` command that uses both."""
+    settings = ArcLiteSettings(num_tasks=num_tasks, seed=seed, steps=steps)
+    try:
+        model = arc_lite_warm_model(settings, output_dir=output, show_progress=True)
+        dataset = arc_lite_dataset()
+    except ValueError as exc:  # bad numbers, an occupied --output
+        _fail(str(exc))
+    log = read_warm_start_log(model)
+    typer.echo(f"model: {model}")
+    typer.echo(f"dataset: {dataset}")
+    losses = log["losses"]
+    typer.echo(f"warm start: {log['steps']} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {log['seconds']:.0f} s")
+    typer.echo(f"train: {arc_lite_train_command(model, dataset)}")
+
+
+def arc_lite_train_command(model: Path, dataset: Path, output_dir: str = "runs/arc-lite") -> str:
+    """The `fp16rl train` command line of the arc-lite demo run (ARC_LITE_RL_OPTIONS)."""
+    flags = [f"--model-path {shlex.quote(str(model))}", f"--dataset-path {shlex.quote(str(dataset))}",
+             f"--output-dir {shlex.quote(output_dir)}"]
+    for name, value in ARC_LITE_RL_OPTIONS.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags.append(f"--{flag} {value}")
+    return "fp16rl train " + " ".join(flags)
