@@ -284,3 +284,12 @@ def test_cli_report(compare_dir: Path, tmp_path: Path):
     again = runner.invoke(app, ["report", str(compare_dir), "-o", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     assert math.isfinite(json.loads((out / "report.json").read_text())["comparisons"][0]["final_reward_diff_mean"])
+
+
+def test_log_panel_with_only_non_positive_values(tmp_path: Path):
+    """A short run whose gradient norm is 0 at every step (all completions masked) still gets a report."""
+    records = [{"step": t, "reward/mean": 0.1, "optim/grad_norm": 0.0, "mismatch/seq_kl": -1e-3}
+               for t in range(1, 4)]
+    run = write_run(tmp_path / "run", arm=None, seed=0, dtype="float16", records=records)
+    html = build_report([run], tmp_path / "out")
+    assert html.is_file() and (tmp_path / "out" / "grad_norm.png").is_file()

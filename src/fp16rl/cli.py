@@ -181,32 +181,53 @@ def _split(values: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in values.split(",") if v.strip())
 
 
-@app.command()
-def demo(
-    output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo run goes (a fresh sub-folder per call)."),
-    steps: int = typer.Option(30, help="Training steps."),
+@app.command(context_settings={"allow_extra_args": True})
+def compare(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", help="Base YAML of train options shared by every arm."),
+    arms: list[str] = typer.Option(..., "--arms", help='Arm overrides, e.g. "dtype=bfloat16" "dtype=float16,is_correction=token_truncate".'),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds; the same seed pairs the arms."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Comparison folder (re-run to resume)."),
+    parallel: int = typer.Option(1, "--parallel", help="Runs at once."),
 ) -> None:
-    """A short fp16 GRPO run of the tiny model on the toy task; prints where the results are."""
-    from fp16rl.config import TrainConfig
-    from fp16rl.trainer import Trainer
+    """Run every arm x seed with paired randomness; finished runs are kept, interrupted ones resumed."""
+    from fp16rl.experiments import run_comparison
 
-    _quiet_libraries()
-    run_dir = _fresh_dir(output_dir)
-    config = TrainConfig(
-        model_path="tiny", dataset_path="toy:digits", output_dir=str(run_dir), dtype="float16", lora_r=0,
-        learning_rate=2e-3, num_generations=8, prompts_per_step=4, max_completion_length=24, max_seq_length=256,
-        beta=0.0, max_grad_norm=1.0, warmup_ratio=0.0, max_steps=steps, save_steps=steps, logging_steps=5,
-        top_p=1.0, seed=0,
-    )
+    # `--arms A B` (several values after one flag, as in the docs) leaves B as an extra argument.
+    stray = [a for a in ctx.args if a.startswith("-")]
+    if stray:
+        fail(f"unknown option(s) {' '.join(stray)}")
+    arms = [*arms, *ctx.args]
     try:
-        trainer = Trainer(config)
-        console.print(f"demo: fp16 GRPO on toy:digits with the tiny model, {steps} steps -> {run_dir}")
-        last = trainer.train(show_progress=True)
+        seed_list = [int(s) for s in _split(seeds)]
+    except ValueError:
+        fail(f"--seeds {seeds!r}: expected comma-separated integers")
+    try:
+        outcomes = run_comparison(config, arms, seed_list, output_dir, parallel,
+                                  on_event=lambda spec, event: console.print(f"{spec.arm.name} seed {spec.seed}: {event}"))
     except USER_ERRORS as err:
         fail(str(err))
-    console.print(f"final reward/mean {last['reward/mean']:.3f}, mismatch |dlogp| "
-                  f"{last['mismatch/logp_abs_diff_mean']:.2e}, precision {trainer.precision_report['observed']}")
-    _print_outputs(run_dir)
+    failed = [run for run, outcome in outcomes.items() if outcome == "failed"]
+    console.print(f"runs: {output_dir / 'runs'}   logs: {output_dir / 'logs'}")
+    console.print(f"report: fp16rl report {output_dir} -o {output_dir / 'report'}")
+    if failed:
+        fail(f"{len(failed)} run(s) failed; see {output_dir / 'logs'}")
+
+
+@app.command()
+def demo(
+    output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo goes (a fresh sibling if it is in use)."),
+    quick: bool = typer.Option(False, "--quick", help="A ~2-minute version: 1 seed, 4 steps, no probe."),
+) -> None:
+    """Warm-start the tiny model on arc-lite, run bf16 vs fp16 (paired seeds), probe SmolLM2 if prepared, report."""
+    from fp16rl.demo import run_demo
+
+    _quiet_libraries()
+    try:
+        html = run_demo(output_dir, quick, say=console.print)
+    except USER_ERRORS as err:
+        fail(str(err))
+    console.print(f"report: [bold]{html}[/]")
 
 
 @app.command()
@@ -231,15 +252,6 @@ def report(
     for line in json.loads((html_path.parent / "report.json").read_text())["conclusion"]:
         typer.echo(line)
     typer.echo(str(html_path))
-
-
-def _fresh_dir(base: Path) -> Path:
-    """``base`` if unused, else ``base-2``, ``base-3``...: a demo never overwrites an earlier one."""
-    candidate, index = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        index += 1
-        candidate = base.with_name(f"{base.name}-{index}")
-    return candidate
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from typing import Callable
 import yaml
 
 from fp16rl.atomic import atomic_write_text
-from fp16rl.models import fp16rl_home
 
 
 @dataclass(frozen=True)
@@ -22,8 +21,6 @@ class DemoPlan:
     steps: int
     seeds: tuple[int, ...]
     probe: bool
-    num_generations: int = 8
-    prompts_per_step: int = 2
 
     @classmethod
     def of(cls, quick: bool) -> "DemoPlan":
@@ -43,29 +40,29 @@ def fresh_dir(base: Path) -> Path:
 
 
 def base_options(model_path: Path, dataset_path: Path, plan: DemoPlan) -> dict:
-    """The arc-lite RL settings both arms share (only the dtype differs between arms)."""
-    return {
-        "model_path": str(model_path),
-        "dataset_path": str(dataset_path),
-        "grid_encoder": "digits",
-        "reward_name": "arc-v2-no-pixel-score",
-        "lora_r": 0,
-        "learning_rate": 1e-4,
-        "max_grad_norm": 1.0,
-        "warmup_ratio": 0.0,
-        "beta": 0.0,
-        "num_generations": plan.num_generations,
-        "prompts_per_step": plan.prompts_per_step,
-        "max_completion_length": 96,
-        "max_seq_length": 1024,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "mask_truncated_completions": True,
-        "n_jobs": 2,
-        "max_steps": plan.steps,
-        "save_steps": max(1, plan.steps // 2),
-        "logging_steps": 5,
-    }
+    """The arc-lite RL settings both arms share (the arms then set the dtype)."""
+    from fp16rl.sft import ARC_LITE_RL_OPTIONS
+
+    options = {key: value for key, value in ARC_LITE_RL_OPTIONS.items() if key != "dtype"}
+    options.update(model_path=str(model_path), dataset_path=str(dataset_path), max_steps=plan.steps,
+                   save_steps=max(1, plan.steps // 2), logging_steps=5)
+    return options
+
+
+def probe_smollm2(output_dir: Path, say: Callable[[str], None]) -> None:
+    """Prepare SmolLM2-135M (offline, once) and measure its bf16/fp16/fp32 mismatch; skipped if unavailable."""
+    from fp16rl.models import ModelError
+    from fp16rl.probe import ProbeSettings, run_probe, write_outputs
+    from fp16rl.zoo import prepare_model
+
+    try:
+        model = prepare_model("smollm2-135m")
+    except ModelError as err:
+        say(f"3/4 probe skipped: {err}")
+        return
+    say("3/4 probing SmolLM2-135M's sampler/trainer mismatch in bf16, fp16, fp32...")
+    result = run_probe(ProbeSettings(model_path=str(model), num_samples=8, max_new_tokens=96), show_progress=True)
+    write_outputs(result, output_dir)
 
 
 def run_demo(output_dir: Path, quick: bool, say: Callable[[str], None] = print) -> Path:
@@ -80,7 +77,7 @@ def run_demo(output_dir: Path, quick: bool, say: Callable[[str], None] = print) 
 
     say("1/4 warm-starting the tiny model on arc-lite (cached after the first time)...")
     model = arc_lite_warm_model(ArcLiteSettings(), show_progress=True)
-    dataset = arc_lite_dataset(num_tasks=200, seed=1)
+    dataset = arc_lite_dataset()  # held-out tasks the warm model sometimes solves
 
     say(f"2/4 bf16 vs fp16 GRPO on arc-lite: {len(plan.seeds)} seed(s) x {plan.steps} steps per arm...")
     base = output_dir / "base.yaml"
@@ -92,15 +89,10 @@ def run_demo(output_dir: Path, quick: bool, say: Callable[[str], None] = print) 
     if failed:
         raise RuntimeError(f"demo runs failed; see the logs in {compare_dir / 'logs'}: {failed}")
 
-    smollm2 = fp16rl_home() / "models" / "smollm2-135m"
-    if plan.probe and (smollm2 / "config.json").is_file():
-        say("3/4 probing SmolLM2-135M's sampler/trainer mismatch in bf16, fp16, fp32...")
-        from fp16rl.probe import ProbeSettings, run_probe, write_outputs
-
-        result = run_probe(ProbeSettings(model_path=str(smollm2), num_samples=8, max_new_tokens=64), show_progress=True)
-        write_outputs(result, output_dir / "probe")
+    if plan.probe:
+        probe_smollm2(output_dir / "probe", say)
     else:
-        say("3/4 probe skipped" + ("" if not plan.probe else " (run `fp16rl models prepare smollm2-135m` to include it)"))
+        say("3/4 probe skipped (--quick)")
 
     say("4/4 writing the report...")
     return build_report([compare_dir], output_dir / "report")

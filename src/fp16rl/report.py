@@ -541,7 +541,7 @@ def plot_figure(spec: FigureSpec, inputs: Inputs, path: Path, window: int) -> bo
 
 
 def _draw_panel(ax: Any, panel: Panel, inputs: Inputs, colours: dict[str, Any], window: int, drawn: _Drawn) -> None:
-    dropped = 0
+    dropped, visible = 0, False
     for arm in inputs.arms:
         runs = [r for r in inputs.runs if r.arm == arm and r.has(panel.metric)]
         if not runs:
@@ -553,6 +553,7 @@ def _draw_panel(ax: Any, panel: Panel, inputs: Inputs, colours: dict[str, Any], 
         for run in runs:
             steps, values, lost = _series(run, panel, window)
             dropped += lost
+            visible |= bool(np.isfinite(values).any())
             series.append((steps, values))
             ax.plot(steps, _unlog(values, panel), color=colours[arm], linewidth=0.8, alpha=0.45, drawstyle=style)
             point = _collapse_point(steps, values, run.collapse_step) if run.collapse_step is not None else None
@@ -570,7 +571,7 @@ def _draw_panel(ax: Any, panel: Panel, inputs: Inputs, colours: dict[str, Any], 
             ax.plot(steps, _unlog(mean, panel), color=colours[arm], linewidth=1.3, linestyle="--", drawstyle=style)
         ax.plot(steps, _unlog(np.where(all_seeds, mean, np.nan), panel), color=colours[arm], linewidth=2.0,
                 drawstyle=style)
-    if panel.log:
+    if panel.log and visible:  # a log axis with nothing positive on it cannot be drawn
         ax.set_yscale("log", base=panel.log_base)
     note = f"\n({dropped} non-positive values not shown on the log scale)" if dropped else ""
     ax.set_title(panel.label + note, fontsize=10)
