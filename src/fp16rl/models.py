@@ -47,6 +47,15 @@ def fp16rl_home() -> Path:
     return Path(os.environ.get("FP16RL_HOME", Path.home() / ".cache" / "fp16rl"))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = cuda when available, else cpu; asking for cuda without it is an error, not a silent cpu run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
 def resolve_model_path(model_path: str | os.PathLike) -> Path:
     """A local HF folder, or the name of a model prepared under ``fp16rl_home()/models``."""
     path = Path(model_path).expanduser()

@@ -30,7 +30,7 @@ import fp16rl
 from fp16rl.atomic import atomic_directory
 from fp16rl.logprobs import build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
-from fp16rl.models import load_model, load_tokenizer, resolve_model_path, tiny_model_path
+from fp16rl.models import load_model, load_tokenizer, resolve_device, resolve_model_path, tiny_model_path
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed, dtype_name, parse_dtype
 from fp16rl.sampler import Sampler, SamplingParams
 
@@ -436,7 +436,7 @@ def run_probe(settings: ProbeSettings, show_progress: bool = False) -> ProbeResu
     """Every configuration of ``settings`` plus the fp16 range check; nothing is written here."""
     settings.validate()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads or auto_threads(_resolve_device(settings.device)))
+    torch.set_num_threads(settings.threads or auto_threads(resolve_device(settings.device)))
     try:
         return _run_probe(settings, show_progress)
     finally:
@@ -449,7 +449,7 @@ def _run_probe(settings: ProbeSettings, show_progress: bool) -> ProbeResult:
     texts = read_prompt_texts(settings.prompts_file) if settings.prompts_file else list(BUILTIN_PROMPTS)
     tokenizer = load_tokenizer(model_path)
     prompts = encode_prompts(texts, tokenizer, settings.chat_template)
-    device = _resolve_device(settings.device)
+    device = resolve_device(settings.device)
 
     # Progress ticks: one per model load, one for the range check, one per sampled chunk.
     chunks = sum(math.ceil(settings.num_samples / b) for b in settings.batch_sizes)
@@ -514,14 +514,6 @@ def auto_threads(device: torch.device) -> int:
         return default
     idle = (os.cpu_count() or default) - round(os.getloadavg()[0])
     return max(1, min(default, idle))
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ProbeError("--device cuda was requested but CUDA is not available on this machine")
-    return torch.device(name)
 
 
 def _describe_model(model: torch.nn.Module, path: Path) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import base64
 import html
 import json
 import math
-import re
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from fp16rl.tracking import read_metrics
+from fp16rl.experiments import arm_slug
+from fp16rl.tracking import BEST_WINDOW, best_reward, final_reward, read_metrics
 
 REWARD = "reward/mean"
 LOGP_DIFF = "mismatch/logp_abs_diff_mean"
@@ -37,7 +37,6 @@ COMPLETE_STATUSES = ("finished", "stopped_on_collapse")  # a run whose outcome i
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
-BEST_WINDOW = 10  # best reward = best moving average over this many steps (as in summary.json)
 REPORT_FILES = ("report.html", "report.md", "report.json")
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
@@ -135,11 +134,6 @@ def _as_float(value: Any) -> float:
     except (TypeError, ValueError):
         return math.nan
     return number if math.isfinite(number) else math.nan
-
-
-def arm_slug(name: str) -> str:
-    """The folder name `fp16rl compare` gives an arm: anything outside [A-Za-z0-9._=-] becomes _."""
-    return re.sub(r"[^A-Za-z0-9._=-]", "_", name)
 
 
 def arm_label(config: dict[str, Any]) -> str:
@@ -253,25 +247,6 @@ def _check_unique(runs: Iterable[Run]) -> None:
 
 
 # --- numbers -------------------------------------------------------------------------------
-
-
-def final_reward(rewards: np.ndarray) -> float | None:
-    """Mean reward over the last 10% of the logged steps (at least one), as summary.json defines it."""
-    finite = rewards[np.isfinite(rewards)]
-    if finite.size == 0:
-        return None
-    tail = max(1, finite.size // 10)
-    return float(finite[-tail:].mean())
-
-
-def best_reward(rewards: np.ndarray, window: int = BEST_WINDOW) -> float | None:
-    """Best moving average over ``window`` steps (all steps when fewer), as summary.json defines it."""
-    finite = rewards[np.isfinite(rewards)]
-    if finite.size == 0:
-        return None
-    width = min(window, finite.size)
-    sums = np.convolve(finite, np.ones(width), mode="valid")
-    return float(sums.max() / width)
 
 
 def median_finite(values: np.ndarray) -> float | None:

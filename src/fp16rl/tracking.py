@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -25,6 +26,28 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return records
+
+
+BEST_WINDOW = 10  # best reward = best moving average over this many steps
+
+
+def final_reward(rewards: np.ndarray) -> float | None:
+    """Mean reward over the last 10% of the logged steps (at least one); non-finite values ignored."""
+    finite = rewards[np.isfinite(rewards)]
+    if finite.size == 0:
+        return None
+    tail = max(1, finite.size // 10)
+    return float(finite[-tail:].mean())
+
+
+def best_reward(rewards: np.ndarray, window: int = BEST_WINDOW) -> float | None:
+    """Best moving average over ``window`` steps (all steps when fewer); non-finite values ignored."""
+    finite = rewards[np.isfinite(rewards)]
+    if finite.size == 0:
+        return None
+    width = min(window, finite.size)
+    sums = np.convolve(finite, np.ones(width), mode="valid")
+    return float(sums.max() / width)
 
 
 def _jsonable(value: Any) -> Any:

@@ -29,20 +29,13 @@ from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.logprobs import TokenBatch, build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
-from fp16rl.models import LoraSettings, apply_lora, load_model, load_tokenizer, resolve_model_path, tiny_model_path
+from fp16rl.models import (LoraSettings, apply_lora, load_model, load_tokenizer, resolve_device, resolve_model_path,
+                           tiny_model_path)
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed
 from fp16rl.sampler import Rollouts, Sampler, SamplingParams, cast_parameters
 from fp16rl.tasks import make_task
 from fp16rl.tasks.base import PromptItem, Scores, Task
-from fp16rl.tracking import ProgressDisplay, RunTracker, read_metrics
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but CUDA is not available on this machine")
-    return torch.device(name)
+from fp16rl.tracking import ProgressDisplay, RunTracker, best_reward, final_reward, read_metrics
 
 
 def prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
@@ -442,17 +435,14 @@ def summarize_run(
     arm: str | None, seed: int,
 ) -> dict[str, Any]:
     """Final reward (mean over the last 10% of steps), best 10-step moving average, collapse, speed."""
-    rewards = [float(r["reward/mean"]) for r in records if "reward/mean" in r]
-    tail = max(1, len(rewards) // 10)
-    window = min(10, len(rewards)) or 1
-    moving = [sum(rewards[i : i + window]) / window for i in range(len(rewards) - window + 1)]
+    rewards = np.array([float(r["reward/mean"]) for r in records if "reward/mean" in r])
     wall = sum(float(r.get("time/step_s", 0.0)) for r in records)
     return {
         "status": status,
         "steps_completed": records[-1]["step"] if records else 0,
         "total_steps": total_steps,
-        "final_reward": sum(rewards[-tail:]) / tail if rewards else None,
-        "best_reward": max(moving) if moving else None,
+        "final_reward": final_reward(rewards),
+        "best_reward": best_reward(rewards),
         "collapse_step": event.step if event else None,
         "collapse_rule": event.rule if event else None,
         "collapse_detail": event.detail if event else None,
