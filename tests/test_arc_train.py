@@ -37,3 +37,29 @@ def test_arc_lite_reward_rises_in_fp16(tmp_path: Path, fp16rl_home: Path) -> Non
     assert precision["engines_agree"] is True
     observed = precision["observed"]
     assert observed["sampler"]["compute_dtype"] == observed["trainer"]["compute_dtype"] == "float16"
+
+
+@pytest.mark.slow
+def test_seed_command_line_runs(tmp_path: Path, fp16rl_home: Path) -> None:
+    """The seed's exact command line (seeds/001), paths replaced by the warm tiny model and arc-lite."""
+    import shlex
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    command = (
+        "--dtype bfloat16 --beta 0.001 --no-load-in-4bit --reward-name arc-v2-no-pixel-score --num-generations 8 "
+        "--gradient-accumulation-steps 1 --learning-rate 4e-6 --lora_r 1 --repetition-penalty 1.00 --epochs 1 "
+        "--mask-truncated-completions --scale-rewards batch --gpu_memory_utilization 0.3 --warmup-ratio 0.001 "
+        "--max-seq-length 9700 --max-completion-length 1024 --n-jobs 20 "
+        f"--model-path {arc_lite_warm_model()} --dataset-path {arc_lite_dataset()} --output-dir {run}"
+    )
+    result = subprocess.run([sys.executable, "-m", "fp16rl.cli", "train", *shlex.split(command)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # one epoch of the 4-task set, one task per step
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["config"]["lora_r"] == 1 and stored["config"]["scale_rewards"] == "batch"
+    assert stored["precision"]["observed"]["sampler"]["compute_dtype"] == "bfloat16"
+    assert stored["task_details"]["sandbox_layers"]["rlimits"] == "active"

@@ -81,3 +81,22 @@ def test_compare_pairs_seeds_and_resumes(arc_base, tmp_path):
     assert ("dtype=float16", "resuming") in events and ("dtype=bfloat16", "kept") in events
     assert (bf16 / "metrics.jsonl").stat().st_mtime_ns == kept_mtime  # the finished arm was not re-run
     assert [json.loads(line)["step"] for line in (fp16 / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_cli_accepts_several_arms_after_one_flag_and_fails_cleanly(tmp_path):
+    from typer.testing import CliRunner
+
+    from fp16rl.cli import app
+
+    base = tmp_path / "base.yaml"
+    base.write_text("model_path: tiny\ndataset_path: toy:digits\nmax_steps: 1\n")
+    result = CliRunner().invoke(app, ["compare", "--config", str(base), "--arms", "dtype=float16", "dtype=float8",
+                                      "--seeds", "0", "--output-dir", str(tmp_path / "cmp")])
+    assert result.exit_code == 2 and "unknown dtype 'float8'" in result.output  # the second arm was read
+    assert not (tmp_path / "cmp" / "runs").exists()  # validated before anything ran
+    result = CliRunner().invoke(app, ["compare", "--config", str(tmp_path / "missing.yaml"), "--arms", "dtype=fp16",
+                                      "--output-dir", str(tmp_path / "cmp2")])
+    assert result.exit_code == 2 and "missing.yaml not found" in result.output
+    result = CliRunner().invoke(app, ["compare", "--config", str(base), "--arms", "dtype=fp16", "--seeds", "a,b",
+                                      "--output-dir", str(tmp_path / "cmp3")])
+    assert result.exit_code == 2 and "--seeds" in result.output

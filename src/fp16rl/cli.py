@@ -1,4 +1,4 @@
-"""The ``fp16rl`` command: train | probe | report | models | arc | demo (compare comes next)."""
+"""The ``fp16rl`` command: train | compare | report | probe | demo | models | arc."""
 
 from __future__ import annotations
 
@@ -227,6 +227,9 @@ def demo(
         html = run_demo(output_dir, quick, say=console.print)
     except USER_ERRORS as err:
         fail(str(err))
+    runs = html.parent.parent / "compare" / "runs"
+    console.print(f"runs (metrics.jsonl, samples/, checkpoints/ each): {runs}")
+    console.print(f"tensorboard:  tensorboard --logdir {runs}")
     console.print(f"report: [bold]{html}[/]")
 
 

@@ -83,15 +83,15 @@ class Trainer:
         config.validate()
         self.config = config
         self.device = resolve_device(config.device)
-        self.run_dir, resume_from = prepare_run_dir(config)
-        self.policy = PrecisionPolicy.from_options(
-            config.dtype, config.sampler_dtype, config.trainer_dtype, config.loss_scale_growth_interval
-        )
         if config.load_in_4bit:
             raise ConfigError(
                 "--load-in-4bit needs CUDA and bitsandbytes with this sampler; fp16rl does not support it yet. "
                 "Use --no-load-in-4bit (the seed's bf16-vs-fp16 experiment ran unquantized)"
             )
+        self.run_dir, resume_from = prepare_run_dir(config)
+        self.policy = PrecisionPolicy.from_options(
+            config.dtype, config.sampler_dtype, config.trainer_dtype, config.loss_scale_growth_interval
+        )
         if self.device.type == "cuda" and config.gpu_memory_utilization < 1.0:
             torch.cuda.set_per_process_memory_fraction(config.gpu_memory_utilization, self.device)
         seed_everything(config.seed)
