@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
+from fp16rl.logprobs import padded_position_ids
+
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -107,7 +109,7 @@ class LlamaFamilyDecoder:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=padded_position_ids(attention_mask),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -37,6 +37,15 @@ class TokenBatch:
                                                    self.completion_ids, self.completion_mask)))
 
 
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows: 0 at each row's first real token, pads clamped to 0.
+
+    Sampler prefill and trainer forward must number tokens identically, or the measured mismatch
+    would include a position shift; both engines take positions from here.
+    """
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def build_token_batch(
     prompt_ids: Sequence[Sequence[int]],
     num_generations: int,
@@ -55,7 +64,7 @@ def build_token_batch(
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     input_ids = torch.cat([prompts, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = padded_position_ids(attention_mask)
     return TokenBatch(input_ids, attention_mask, position_ids, completion_ids, completion_mask.bool())
 
 

@@ -95,6 +95,13 @@ def load_model(
     return model.to(device)
 
 
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end a completion: the tokenizer's EOS plus the model config's (an int or a list)."""
+    configured = model.config.eos_token_id
+    configured = configured if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
 @dataclass
 class LoraSettings:
     """LoRA hyper-parameters; ``r == 0`` means full fine-tuning."""

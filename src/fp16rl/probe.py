@@ -30,7 +30,7 @@ import fp16rl
 from fp16rl.atomic import atomic_directory
 from fp16rl.logprobs import build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
-from fp16rl.models import load_model, load_tokenizer, resolve_device, resolve_model_path, tiny_model_path
+from fp16rl.models import load_model, load_tokenizer, resolve_device, resolve_model_path, stop_token_ids, tiny_model_path
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed, dtype_name, parse_dtype
 from fp16rl.sampler import Sampler, SamplingParams
 
@@ -461,7 +461,7 @@ def _run_probe(settings: ProbeSettings, show_progress: bool) -> ProbeResult:
         for attn in settings.attn:
             progress.describe(f"loading {model_path.name} ({attn})")
             model = load_model(model_path, torch.float32, attn, device).eval()
-            eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.config.eos_token_id)} - {None})
+            eos_ids = stop_token_ids(model, tokenizer)
             progress.advance()
             if not model_info:
                 model_info = _describe_model(model, model_path)
@@ -541,11 +541,6 @@ def _versions() -> dict[str, str]:
         "torch_threads": str(torch.get_num_threads()),
     }
 
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class _Progress:

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
+from fp16rl.logprobs import padded_position_ids
 from fp16rl.precision import DtypeRecorder
 
 
@@ -260,7 +261,7 @@ class HFCacheDecoder:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=padded_position_ids(attention_mask),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -30,7 +30,7 @@ from fp16rl.logprobs import TokenBatch, build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
 from fp16rl.models import (LoraSettings, apply_lora, load_model, load_tokenizer, resolve_device, resolve_model_path,
-                           tiny_model_path)
+                           stop_token_ids, tiny_model_path)
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed
 from fp16rl.sampler import Rollouts, Sampler, SamplingParams, cast_parameters
 from fp16rl.tasks import make_task
@@ -101,7 +101,7 @@ class Trainer:
         self.task = task or make_task(config, self.tokenizer)  # before the model: bad data fails fast
         self.model = self._load_trainer_model(model_path)
         self.reference = self._make_reference() if config.beta != 0.0 else None
-        eos_ids = {self.tokenizer.eos_token_id, *_as_list(self.model.config.eos_token_id)} - {None}
+        eos_ids = stop_token_ids(self.model, self.tokenizer)
         self.sampler = Sampler(self.model, self.policy.sampler_dtype, self.tokenizer.pad_token_id, eos_ids,
                                engine=config.sampler_engine)
         self.sampling = SamplingParams(
@@ -250,7 +250,8 @@ class Trainer:
         items = self.task.batch(step - 1, cfg.prompts_per_step)
         prompt_ids = [self.tokenizer(item.text, add_special_tokens=False)["input_ids"] for item in items]
         rollouts = self.sampler.generate(prompt_ids, cfg.num_generations, self.sampling, seed=step_seed(cfg.seed, step))
-        completions = self.tokenizer.batch_decode(rollouts.completion_lists(), skip_special_tokens=True)
+        token_lists = rollouts.completion_lists()
+        completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
         t_rollout = time.perf_counter()
 
         # 2. Rewards and group advantages.
@@ -287,7 +288,6 @@ class Trainer:
         # 5. Metrics.
         lengths = rollouts.completion_mask.sum(dim=1).float()
         num_tokens = float(lengths.sum())
-        token_lists = rollouts.completion_lists()
         metrics.update({
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
@@ -451,9 +451,3 @@ def summarize_run(
         "arm": arm,
         "seed": seed,
     }
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
