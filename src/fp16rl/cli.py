@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+
+# Before peft is imported (it imports bitsandbytes when installed): on AVX512-BF16 CPUs bitsandbytes
+# warns on import that an optional CPU inference kernel package is missing. fp16rl never runs 4-bit
+# on the CPU, so that line would only precede every command's output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from fp16rl.config import ConfigError, parse_train_args
 from fp16rl.models import ModelError, TinyModelSpec, fp16rl_home, write_tiny_model

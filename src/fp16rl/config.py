@@ -49,7 +49,7 @@ class TrainConfig:
     loss_scale_growth_interval: int = opt(400, "fp16 dynamic loss scaling: grow the scale after this many overflow-free steps (the paper's VeRL patch uses 400).")
     attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
     device: str = opt("auto", "cpu | cuda | auto (cuda when available).")
-    load_in_4bit: bool = opt(False, "Quantise the frozen base weights to NF4 with bitsandbytes (needs CUDA and bitsandbytes).")
+    load_in_4bit: bool = opt(False, "QLoRA: quantise the frozen base's linear layers to NF4 with bitsandbytes, computing in --dtype; the sampler shares them (needs LoRA, CUDA and bitsandbytes).")
     gpu_memory_utilization: float = opt(0.7, "Seed-script compatibility (vLLM memory fraction). Our in-process sampler allocates its KV cache on demand; on CUDA this caps the process's share of GPU memory via torch.cuda.set_per_process_memory_fraction.")
     # --- model / LoRA ------------------------------------------------------------------------
     lora_r: int = opt(16, "LoRA rank; 0 = full fine-tuning of all weights.")

@@ -6,6 +6,7 @@ written to disk and read back exactly like a user's model, so tests exercise the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +87,56 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
+    load_in_4bit: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM with its weights stored in ``dtype``."""
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(model_path), dtype=dtype, attn_implementation=attn_implementation
-    )
+    """Load a causal LM with its weights stored in ``dtype``.
+
+    ``load_in_4bit``: the linear layers of the decoder are quantised to NF4 by bitsandbytes and
+    compute in ``dtype`` (QLoRA's recipe: NF4 + double quantisation); embeddings, norms and
+    lm_head stay in ``dtype``. Call ``require_4bit_support`` first for a clear error.
+    """
+    path = resolve_model_path(model_path)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quantization,
+            device_map={"": str(torch.device(device))},
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model = model.to(device)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
-    return model.to(device)
+    return model
+
+
+# Device types on which ``--load-in-4bit`` runs: bitsandbytes' NF4 training kernels are CUDA ones.
+FOUR_BIT_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+def require_4bit_support(device: torch.device) -> None:
+    """Raise ``ModelError`` (one line, exit 2) unless 4-bit loading can run on ``device``."""
+    if device.type not in FOUR_BIT_DEVICE_TYPES:
+        raise ModelError(
+            f"--load-in-4bit needs a CUDA GPU (bitsandbytes NF4 kernels) but this run's device is {device.type}; "
+            "use --no-load-in-4bit (the seed's bf16-vs-fp16 experiment ran unquantized)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("--load-in-4bit needs the bitsandbytes package: pip install 'fp16rl[quant]'")
+
+
+def set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make every bitsandbytes 4-bit layer of ``model`` dequantise to and multiply in ``dtype``."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.compute_dtype = dtype
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -105,16 +105,18 @@ class DtypeRecorder:
 
     def __init__(self) -> None:
         self.linear_outputs: set[torch.dtype] = set()
-        self.linear_weights: set[torch.dtype] = set()
+        self.linear_weights: set[str] = set()
 
     @contextlib.contextmanager
     def watch(self, model: torch.nn.Module) -> Iterator["DtypeRecorder"]:
         def hook(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             if isinstance(output, torch.Tensor):
                 self.linear_outputs.add(output.dtype)
-                self.linear_weights.add(module.weight.dtype)
+                # bitsandbytes' 4-bit weights are uint8 storage with a ``quant_type`` ("nf4").
+                self.linear_weights.add(getattr(module.weight, "quant_type", None) or dtype_name(module.weight.dtype))
 
-        handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) is torch.nn.Linear]
+        # nn.Linear and its subclasses (bitsandbytes' Linear4bit); peft's LoRA layers wrap these.
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
         try:
             yield self
         finally:
@@ -130,7 +132,7 @@ class DtypeRecorder:
     def report(self) -> dict[str, str]:
         return {
             "compute_dtype": self.compute_dtype(),
-            "weight_dtypes": "+".join(sorted(dtype_name(d) for d in self.linear_weights)) or "unobserved",
+            "weight_dtypes": "+".join(sorted(self.linear_weights)) or "unobserved",
         }
 
 

@@ -22,6 +22,7 @@ import torch
 
 from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
 from fp16rl.logprobs import padded_position_ids
+from fp16rl.models import set_4bit_compute_dtype
 from fp16rl.precision import DtypeRecorder
 
 
@@ -91,9 +92,12 @@ class Sampler:
         ``engine``: "fast" = ``LlamaFamilyDecoder`` (Llama/Qwen2/Mistral, error if the model is not
         one it reproduces), "hf" = ``HFCacheDecoder`` (any causal LM), "auto" = fast where supported.
         """
-        shared = {id(p): p for p in model.parameters() if not p.requires_grad and p.dtype == dtype}
+        # Frozen weights already in ``dtype`` and quantised (integer) storage are shared, not copied.
+        shared = {id(p): p for p in model.parameters()
+                  if not p.requires_grad and (p.dtype == dtype or not p.is_floating_point())}
         self.model = copy.deepcopy(model, memo=shared)
         cast_parameters(self.model, dtype)
+        set_4bit_compute_dtype(self.model, dtype)
         self.model.requires_grad_(False).eval()
         self.dtype = dtype
         self.pad_token_id = pad_token_id

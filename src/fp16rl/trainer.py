@@ -29,8 +29,8 @@ from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.logprobs import TokenBatch, build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
-from fp16rl.models import (LoraSettings, apply_lora, load_model, load_tokenizer, resolve_device, resolve_model_path,
-                           stop_token_ids, tiny_model_path)
+from fp16rl.models import (LoraSettings, apply_lora, load_model, load_tokenizer, require_4bit_support, resolve_device,
+                           resolve_model_path, stop_token_ids, tiny_model_path)
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed
 from fp16rl.sampler import Rollouts, Sampler, SamplingParams, cast_parameters
 from fp16rl.tasks import make_task
@@ -84,10 +84,7 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         if config.load_in_4bit:
-            raise ConfigError(
-                "--load-in-4bit needs CUDA and bitsandbytes with this sampler; fp16rl does not support it yet. "
-                "Use --no-load-in-4bit (the seed's bf16-vs-fp16 experiment ran unquantized)"
-            )
+            require_4bit_support(self.device)  # before the run folder exists: nothing written on refusal
         self.run_dir, resume_from = prepare_run_dir(config)
         self.policy = PrecisionPolicy.from_options(
             config.dtype, config.sampler_dtype, config.trainer_dtype, config.loss_scale_growth_interval
@@ -149,8 +146,17 @@ class Trainer:
     # --- set-up --------------------------------------------------------------------------------
 
     def _load_trainer_model(self, model_path: Path) -> torch.nn.Module:
-        """FP32 master weights for what is trained; LoRA's frozen base is stored in the trainer dtype."""
-        model = load_model(model_path, torch.float32, self.config.attn_implementation, self.device)
+        """FP32 master weights for what is trained; LoRA's frozen base is stored in the trainer dtype.
+
+        With ``--load-in-4bit`` the base's linear layers are NF4 computing in the trainer dtype and
+        everything else frozen stays in that dtype too. Unlike peft's ``prepare_model_for_kbit_training``
+        the norms and lm_head are not upcast to fp32: the sampler must compute what the trainer computes.
+        """
+        if self.config.load_in_4bit:
+            model = load_model(model_path, self.policy.trainer_dtype, self.config.attn_implementation, self.device,
+                               load_in_4bit=True)
+        else:
+            model = load_model(model_path, torch.float32, self.config.attn_implementation, self.device)
         if self.config.lora_r == 0:
             model.requires_grad_(True)
             return model
