@@ -98,7 +98,9 @@ def test_4bit_lora_training_runs_and_engines_agree(cpu_4bit, tmp_path):
     for copy, layer in zip(quantized_layers(trainer.sampler.model), quantized_layers(trainer.model)):
         assert copy.weight is layer.weight and copy.compute_dtype == layer.compute_dtype == torch.float16
 
-    precision = yaml.safe_load((out / "config.yaml").read_text())["precision"]
+    document = yaml.safe_load((out / "config.yaml").read_text())
+    assert document["config"]["load_in_4bit"] is True and "bitsandbytes" in document["versions"]
+    precision = document["precision"]
     assert precision["engines_agree"] is True
     for side in ("sampler", "trainer"):
         assert precision["observed"][side]["compute_dtype"] == "float16"

@@ -10,21 +10,15 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
 from fp16rl.atomic import atomic_directory
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+
+if TYPE_CHECKING:  # transformers is imported where it is used: the CLI starts without it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # ChatML, the template of Qwen2 and SmolLM2; `continue_final_message` needs the assistant text
 # to be rendered verbatim, which this template does.
@@ -75,6 +69,8 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
 
 def load_tokenizer(model_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The model's tokenizer, set up for left-padded batched generation."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -95,10 +91,10 @@ def load_model(
     compute in ``dtype`` (QLoRA's recipe: NF4 + double quantisation); embeddings, norms and
     lm_head stay in ``dtype``. Call ``require_4bit_support`` first for a clear error.
     """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     path = resolve_model_path(model_path)
     if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
@@ -218,6 +214,8 @@ Repeat the digits. Write a sequence of digits. Count from one to ten.
 
 def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with ChatML special tokens, trained on a small built-in corpus."""
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -258,6 +256,8 @@ class TinyModelSpec:
 
 def write_tiny_model(output_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Write a randomly initialised tiny Llama/Qwen2 model plus tokenizer as a normal HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ModelError(f"output folder {output_dir} exists and is not empty; refusing to overwrite it")

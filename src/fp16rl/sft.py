@@ -15,15 +15,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from fp16rl.atomic import atomic_directory
 from fp16rl.models import TinyModelSpec, fp16rl_home, load_model, load_tokenizer, resolve_model_path, tiny_model_path
 from fp16rl.tasks.arc.encoders import DigitEncoder
 from fp16rl.tasks.arc.synthetic import generate_tasks, sft_pairs, write_synthetic
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
 WARM_START_LOG = "warm_start.json"  # settings, time and loss curve, written into the model folder
@@ -105,6 +107,8 @@ def warm_start(
     """Fine-tune all weights (fp32, AdamW, 5% warm-up then cosine decay, clip 1.0) on the
     completions of ``pairs`` for ``steps`` batches, taken from seeded shuffles of the pairs; write
     model + tokenizer (+ ``warm_start.json``) as one HF folder at ``output_dir``, atomically."""
+    from transformers import get_scheduler
+
     if steps < 1 or batch_size < 1 or not pairs:
         raise ValueError(
             f"warm start needs steps >= 1, batch_size >= 1 and pairs; got {steps}, {batch_size}, {len(pairs)} pairs"

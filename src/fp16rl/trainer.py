@@ -200,6 +200,10 @@ class Trainer:
                 "python": platform.python_version(),
             },
         }
+        if self.config.load_in_4bit:
+            import bitsandbytes
+
+            document["versions"]["bitsandbytes"] = bitsandbytes.__version__
         if hasattr(self.task, "describe"):
             document["task_details"] = self.task.describe()
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
