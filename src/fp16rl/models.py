@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,7 +127,7 @@ def require_4bit_support(device: torch.device) -> None:
 
 def set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Make every bitsandbytes 4-bit layer of ``model`` dequantise to and multiply in ``dtype``."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if "bitsandbytes" not in sys.modules:  # no 4-bit layer exists unless it was imported; don't import it here
         return
     from bitsandbytes.nn import Linear4bit
 

@@ -152,11 +152,9 @@ class Trainer:
         everything else frozen stays in that dtype too. Unlike peft's ``prepare_model_for_kbit_training``
         the norms and lm_head are not upcast to fp32: the sampler must compute what the trainer computes.
         """
-        if self.config.load_in_4bit:
-            model = load_model(model_path, self.policy.trainer_dtype, self.config.attn_implementation, self.device,
-                               load_in_4bit=True)
-        else:
-            model = load_model(model_path, torch.float32, self.config.attn_implementation, self.device)
+        load_dtype = self.policy.trainer_dtype if self.config.load_in_4bit else torch.float32
+        model = load_model(model_path, load_dtype, self.config.attn_implementation, self.device,
+                           load_in_4bit=self.config.load_in_4bit)
         if self.config.lora_r == 0:
             model.requires_grad_(True)
             return model
