@@ -83,7 +83,7 @@ def main() -> None:
         sandbox.run_many([(extract_code(c) or "", g) for c, g in jobs[: 2 * args.jobs]])  # warm-up
         start = time.perf_counter()
         with ThreadPoolExecutor(args.jobs) as pool:
-            ours = list(pool.map(lambda job: sandbox.run_completion(*job), jobs))
+            ours = list(pool.map(lambda job: sandbox.run(extract_code(job[0]) or "", job[1]), jobs))
         ours_s = time.perf_counter() - start
 
     start = time.perf_counter()

