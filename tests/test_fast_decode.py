@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
-from fp16rl.fast_decode import LlamaFamilyDecoder, supports, unsupported_reason
+from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
 from fp16rl.logprobs import build_token_batch, completion_logprobs
 from fp16rl.models import LoraSettings, TinyModelSpec, apply_lora, load_model, tiny_model_path
 from fp16rl.sampler import HFCacheDecoder, Sampler, SamplingParams, cast_parameters, left_pad
@@ -62,7 +62,7 @@ def _max_logit_diff(model: torch.nn.Module, prompts: list[list[int]], n: int = 3
 )
 def test_fp32_logits_match_hf_decoder(arch, lora, attn):
     model = _model(arch, lora, attn)
-    assert supports(model)
+    assert unsupported_reason(model) is None
     for prompts in (PADDED_PROMPTS, EQUAL_PROMPTS):  # masked SDPA path and mask-free path
         assert _max_logit_diff(model, prompts) <= 1e-5
 
@@ -95,8 +95,8 @@ def test_supports_and_engine_choice():
                       num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
     ).eval()
     assert "sliding" in unsupported_reason(windowed)
-    assert not supports(_model("llama").train())
-    assert supports(_model("qwen2", lora=True))
+    assert unsupported_reason(_model("llama").train()) is not None
+    assert unsupported_reason(_model("qwen2", lora=True)) is None
 
     assert Sampler(_model("llama", lora=True), torch.float32, PAD, [1]).engine == "fast"
     assert Sampler(_model("llama"), torch.float32, PAD, [1], engine="hf").engine == "hf"

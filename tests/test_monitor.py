@@ -93,7 +93,7 @@ class ScriptedTask:
 @pytest.mark.slow
 def test_trainer_stops_on_collapse_and_writes_summary(tmp_path, tiny_tokenizer):
     from fp16rl.trainer import Trainer
-    from tests.test_trainer import toy_config
+    from support import toy_config
 
     config = toy_config(tmp_path / "run", max_steps=60, stop_on_collapse=True, max_completion_length=4,
                         num_generations=2, prompts_per_step=1, arm="scripted", save_steps=1000)

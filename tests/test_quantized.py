@@ -24,7 +24,7 @@ from fp16rl.models import ModelError, load_model, tiny_model_path
 from fp16rl.sampler import Sampler
 from fp16rl.tracking import read_metrics
 from fp16rl.trainer import Trainer
-from tests.test_trainer import toy_config
+from support import toy_config
 
 
 @pytest.fixture
@@ -125,16 +125,25 @@ def test_4bit_resume_is_exact(cpu_4bit, tmp_path):
 
 
 @pytest.mark.slow
-def test_4bit_toy_reward_rises_and_fp16_mismatch_is_lower(cpu_4bit, tmp_path):
+def test_4bit_toy_reward_rises(cpu_4bit, tmp_path):
+    """Learning is the subject, not precision: NF4 base with LoRA computing in fp32, whose kernels give
+    the same numbers on every x86-64 CPU (bf16 kernels differ between AMX, AVX512-BF16 and neither)."""
+    out = tmp_path / "fp32"
+    Trainer(toy_config(out, dtype="float32", lora_r=8, lora_alpha=16, learning_rate=1e-2, load_in_4bit=True,
+                       max_steps=25)).train(show_progress=False)
+    rewards = [r["reward/mean"] for r in read_metrics(out / "metrics.jsonl")]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.1 and last > first + 0.2, rewards
+
+
+def test_4bit_fp16_mismatch_is_lower_than_bf16(cpu_4bit, tmp_path):
+    """Precision is the subject: the same 3 steps in each dtype. bf16's 8-bit mantissa rounds ~8x
+    coarser than fp16's 11 bits; measured ratios 3-4x, so 2x leaves margin on any CPU."""
     mismatch = {}
     for dtype in ("float16", "bfloat16"):
         out = tmp_path / dtype
         Trainer(toy_config(out, dtype=dtype, lora_r=8, lora_alpha=16, learning_rate=1e-2, load_in_4bit=True,
-                           max_steps=25)).train(show_progress=False)
+                           max_steps=3)).train(show_progress=False)
         records = read_metrics(out / "metrics.jsonl")
-        rewards = [r["reward/mean"] for r in records]
-        first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-        assert first < 0.1 and last > 0.25 and last > 3 * first, (dtype, rewards)
         mismatch[dtype] = sum(r["mismatch/logp_abs_diff_mean"] for r in records) / len(records)
-    # Measured here: fp16 2.6e-4, bf16 9.2e-4 mean |log pi - log mu| over the 25 steps.
     assert mismatch["bfloat16"] > 2 * mismatch["float16"], mismatch

@@ -7,7 +7,8 @@ import torch
 from fp16rl.logprobs import build_token_batch, completion_logprobs
 from fp16rl.models import LoraSettings, apply_lora, load_model
 from fp16rl.precision import PrecisionPolicy
-from fp16rl.sampler import Sampler, SamplingParams, left_pad
+from fp16rl.logprobs import left_pad
+from fp16rl.sampler import Sampler, SamplingParams, TokenNoise, row_keys
 
 
 def _prompts(tokenizer, count=4):
@@ -115,7 +116,7 @@ def test_weight_sync_casts_trainable_weights(tiny_path, tiny_tokenizer):
     name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
     with torch.no_grad():
         param.add_(0.125)
-    sampler.sync_from(model)
+    sampler.sync_from(dict(model.named_parameters()))
     synced = dict(sampler.model.named_parameters())[name]
     assert synced.dtype == torch.float16 and torch.equal(synced, param.half())
 
@@ -125,3 +126,83 @@ def test_invalid_sampling_params():
         SamplingParams(temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+# --- paired randomness: a completion's draws depend on (seed, slot, generation, position) alone ---------
+
+
+def _sampler(tiny_path, tokenizer, dtype=torch.float32, engine="auto", eos=None):
+    eos = [tokenizer.eos_token_id] if eos is None else eos
+    return Sampler(load_model(tiny_path), dtype, tokenizer.pad_token_id, eos, engine=engine)
+
+
+def _rows(out, n):
+    """Completion token lists grouped per prompt."""
+    lists = out.completion_lists()
+    return [lists[i * n:(i + 1) * n] for i in range(len(lists) // n)]
+
+
+def test_removing_or_changing_a_prompt_leaves_other_completions_unchanged(tiny_path, tiny_tokenizer):
+    sampler = _sampler(tiny_path, tiny_tokenizer)
+    params = SamplingParams(max_new_tokens=24)
+    prompts = _prompts(tiny_tokenizer, 3)
+    full = _rows(sampler.generate(prompts, 4, params, seed=11), 4)
+    # Prompt 1 removed: prompts 0 and 2 keep their slots and so their random streams.
+    without = _rows(sampler.generate([prompts[0], prompts[2]], 4, params, seed=11, slots=[0, 2]), 4)
+    assert without == [full[0], full[2]]
+    # Prompt 1 changed (longer: every other row gets more left padding).
+    changed = _rows(sampler.generate([prompts[0], prompts[1] * 3, prompts[2]], 4, params, seed=11), 4)
+    assert changed[0] == full[0] and changed[2] == full[2] and changed[1] != full[1]
+    # The batch layout does not matter either: one prompt at a time gives the same completions.
+    alone = [_rows(sampler.generate([p], 4, params, seed=11, slots=[i]), 4)[0] for i, p in enumerate(prompts)]
+    assert alone == full
+
+
+def test_rows_stopping_early_do_not_shift_other_rows_draws(tiny_path, tiny_tokenizer):
+    """Make some rows stop early with an extra stop token: every other row is bitwise unchanged."""
+    params = SamplingParams(max_new_tokens=24)
+    prompts = _prompts(tiny_tokenizer, 2)
+    free = _sampler(tiny_path, tiny_tokenizer, eos=[]).generate(prompts, 8, params, seed=3)
+    free_rows = free.completion_lists()
+    # A stop token that some completions contain, and not the first token of all of them.
+    counts = torch.bincount(torch.tensor([t for row in free_rows for t in set(row)]))
+    stop = int(torch.argmax((counts > 0) * (counts < len(free_rows)) * counts))
+    stopped = _sampler(tiny_path, tiny_tokenizer, eos=[stop]).generate(prompts, 8, params, seed=3)
+    stopped_rows = stopped.completion_lists()
+    assert 0 < sum(stop in row for row in free_rows) < len(free_rows)
+    for free_row, row in zip(free_rows, stopped_rows):
+        cut = free_row.index(stop) + 1 if stop in free_row else len(free_row)
+        assert row == free_row[:cut]
+    # Their logprobs agree to fp32 rounding (rows leave the batch, so matmul shapes differ).
+    unaffected = [i for i, row in enumerate(free_rows) if stop not in row]
+    diff = (stopped.sampler_logprobs[unaffected, :24] - free.sampler_logprobs[unaffected, :24]).abs().max()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fast_and_hf_engines_draw_the_same_tokens(tiny_path, tiny_tokenizer, dtype):
+    params = SamplingParams(max_new_tokens=32, top_p=0.9)
+    prompts = _prompts(tiny_tokenizer, 3)
+    fast = _sampler(tiny_path, tiny_tokenizer, dtype, engine="fast").generate(prompts, 4, params, seed=5)
+    hf = _sampler(tiny_path, tiny_tokenizer, dtype, engine="hf").generate(prompts, 4, params, seed=5)
+    assert fast.completion_lists() == hf.completion_lists()
+    assert fast.finish_reasons == hf.finish_reasons
+
+
+def test_token_noise_is_exponential_and_the_race_draws_from_p():
+    """The counter-based noise is Exp(1) and independent across tokens and positions, so
+    argmax(p / E) is a draw from p: empirical frequencies match p (a chi-square bound that a fixed
+    hash either meets or not; the numbers are identical on every machine)."""
+    noise = TokenNoise(row_keys(seed=0, slots=range(64), num_generations=64), vocab_size=5)
+    draws = torch.cat([noise.exponential(torch.arange(4096), position) for position in range(8)])
+    assert draws.shape == (8 * 4096, 5) and (draws > 0).all() and torch.isfinite(draws).all()
+    assert abs(draws.mean().item() - 1.0) < 0.01 and abs(draws.var().item() - 1.0) < 0.03
+    p = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    winners = (p / draws).argmax(dim=1)
+    observed = torch.bincount(winners, minlength=5).double()
+    expected = p.double() * winners.numel()
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.5, (observed, expected)  # 4 degrees of freedom: P(chi2 > 20.5) < 0.0005
+    # Neighbouring positions and rows are uncorrelated.
+    a, b = noise.exponential(torch.arange(4096), 0)[:, 0], noise.exponential(torch.arange(4096), 1)[:, 0]
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05

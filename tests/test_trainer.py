@@ -12,6 +12,7 @@ from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.precision import PrecisionError
 from fp16rl.tracking import read_metrics
 from fp16rl.trainer import Trainer
+from support import toy_config
 
 # Every per-step metric DESIGN.md names that the toy task can produce.
 DESIGN_METRICS = [
@@ -27,17 +28,6 @@ DESIGN_METRICS = [
     "optim/skipped_steps_total", "time/rollout_s", "time/reward_s", "time/train_s", "time/step_s",
     "throughput/rollout_tokens_per_s", "throughput/train_tokens_per_s",
 ]
-
-
-def toy_config(out: Path, **overrides) -> TrainConfig:
-    options = dict(
-        model_path="tiny", dataset_path="toy:digits", output_dir=str(out), dtype="float32", lora_r=0,
-        learning_rate=2e-3, num_generations=8, prompts_per_step=4, max_completion_length=24, max_seq_length=256,
-        beta=0.0, max_grad_norm=1.0, warmup_ratio=0.0, max_steps=4, save_steps=100, logging_steps=2, top_p=1.0,
-        mask_truncated_completions=False, seed=0,
-    )
-    options.update(overrides)
-    return TrainConfig(**options)
 
 
 @pytest.mark.slow
@@ -80,7 +70,9 @@ def test_lora_run_with_reference_kl(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-2" / "adapter" / "adapter_config.json").is_file()
     frozen = [p for p in trainer.model.parameters() if not p.requires_grad and p.is_floating_point()]
     assert {p.dtype for p in frozen} == {torch.bfloat16}  # frozen base stored in the trainer dtype
-    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    # half_copy: the model computes with bf16 adapters, AdamW updates their FP32 masters.
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.weights.masters} == {torch.float32}
 
 
 def test_injected_fp16_overflow_skips_step(tmp_path):
@@ -139,7 +131,7 @@ def test_output_dir_in_use_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="in use"):
         Trainer(toy_config(out))
     assert (out / "notes.txt").read_text() == "precious"
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="not an fp16rl run"):
         Trainer(toy_config(out, resume=True))
 
 
@@ -148,7 +140,7 @@ def test_undeclared_precision_disagreement_is_an_error(tmp_path):
     from fp16rl.sampler import cast_parameters
 
     cast_parameters(trainer.sampler.model, torch.bfloat16)  # a sampler that silently ignored --dtype
-    with pytest.raises(PrecisionError, match="sampler computed in bfloat16, expected float16"):
+    with pytest.raises(PrecisionError, match="sampler matmuls computed in bfloat16, expected float16"):
         trainer.step(1)
 
 

@@ -1,7 +1,8 @@
 """GRPO-family advantages, importance-sampling corrections and the clipped surrogate loss.
 
-Pure tensor functions: the training loop in ``trainer.py`` wires them. Formulas follow DESIGN.md;
-the loss-type normalisations follow TRL's GRPOTrainer so results are comparable.
+Pure tensor functions: the training loop in ``trainer.py`` wires them. The loss-type normalisations
+follow TRL's GRPOTrainer so results are comparable (the formulas are in each docstring); fp16rl's
+*defaults* are the seed ARC script's (bnpo, as its TRL version had), not TRL's current ones (dapo).
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-IS_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+from fp16rl.config import IS_CORRECTIONS, IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from fp16rl.mismatch import MAX_LOG_RATIO
+
 _STD_EPS = 1e-4
-_MAX_LOG_RATIO = 20.0
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -38,7 +37,12 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 
 @dataclass(frozen=True)
 class Correction:
-    """IS correction of the sampler/trainer mismatch on ``rho = pi_old / mu`` (DESIGN.md 'Losses')."""
+    """IS correction of the sampler/trainer mismatch on ``rho = pi_old / mu``.
+
+    token_*: ``rho_t = exp(lpi_old_t - lmu_t)`` per token; sequence_*: ``rho = exp(sum_t (lpi_old_t -
+    lmu_t))`` for the whole completion. *_truncate: ``w = clamp(rho, clip_min, clip_max)`` (TIS);
+    *_mask: ``w = rho`` where ``clip_min <= rho <= clip_max``, else 0 (the token or sequence is dropped).
+    """
 
     mode: str = "none"
     clip_max: float = 2.0  # C: truncation cap, or upper bound of the kept band for *_mask
@@ -59,11 +63,11 @@ class Correction:
             return torch.ones_like(old_logprobs), 0.0
         log_rho = ((old_logprobs - sampler_logprobs) * mask).detach().float()
         if self.mode.startswith("token"):
-            rho = torch.exp(log_rho.clamp(max=_MAX_LOG_RATIO))
+            rho = torch.exp(log_rho.clamp(max=MAX_LOG_RATIO))
         else:  # the full product of token ratios, not the length-normalised one (TRL #5814)
-            rho = torch.exp(log_rho.sum(dim=1, keepdim=True).clamp(max=_MAX_LOG_RATIO)).expand_as(log_rho)
-        if self.mode.endswith("truncate"):
-            return rho.clamp(max=self.clip_max), 0.0
+            rho = torch.exp(log_rho.sum(dim=1, keepdim=True).clamp(max=MAX_LOG_RATIO)).expand_as(log_rho)
+        if self.mode.endswith("truncate"):  # TIS: clamp into [clip_min, clip_max], as TRL does
+            return rho.clamp(min=self.clip_min, max=self.clip_max), 0.0
         keep = (rho >= self.clip_min) & (rho <= self.clip_max)
         masked_ratio = ((~keep) & mask).sum().item() / max(int(mask.sum()), 1)
         return rho * keep, masked_ratio
@@ -71,7 +75,7 @@ class Correction:
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Options of the clipped surrogate (DESIGN.md 'Losses'; defaults as in TRL's GRPOConfig)."""
+    """Options of the clipped surrogate; ``TrainConfig`` documents and validates each one."""
 
     loss_type: str = "bnpo"
     importance_sampling_level: str = "token"

@@ -1,21 +1,26 @@
-"""Checkpoints that make resume exact: weights or adapter (safetensors), optimizer, scheduler,
-loss scaler, RNG states and the data position (= the step), written atomically."""
+"""Checkpoints that make resume exact: FP32 master weights or adapters (safetensors), optimizer,
+scheduler, loss scaler, RNG states and the data position (= the step), written atomically and
+durably, with a manifest of every file's size and SHA-256 so a torn or corrupted checkpoint is
+refused with a clear message instead of being half-loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
+import shutil
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from fp16rl.atomic import atomic_directory
+from fp16rl.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are written or read: resume checks run without it
+    import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -27,24 +32,67 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights training changes: LoRA adapters, or every parameter for full fine-tuning."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def remove_torn_saves(run_dir: Path) -> None:
+    """Delete the temporary folders a save that was killed left behind (``checkpoints/.step-N.*``)."""
+    root = Path(run_dir) / "checkpoints"
+    for leftover in root.glob(".step-*") if root.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted (a missing, truncated or altered file), or None."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        required = ("trainable.safetensors", "training_state.pt", "trainer_state.json")
+        missing = [name for name in required if not (path / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None  # written before manifests existed
+    try:
+        entries = json.loads(manifest.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{MANIFEST} is not valid JSON"
+    for name, expected in entries.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _digest(file) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted)"
+    return None
 
 
 def save_checkpoint(
     run_dir: Path,
     step: int,
+    weights: dict[str, torch.Tensor],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     state: dict[str, Any],
 ) -> Path:
-    """Write ``checkpoints/step-<step>/`` atomically and return it."""
+    """Write ``checkpoints/step-<step>/`` atomically and durably; ``weights`` are the FP32 masters."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
     path = Path(run_dir) / "checkpoints" / f"step-{step}"
     with atomic_directory(path) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file({name: t.detach().contiguous() for name, t in weights.items()}, str(tmp / "trainable.safetensors"))
         if hasattr(model, "peft_config"):  # a standard peft adapter folder too, loadable by PeftModel
             model.save_pretrained(tmp / "adapter")
         torch.save(
@@ -61,31 +109,54 @@ def save_checkpoint(
             tmp / "training_state.pt",
         )
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        _write_manifest(tmp)
     return path
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The small JSON part of a checkpoint (step, precision report, counters), checked."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"checkpoint {path} is corrupt: trainer_state.json cannot be read ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ConfigError(f"checkpoint {path} is corrupt: trainer_state.json has no step")
+    return state
 
 
 def load_checkpoint(
     path: Path,
-    model: torch.nn.Module,
+    load_weights: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
 ) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...)."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [name for name in weights if name not in params]
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: unknown weights {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    # numpy/python RNG states hold non-tensor objects; this file is our own, written by save_checkpoint.
-    blob = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    scaler.load_state_dict(blob["scaler"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    np.random.set_state(blob["rng"]["numpy"])
-    random.setstate(blob["rng"]["python"])
-    return json.loads((path / "trainer_state.json").read_text())
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...).
+
+    ``load_weights(tensors, source)`` puts the FP32 masters in place. Any failure is a
+    ``ConfigError`` naming the checkpoint: resume refuses a checkpoint it cannot fully restore.
+    """
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"checkpoint {path} is corrupt: {problem}; remove it to resume from the one before")
+    state = read_trainer_state(path)
+    try:
+        load_weights(load_file(str(path / "trainable.safetensors")), f"checkpoint {path}")
+        # numpy/python RNG states hold non-tensor objects; this file is our own, written by save_checkpoint.
+        blob = torch.load(path / "training_state.pt", weights_only=False)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        scaler.load_state_dict(blob["scaler"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        np.random.set_state(blob["rng"]["numpy"])
+        random.setstate(blob["rng"]["python"])
+    except ConfigError:
+        raise
+    except Exception as err:  # safetensors, pickle and state-dict errors come in many types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"checkpoint {path} cannot be restored: {first}") from None
+    return state

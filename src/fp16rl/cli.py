@@ -9,18 +9,17 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 # Before peft is imported (it imports bitsandbytes when installed): on AVX512-BF16 CPUs bitsandbytes
 # warns on import that an optional CPU inference kernel package is missing. fp16rl never runs 4-bit
 # on the CPU, so that line would only precede every command's output.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from fp16rl.config import ConfigError, parse_train_args
-from fp16rl.models import ModelError, TinyModelSpec, fp16rl_home, write_tiny_model
-from fp16rl.precision import PrecisionError
-from fp16rl.report import ReportError
+from fp16rl.config import parse_train_args
+from fp16rl.errors import UserError
+from fp16rl.paths import fp16rl_home
 from fp16rl.tasks.arc.cli import app as arc_app
-from fp16rl.tasks.arc.data import DatasetError
 
 app = typer.Typer(name="fp16rl", help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(name="models", help="Create and list local models.", no_args_is_help=True)
@@ -29,12 +28,25 @@ app.add_typer(arc_app, name="arc")
 console = Console(stderr=True)
 
 # Bad input of any kind ends in one line naming the problem and exit code 2.
-USER_ERRORS = (ConfigError, ModelError, PrecisionError, DatasetError, FileNotFoundError, ReportError)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+class _OneLineWarnings(logging.Handler):
+    """fp16rl's warnings (slow dtypes, settings that work against each other, collapses) as one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[bold yellow]warning:[/] {escape(' '.join(record.getMessage().split()))}", highlight=False,
+                      soft_wrap=True)
+
+
+_fp16rl_logger = logging.getLogger("fp16rl")
+_fp16rl_logger.addHandler(_OneLineWarnings())
+_fp16rl_logger.propagate = False
 
 
 def _quiet_libraries() -> None:
@@ -54,11 +66,17 @@ def _quiet_libraries() -> None:
 )
 def train(ctx: typer.Context) -> None:
     """Run GRPO-family RL fine-tuning (`fp16rl train --help` lists every option)."""
-    from fp16rl.trainer import Trainer
+    from fp16rl.runs import plan_run
 
-    _quiet_libraries()
     try:
         config = parse_train_args(ctx.args)
+        plan_run(config)  # every check that needs no model: refused in a second, before torch loads
+    except USER_ERRORS as err:
+        fail(str(err))
+    _quiet_libraries()
+    from fp16rl.trainer import Trainer
+
+    try:
         trainer = Trainer(config)
         console.print(f"run folder: [bold]{trainer.run_dir}[/]  ({trainer.total_steps} steps, "
                       f"sampler {config.sampler_dtype or config.dtype}, trainer {config.trainer_dtype or config.dtype})")
@@ -66,7 +84,11 @@ def train(ctx: typer.Context) -> None:
     except USER_ERRORS as err:
         fail(str(err))
     except KeyboardInterrupt:
-        console.print("interrupted: the latest checkpoint is kept; continue with --resume")
+        console.print("interrupted at once (second signal): the latest saved checkpoint is kept; continue with --resume")
+        raise typer.Exit(130)
+    if trainer.status == "interrupted":
+        console.print(f"interrupted after step {max(trainer.saved_steps)}: checkpoint saved in "
+                      f"{trainer.run_dir / 'checkpoints'}; continue with --resume")
         raise typer.Exit(130)
     _print_outputs(trainer.run_dir)
 
@@ -81,10 +103,12 @@ def _print_outputs(run_dir: Path) -> None:
 @models_app.command("tiny")
 def models_tiny(
     output: Path = typer.Option(..., "--output", help="Folder to write (must not exist or be empty)."),
-    arch: str = typer.Option("llama", help="llama | qwen2"),
+    arch: str = typer.Option("llama", help="llama | qwen2 | gemma2 | granite | cohere"),
     seed: int = typer.Option(0, help="Initialisation seed."),
 ) -> None:
     """Write a tiny randomly initialised model + tokenizer as a normal Hugging Face folder."""
+    from fp16rl.models import TinyModelSpec, write_tiny_model
+
     _quiet_libraries()
     try:
         path = write_tiny_model(output, TinyModelSpec(arch=arch, seed=seed))
@@ -139,6 +163,7 @@ def probe(
     seed: int = typer.Option(0, help="Sampling seed, the same for every configuration (paired draws)."),
     check_fp16_range: bool = typer.Option(True, help="Measure the largest activation per layer against the fp16 max 65504."),
     sampler_engine: str = typer.Option("auto", help="Sampler decoding engine: auto | fast | hf (as in train)."),
+    trainer_compute: str = typer.Option("half_copy", help="Trainer arithmetic of full fine-tuning: half_copy | autocast (as in train)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     threads: int = typer.Option(0, help="CPU threads for torch (0 = auto: the cores other processes leave idle)."),
     output_dir: Optional[Path] = typer.Option(None, help="Where probe.json, probe.md and figures go; must be new or empty "
@@ -147,7 +172,7 @@ def probe(
     """Measure the sampler/trainer mismatch of a model per dtype, without training (minutes on CPU)."""
     from rich.markup import escape
 
-    from fp16rl.probe import (ProbeError, ProbeSettings, check_output_dir, comparison_lines, default_output_dir,
+    from fp16rl.probe import (ProbeSettings, check_output_dir, comparison_lines, default_output_dir,
                               fp16_range_summary, render_tables, run_probe, write_outputs)
     from fp16rl.zoo import KNOWN_MODELS, is_prepared
 
@@ -162,14 +187,15 @@ def probe(
         model_path=model_path, dtypes=_split(dtypes), attn=_split(attn), batch_sizes=sizes, num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         prompts_file=str(prompts) if prompts else None, chat_template=chat_template,
-        check_fp16_range=check_fp16_range, sampler_engine=sampler_engine, device=device, threads=threads,
+        check_fp16_range=check_fp16_range, sampler_engine=sampler_engine, trainer_compute=trainer_compute,
+        device=device, threads=threads,
     )
     try:
         out_dir = output_dir or default_output_dir(Path(model_path).name)
         check_output_dir(out_dir)  # before minutes of work, not after
         result = run_probe(settings, show_progress=True)
         files = write_outputs(result, out_dir)
-    except USER_ERRORS + (ProbeError,) as err:
+    except USER_ERRORS as err:
         fail(str(err))
     stdout = Console()
     for table in render_tables(result, stdout.width):

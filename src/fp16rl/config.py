@@ -2,26 +2,44 @@
 
 One dataclass is the single source for the ``fp16rl train`` flags (each accepted in both
 spellings, ``--lora-r`` and ``--lora_r``, as the seed command line mixes them), for
-``--config FILE.yaml`` and for the ``config.yaml`` written into each run. Precedence:
-defaults < YAML file < command-line flags.
+``--config FILE.yaml``, for ``fp16rl compare`` arms, for the Python API and for the
+``config.yaml`` written into each run. Precedence: defaults < YAML file < command-line flags.
+
+``TrainConfig.validate`` owns every check of a value or a combination of values, so all entry
+points refuse the same inputs with the same one-line message. This module imports nothing heavy
+(no torch): the CLI validates before loading the libraries.
+
+Defaults are those of the seed's ARC script (arc25's ``rl_code_finetuning.py``, a TRL
+GRPOTrainer of its day), not TRL's current ones; the README's "Defaults" table gives the reasons.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
-from fp16rl.algorithms import IS_CORRECTIONS, IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
-from fp16rl.precision import PrecisionError, parse_dtype
+from fp16rl.dtypes import canonical_dtype
+from fp16rl.errors import ConfigError, PrecisionError
 
-
-class ConfigError(ValueError):
-    """An option value or combination that cannot work; the CLI prints it as one line and exits 2."""
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+IS_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+TRAINER_COMPUTE = ("half_copy", "autocast")
+LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Options a resumed run cannot change: its checkpoint, data position and pairing depend on them.
+RESUME_FIXED = ("model_path", "dataset_path", "seed", "dtype", "sampler_dtype", "trainer_dtype", "trainer_compute",
+                "load_in_4bit", "lora_r", "lora_alpha", "use_rslora", "lora_target_modules", "num_generations",
+                "prompts_per_step")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def opt(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequence[str] | None = None) -> Any:
@@ -32,6 +50,11 @@ def opt(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequen
     else:
         kwargs["default"] = default
     return field(**kwargs)
+
+
+def flag(name: str) -> str:
+    """``lora_r`` -> ``--lora-r``: how messages name an option."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -46,18 +69,19 @@ class TrainConfig:
     dtype: str = opt("float16", "Precision of both engines: float16 | bfloat16 | float32 (aliases fp16, bf16, fp32).")
     sampler_dtype: str | None = opt(None, "Override the sampler's dtype only (ablation, e.g. bf16 train + fp16 inference).")
     trainer_dtype: str | None = opt(None, "Override the trainer's compute dtype only (ablation).")
+    trainer_compute: str = opt("half_copy", "Full fine-tuning's trainer arithmetic: half_copy = forward and backward on a copy of the FP32 master weights cast to the trainer dtype (FSDP's param_dtype; computes what the sampler computes); autocast = FP32 weights under torch.autocast (embeddings, norms and residual stream stay FP32). LoRA always computes as half_copy: its frozen base is stored in the dtype.", choices=TRAINER_COMPUTE)
     loss_scale_growth_interval: int = opt(400, "fp16 dynamic loss scaling: grow the scale after this many overflow-free steps (the paper's VeRL patch uses 400).")
     attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
-    device: str = opt("auto", "cpu | cuda | auto (cuda when available).")
+    device: str = opt("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
     load_in_4bit: bool = opt(False, "QLoRA: quantise the frozen base's linear layers to NF4 with bitsandbytes, computing in --dtype; the sampler shares them (needs LoRA, CUDA and bitsandbytes).")
     gpu_memory_utilization: float = opt(0.7, "Seed-script compatibility (vLLM memory fraction). Our in-process sampler allocates its KV cache on demand; on CUDA this caps the process's share of GPU memory via torch.cuda.set_per_process_memory_fraction.")
     # --- model / LoRA ------------------------------------------------------------------------
     lora_r: int = opt(16, "LoRA rank; 0 = full fine-tuning of all weights.")
     lora_alpha: int = opt(64, "LoRA alpha.")
     use_rslora: bool = opt(True, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
-    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts (comma-separated on the command line).")
+    lora_target_modules: list = opt(list(DEFAULT_LORA_TARGETS), "Module names LoRA adapts (comma-separated on the command line).")
     # --- task / reward -----------------------------------------------------------------------
-    reward_name: str = opt("arc-v2-no-pixel-score", "ARC reward: arc-v2-no-pixel-score | arc-v1 | module:function.")
+    reward_name: str | None = opt(None, "ARC reward: arc-v2-no-pixel-score (the ARC default) | arc-v1 | module:function. Only ARC datasets take a reward; toy tasks score themselves.")
     grid_encoder: str = opt("ColorNameEncoder()", "How grids are written in prompts: ColorNameEncoder() | digits.")
     use_data_augmentation: bool = opt(True, "Random flips, rotations and colour permutations per task (seeded).")
     skip_invalid_tasks: bool = opt(False, "Skip malformed tasks (counted) instead of failing on the first one.")
@@ -69,80 +93,145 @@ class TrainConfig:
     prompts_per_step: int = opt(1, "Prompts per optimizer step (the seed workload uses one task per step).")
     max_seq_length: int = opt(2048, "Longest prompt + completion in tokens; longer prompts are skipped.")
     max_completion_length: int = opt(1024, "Most tokens generated per completion.")
-    temperature: float = opt(1.0, "Sampling temperature; logprobs are those of the temperature-scaled distribution.")
-    top_p: float = opt(0.95, "Nucleus sampling threshold (shapes the draw only, not the recorded logprobs).")
+    temperature: float = opt(1.0, "Sampling temperature (> 0); logprobs are those of the temperature-scaled distribution.")
+    top_p: float = opt(0.95, "Nucleus sampling threshold in (0, 1] (shapes the draw only, not the recorded logprobs).")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
-    repetition_penalty: float = opt(1.0, "HF-style repetition penalty on the draw (1.0 = off).")
+    repetition_penalty: float = opt(1.0, "HF-style repetition penalty on the draw (> 0; 1.0 = off).")
     beta: float = opt(0.001, "Weight of the k3 KL penalty to the reference model (LoRA: adapters disabled; full: a frozen copy).")
     loss_type: str = opt("bnpo", "Loss normalisation: grpo | bnpo | dapo | dr_grpo.", choices=LOSS_TYPES)
-    importance_sampling_level: str = opt("token", "Ratio level: token (GRPO) or sequence (GSPO).", choices=IS_LEVELS)
-    epsilon: float = opt(0.2, "Lower clip range of the ratio.")
+    importance_sampling_level: str = opt("token", "Ratio level: token (GRPO) or sequence (GSPO; pair it with --loss-type grpo).", choices=IS_LEVELS)
+    epsilon: float = opt(0.2, "Lower clip range of the ratio, in [0, 1).")
     epsilon_high: float | None = opt(None, "Upper clip range (default: epsilon; DAPO uses 0.28).")
     scale_rewards: str = opt("group", "Advantage scaling: group std | batch std | none.", choices=SCALE_REWARDS)
     mask_truncated_completions: bool = opt(True, "Completions that hit the length limit contribute no loss.")
     num_iterations: int = opt(1, "Optimizer passes over each generation batch (mu in GRPO); >1 makes pi_old != pi_theta.")
     is_correction: str = opt("none", "Correction of the sampler/trainer mismatch on rho = pi_old/mu.", choices=IS_CORRECTIONS)
-    is_clip_max: float = opt(2.0, "C for the IS correction (cap, or upper bound of the kept band).")
-    is_clip_min: float = opt(0.0, "Lower bound of the kept band for *_mask corrections.")
+    is_clip_max: float = opt(2.0, "C for the IS correction: the cap of *_truncate, the upper bound of the band *_mask keeps.")
+    is_clip_min: float = opt(0.0, "Lower bound of the IS weight: *_truncate clamps from below at it, *_mask zeroes ratios below it (TRL semantics).")
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = opt(1e-5, "AdamW learning rate.")
-    weight_decay: float = opt(0.01, "AdamW weight decay.")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norm weights, as in HF Trainer).")
     max_grad_norm: float = opt(0.1, "Gradient clipping norm (after unscaling).")
-    lr_scheduler_type: str = opt("constant_with_warmup", "constant_with_warmup | cosine | linear | constant.", choices=("constant_with_warmup", "cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.1, "Fraction of the steps used for linear warm-up.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step; each holds prompts_per_step*num_generations/this completions.")
+    lr_scheduler_type: str = opt("constant_with_warmup", "constant_with_warmup | cosine | linear | constant (sized in optimizer steps: steps x num_iterations).", choices=LR_SCHEDULERS)
+    warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps used for linear warm-up.")
+    gradient_accumulation_steps: int = opt(1, "The seed script's meaning: the generation batch (prompts_per_step x num_generations) is split into this many micro-batches, one optimizer step over all of them.")
     epochs: float = opt(10, "Passes over the dataset; sets the number of steps unless --max-steps is given.")
-    max_steps: int = opt(-1, "Optimizer steps to run (-1 = from epochs).")
-    seed: int = opt(0, "Seed of everything: prompt order, augmentation, sampling, initialisation.")
+    max_steps: int = opt(-1, "RL steps to run (-1 = from epochs).")
+    seed: int = opt(0, "Seed of everything: prompt order, augmentation, sampling, initialisation (>= 0).")
     # --- logging / checkpoints ---------------------------------------------------------------
     logging_steps: int = opt(10, "Save sample completions every this many steps (metrics are logged every step).")
-    save_steps: int = opt(100, "Checkpoint every this many steps (and at the end).")
+    save_steps: int = opt(100, "Checkpoint every this many steps (and at the end, and on Ctrl-C).")
     stop_on_collapse: bool = opt(False, "End the run cleanly (checkpoint + summary.json) when the collapse monitor fires.")
     arm: str | None = opt(None, "Label of this run's arm in a comparison (set by fp16rl compare; shown by fp16rl report).")
     logprob_chunk_tokens: int = opt(2048, "Tokens per lm_head/log-softmax chunk in the trainer (memory vs speed).")
     sampler_engine: str = opt("auto", "Sampler decoding engine: auto | fast | hf.", choices=("auto", "fast", "hf"))
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` naming the first impossible value or combination."""
+        """Raise ``ConfigError`` naming the first impossible value or combination (every check lives here)."""
+        _check_types(self)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag(f.name)} must be a finite number, got {value}")
         try:
             for name in ("dtype", "sampler_dtype", "trainer_dtype"):
                 if getattr(self, name) is not None:
-                    parse_dtype(getattr(self, name))
+                    canonical_dtype(getattr(self, name))
         except PrecisionError as err:
             raise ConfigError(str(err)) from None
         for name, minimum in (("num_generations", 2), ("prompts_per_step", 1), ("gradient_accumulation_steps", 1),
-                              ("max_completion_length", 1), ("num_iterations", 1), ("logging_steps", 1),
-                              ("save_steps", 1), ("loss_scale_growth_interval", 1), ("logprob_chunk_tokens", 1)):
+                              ("max_completion_length", 1), ("max_seq_length", 2), ("num_iterations", 1),
+                              ("logging_steps", 1), ("save_steps", 1), ("loss_scale_growth_interval", 1),
+                              ("logprob_chunk_tokens", 1), ("lora_r", 0), ("lora_alpha", 1), ("top_k", 0),
+                              ("seed", 0), ("code_memory_limit_mb", 64)):
             if getattr(self, name) < minimum:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(self, name)}")
-        if self.lora_r < 0:
-            raise ConfigError(f"--lora-r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
-        batch = self.num_generations * self.prompts_per_step
-        if batch % self.gradient_accumulation_steps:
-            raise ConfigError(
-                f"prompts_per_step * num_generations ({batch}) must be divisible by "
-                f"--gradient-accumulation-steps ({self.gradient_accumulation_steps})"
-            )
-        if self.max_completion_length >= self.max_seq_length:
-            raise ConfigError(
-                f"--max-completion-length ({self.max_completion_length}) must be smaller than "
-                f"--max-seq-length ({self.max_seq_length}) to leave room for the prompt"
-            )
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ConfigError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"--max-steps must be -1 (from epochs) or >= 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise ConfigError(f"--epochs must be > 0, got {self.epochs}")
-        if self.lora_r == 0 and self.load_in_4bit:
-            raise ConfigError("--load-in-4bit needs LoRA (--lora-r > 0): 4-bit weights cannot be trained directly")
+                raise ConfigError(f"{flag(name)} must be >= {minimum}, got {getattr(self, name)}")
+        _check_ranges(self)
+        _check_combinations(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Python API callers can pass anything; refuse what the annotations do not allow."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), _field_type(f.name)
+        optional = type(None) in get_args(get_type_hints(TrainConfig)[f.name])
+        if value is None and optional:
+            continue
+        ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str),
+              list: isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)}[kind]
+        if not ok:
+            raise ConfigError(f"{flag(f.name)} expects {kind.__name__}, got {value!r}")
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    """Numbers that must lie in an interval."""
+    checks = (
+        ("temperature", c.temperature > 0, "> 0"),
+        ("top_p", 0 < c.top_p <= 1, "in (0, 1]"),
+        ("repetition_penalty", c.repetition_penalty > 0, "> 0"),
+        ("beta", c.beta >= 0, ">= 0"),
+        ("epsilon", 0 <= c.epsilon < 1, "in [0, 1)"),
+        ("epsilon_high", c.epsilon_high is None or c.epsilon_high >= 0, ">= 0"),
+        ("is_clip_max", c.is_clip_max > 0, "> 0"),
+        ("is_clip_min", c.is_clip_min >= 0, ">= 0"),
+        ("learning_rate", c.learning_rate > 0, "> 0"),
+        ("weight_decay", c.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", c.max_grad_norm > 0, "> 0"),
+        ("warmup_ratio", 0 <= c.warmup_ratio <= 1, "in [0, 1]"),
+        ("epochs", c.epochs > 0, "> 0"),
+        ("gpu_memory_utilization", 0 < c.gpu_memory_utilization <= 1, "in (0, 1]"),
+        ("code_timeout", 0 < c.code_timeout <= 3600, "in (0, 3600] seconds"),
+        ("n_jobs", c.n_jobs == -1 or c.n_jobs >= 1, "-1 (all cores) or >= 1"),
+        ("max_steps", c.max_steps == -1 or c.max_steps >= 1, "-1 (from epochs) or >= 1"),
+    )
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{flag(name)} must be {expected}, got {getattr(c, name)}")
+
+
+def _check_combinations(c: TrainConfig) -> None:
+    """Values that are each fine but cannot go together, and names checked against known sets."""
+    if not _DEVICE.match(c.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    if not c.model_path.strip():
+        raise ConfigError("--model-path is empty")
+    if not c.output_dir.strip():
+        raise ConfigError("--output-dir is empty")
+    if c.is_clip_min >= c.is_clip_max:
+        raise ConfigError(f"--is-clip-min ({c.is_clip_min}) must be smaller than --is-clip-max ({c.is_clip_max})")
+    batch = c.num_generations * c.prompts_per_step
+    if batch % c.gradient_accumulation_steps:
+        raise ConfigError(f"prompts_per_step * num_generations ({batch}) must be divisible by "
+                          f"--gradient-accumulation-steps ({c.gradient_accumulation_steps})")
+    if c.max_completion_length >= c.max_seq_length:
+        raise ConfigError(f"--max-completion-length ({c.max_completion_length}) must be smaller than "
+                          f"--max-seq-length ({c.max_seq_length}) to leave room for the prompt")
+    if c.lora_r > 0 and not c.lora_target_modules:
+        raise ConfigError("--lora-target-modules is empty; name the modules LoRA adapts (or --lora-r 0)")
+    if c.lora_r == 0 and c.load_in_4bit:
+        raise ConfigError("--load-in-4bit needs LoRA (--lora-r > 0): 4-bit weights cannot be trained directly")
+    if c.dataset_path.startswith("toy:") and c.reward_name is not None:
+        raise ConfigError(f"--reward-name {c.reward_name!r} cannot be used with --dataset-path {c.dataset_path}: "
+                          "the toy task scores completions itself (rewards apply to ARC datasets)")
+    if c.reward_name is not None:
+        from fp16rl.tasks.arc.reward import REWARDS  # light: numpy only
+
+        module, sep, attr = c.reward_name.partition(":")
+        if c.reward_name not in REWARDS and not (sep and module and attr):
+            raise ConfigError(f"--reward-name {c.reward_name!r} is unknown; choose {', '.join(REWARDS)} or module:function")
+    from fp16rl.tasks.arc.encoders import get_encoder  # light
+
+    try:
+        get_encoder(c.grid_encoder)
+    except ValueError as err:
+        raise ConfigError(f"--grid-encoder: {err}") from None
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -167,29 +256,55 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return value
             raise TypeError
         if kind is list:
-            return [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+            if isinstance(value, str):
+                return [s.strip() for s in value.split(",") if s.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise TypeError
         if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if kind is str:
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise TypeError
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: option {name!r} expects {kind.__name__}, got {value!r}") from None
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A text file's contents, or a ``ConfigError`` naming the file and what is wrong with it."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a file") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
+
+
+def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every failure is one ``ConfigError`` line naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(read_text_file(path, what))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of option: value")
+    return data
+
+
 def load_yaml_options(path: str | Path) -> dict[str, Any]:
     """Options from a YAML mapping; keys in either spelling; unknown keys are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    data = load_yaml_mapping(path, "config file")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {}
     for key, value in data.items():
@@ -211,7 +326,7 @@ def build_parser(prog: str = "fp16rl train") -> argparse.ArgumentParser:
                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
-        flags = [f"--{f.name.replace('_', '-')}"]
+        flags = [flag(f.name)]
         if "_" in f.name:
             flags.append(f"--{f.name}")
         flags += list(meta.get("aliases", ()))
@@ -219,14 +334,15 @@ def build_parser(prog: str = "fp16rl train") -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{meta['help']} (default: {default})"
         if kind is bool:
-            negatives = [flag.replace("--", "--no-", 1) for flag in flags]
+            negatives = [name.replace("--", "--no-", 1) for name in flags]
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
             parser.add_argument(*negatives, dest=f.name, action="store_false", help=argparse.SUPPRESS)
         elif kind is list:
             parser.add_argument(*flags, dest=f.name, type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                                 help=help_text, metavar="A,B,...")
-        else:
-            parser.add_argument(*flags, dest=f.name, type=kind, help=help_text, choices=meta.get("choices"))
+        else:  # choices are checked by validate(), the one place every entry point shares
+            parser.add_argument(*flags, dest=f.name, type=kind, help=help_text,
+                                metavar="{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else None)
     return parser
 
 
@@ -235,20 +351,41 @@ def stored_run_options(output_dir: str | Path) -> dict[str, Any]:
     path = Path(output_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume: {path} not found; {output_dir} is not an fp16rl run")
-    stored = (yaml.safe_load(path.read_text()) or {}).get("config") or {}
+    stored = load_yaml_mapping(path, "run config").get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"run config {path} has no 'config' mapping; it was not written by fp16rl")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in stored.items() if k in names and k not in ("resume", "config")}
+    return {k: _coerce(k, v, f"run config {path}") for k, v in stored.items()
+            if k in names and k not in ("resume", "config")}
+
+
+def resume_conflicts(stored: dict[str, Any], config: TrainConfig) -> str | None:
+    """Why ``config`` cannot continue a run started with ``stored`` options, or None."""
+    for name in RESUME_FIXED:
+        if name not in stored:
+            continue
+        before, now = stored[name], getattr(config, name)
+        if name.endswith("dtype") and before is not None and now is not None:
+            before, now = canonical_dtype(before), canonical_dtype(now)
+        if before != now:
+            return (f"--resume: {config.output_dir} was started with {name}={before}, this call asks for "
+                    f"{flag(name)} {now}; a run keeps its {name} (start a new run to change it)")
+    return None
 
 
 def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     """Defaults < the resumed run's own options < ``--config`` YAML < flags; validated."""
     flags = vars(build_parser().parse_args(list(argv)))
     options: dict[str, Any] = {}
+    stored: dict[str, Any] = {}
     if flags.get("resume"):
-        options.update(stored_run_options(flags.get("output_dir", TrainConfig.output_dir)))
+        stored = stored_run_options(flags.get("output_dir", TrainConfig.output_dir))
+        options.update(stored)
     if flags.get("config"):
         options.update(load_yaml_options(flags["config"]))
     options.update(flags)
     config = TrainConfig(**options)
     config.validate()
+    if stored and (conflict := resume_conflicts(stored, config)):
+        raise ConfigError(conflict)
     return config

@@ -26,8 +26,8 @@ from typing import Any, Callable, Sequence
 from fp16rl.atomic import atomic_write_text
 from fp16rl.checkpoint import checkpoint_dirs
 from fp16rl.config import ConfigError, TrainConfig, load_yaml_options, parse_train_args
-
-DONE_STATUSES = ("finished", "stopped_on_collapse")
+from fp16rl.paths import TINY, resolve_model_path
+from fp16rl.runs import DONE_STATUSES, check_dataset_spec
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,10 @@ def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence
     specs = [RunSpec(arm, seed, output_dir / "runs" / arm.slug / f"seed-{seed}",
                      output_dir / "logs" / f"{arm.slug}-seed-{seed}.log") for arm in arms for seed in seeds]
     for spec in specs:  # an impossible arm fails now, not after hours of other runs
-        parse_train_args(spec.train_args(base_config))
+        config = parse_train_args(spec.train_args(base_config))
+        if config.model_path != TINY:
+            resolve_model_path(config.model_path)
+        check_dataset_spec(config.dataset_path)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return specs
 
@@ -160,8 +163,3 @@ def run_comparison(
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return dict(pool.map(execute, specs))
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None

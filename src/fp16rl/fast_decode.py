@@ -24,18 +24,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
-from fp16rl.logprobs import padded_position_ids
+from fp16rl.logprobs import causal_lm, padded_position_ids
 
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face causal LM inside ``model`` (a peft ``PeftModel`` is unwrapped; its LoRA layers stay)."""
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -55,11 +48,6 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if lm.training:
         return "model is in training mode (dropout)"
     return None
-
-
-def supports(model: torch.nn.Module) -> bool:
-    """Whether ``LlamaFamilyDecoder`` reproduces this model's decoding (else use ``HFCacheDecoder``)."""
-    return unsupported_reason(model) is None
 
 
 class LlamaFamilyDecoder:
@@ -116,7 +104,7 @@ class LlamaFamilyDecoder:
         rows, width = input_ids.shape
         capacity = width + self.max_new_tokens
         self.keys, self.values = [], []
-        for layer in out.past_key_values.layers[: len(self.layers)]:
+        for layer in out.cache.layers[: len(self.layers)]:
             for store, filled in ((self.keys, layer.keys), (self.values, layer.values)):
                 buffer = filled.new_empty(rows, filled.shape[1], capacity, filled.shape[3])
                 buffer[:, :, :width] = filled

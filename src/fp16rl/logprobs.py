@@ -1,17 +1,26 @@
 """The trainer's view of a rollout: per-token logprobs (and entropy) from one full forward pass.
 
-Logits may be half precision; log-probabilities are always formed in fp32. The lm_head and
-log-softmax run in chunks of tokens (recomputed in backward) so that a [tokens, vocab] fp32
-tensor for a whole batch never has to exist: vocabularies are 50k-150k wide.
+The backbone runs once over prompt + completion and only its last hidden state is kept (no
+per-layer hidden states). The output head then runs in chunks of completion tokens (recomputed in
+backward) so that a ``[tokens, vocab]`` fp32 tensor for a whole batch never exists: vocabularies
+are 50k-150k wide. Logits may be half precision; log-probabilities are always formed in fp32.
+
+The head is the model's own ``lm_head`` followed by the model's own final logit processing
+(Gemma's ``final_logit_softcapping``, Granite's ``logits_scaling``, Cohere's ``logit_scale``,
+Falcon-H1's ``lm_head_multiplier``), the same operations in the same order as the model's
+``forward``, so the trainer scores exactly the distribution the sampler draws from. A model whose
+logits this does not reproduce is refused (``LogitHead.verify``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from fp16rl.errors import ModelError
 
 
 @dataclass
@@ -46,6 +55,19 @@ def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[P, L]`` ids and attention mask (sampler prefill and trainer batches alike)."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise ValueError("empty prompt")
+        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt))
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def build_token_batch(
     prompt_ids: Sequence[Sequence[int]],
     num_generations: int,
@@ -54,12 +76,7 @@ def build_token_batch(
     pad_token_id: int,
 ) -> TokenBatch:
     """Join each prompt (repeated ``num_generations`` times) with its completions."""
-    width = max(len(p) for p in prompt_ids)
-    prompts = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):
-        prompts[row, width - len(ids) :] = torch.as_tensor(list(ids))
-        prompt_mask[row, width - len(ids) :] = 1
+    prompts, prompt_mask = left_pad(prompt_ids, pad_token_id)
     prompts = prompts.repeat_interleave(num_generations, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     input_ids = torch.cat([prompts, completion_ids], dim=1)
@@ -68,10 +85,81 @@ def build_token_batch(
     return TokenBatch(input_ids, attention_mask, position_ids, completion_ids, completion_mask.bool())
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face causal LM inside ``model`` (a peft ``PeftModel`` is unwrapped; its LoRA layers stay)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+@dataclass
+class LogitHead:
+    """``lm_head`` plus the model's final logit processing, as its ``forward`` applies them."""
+
+    lm_head: torch.nn.Module
+    softcap: float | None = None  # logits / c -> tanh -> * c
+    divide_by: float | None = None  # logits / s (Granite's logits_scaling)
+    multiply_by: float | None = None  # logits * s (Cohere's logit_scale, Falcon-H1's lm_head_multiplier)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "LogitHead":
+        lm = causal_lm(model)
+        config = lm.config
+        multiplier = getattr(config, "logit_scale", None)
+        if multiplier is None:
+            multiplier = getattr(config, "lm_head_multiplier", None)
+        return cls(lm_head=lm.get_output_embeddings(), softcap=getattr(config, "final_logit_softcapping", None),
+                   divide_by=getattr(config, "logits_scaling", None), multiply_by=multiplier)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.divide_by is not None:
+            logits = logits / self.divide_by
+        if self.multiply_by is not None:
+            logits = logits * self.multiply_by
+        if self.softcap is not None:
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        return logits
+
+    @torch.no_grad()
+    def verify(self, model: torch.nn.Module, context: Callable = torch.no_grad) -> float:
+        """Check on a short probe sequence that backbone + this head give the model's own logits.
+
+        Returns the largest difference relative to the logits' scale; raises ``ModelError`` when the
+        model post-processes its logits in a way this head does not reproduce.
+        """
+        lm = causal_lm(model)
+        device = self.lm_head.weight.device
+        vocab = self.lm_head.weight.shape[0]
+        ids = (torch.arange(1, 17, device=device) * 7919 % vocab)[None]
+        try:
+            with context():
+                expected = model(input_ids=ids, use_cache=False).logits.float()
+                ours = self(backbone(model)(input_ids=ids, use_cache=False).last_hidden_state).float()
+        except (AttributeError, TypeError, RuntimeError) as err:  # no decoder stack / last_hidden_state
+            raise ModelError(f"model class {type(lm).__name__} has no decoder stack fp16rl can run on its own "
+                             f"({type(err).__name__}: {err}); this model is not supported") from None
+        scale = expected.abs().max().clamp(min=1.0)
+        error = ((ours - expected).abs().max() / scale).item()
+        tolerance = 1e-4 if self.lm_head.weight.dtype == torch.float32 else 2e-2
+        if not error <= tolerance:
+            raise ModelError(
+                f"model class {type(lm).__name__} post-processes its logits in a way fp16rl does not reproduce "
+                f"(relative difference {error:.2g} on a probe sequence); the trainer's logprobs would not be the "
+                "sampler's distribution, so this model is not supported")
+        return error
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack that returns ``last_hidden_state`` (LoRA layers inside it stay active)."""
+    return causal_lm(model).get_decoder()
+
+
 def _chunk_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: bool
+    hidden: torch.Tensor, targets: torch.Tensor, head: LogitHead, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = lm_head(hidden).float()
+    logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
@@ -89,36 +177,33 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = 2048,
+    head: LogitHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs ``[N, C]`` (fp32, 0 where masked) of the completion tokens, and entropy.
 
     Runs in the caller's autocast/grad context, so the trainer uses it both for pi_old (no grad)
-    and for the loss (with grad).
+    and for the loss (with grad). ``log pi(y_t) = log_softmax(head(h_{P-1+t}) / T)[y_t]``.
     """
-    out = model(
+    head = head or LogitHead.of(model)
+    out = backbone(model)(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
-        output_hidden_states=True,
-        logits_to_keep=1,
         use_cache=False,
     )
-    # hidden_states[-1] is the final-normed state; position P-1+t predicts completion token t.
+    # Position P-1+t's hidden state predicts completion token t.
     width = batch.completion_ids.shape[1]
     start = batch.prompt_width - 1
-    hidden = out.hidden_states[-1][:, start : start + width]
+    hidden = out.last_hidden_state[:, start: start + width]
     mask = batch.completion_mask
     flat_hidden, flat_targets = hidden[mask], batch.completion_ids[mask]
-    lm_head = model.get_output_embeddings()
     parts_logp, parts_entropy = [], []
     for begin in range(0, flat_targets.shape[0], chunk_tokens):
-        args = (flat_hidden[begin : begin + chunk_tokens], flat_targets[begin : begin + chunk_tokens])
+        args = (flat_hidden[begin: begin + chunk_tokens], flat_targets[begin: begin + chunk_tokens])
         if torch.is_grad_enabled():
-            logp, entropy = checkpoint(
-                _chunk_logprobs, *args, lm_head, temperature, with_entropy, use_reentrant=False
-            )
+            logp, entropy = checkpoint(_chunk_logprobs, *args, head, temperature, with_entropy, use_reentrant=False)
         else:
-            logp, entropy = _chunk_logprobs(*args, lm_head, temperature, with_entropy)
+            logp, entropy = _chunk_logprobs(*args, head, temperature, with_entropy)
         parts_logp.append(logp)
         parts_entropy.append(entropy)
     token_logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)

@@ -10,7 +10,7 @@ import torch
 
 # exp() of a summed log-ratio overflows fp32 near 88; clamping keeps the statistics finite
 # while still showing an astronomically large ratio.
-_MAX_LOG_RATIO = 20.0
+MAX_LOG_RATIO = 20.0
 
 
 def mismatch_metrics(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -21,13 +21,13 @@ def mismatch_metrics(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Ten
     if lmu.numel() == 0:
         return {}
     d = lpi - lmu
-    r = torch.exp(d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    r = torch.exp(d.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     p_pi, p_mu = lpi.exp(), lmu.exp()
     prob_diff = p_pi - p_mu
 
     rows = mask.any(dim=1)
     seq_d = ((trainer_logprobs.float() - sampler_logprobs.float()) * mask)[rows].sum(dim=1)
-    seq_ratio = torch.exp(seq_d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    seq_ratio = torch.exp(seq_d.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
 
     return {
         "mismatch/token_kl_k1": (lmu - lpi).mean().item(),

@@ -17,6 +17,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from fp16rl.atomic import atomic_directory
+from fp16rl.config import DEFAULT_LORA_TARGETS
+from fp16rl.errors import ModelError
+from fp16rl.paths import TINY, fp16rl_home, resolve_model_path
 
 if TYPE_CHECKING:  # transformers is imported where it is used: the CLI starts without it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -31,16 +34,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class ModelError(ValueError):
-    """A model path or model option that cannot work; the CLI prints it as one line, exit 2."""
-
-
-def fp16rl_home() -> Path:
-    """Cache directory for prepared models (``$FP16RL_HOME``, default ``~/.cache/fp16rl``)."""
-    return Path(os.environ.get("FP16RL_HOME", Path.home() / ".cache" / "fp16rl"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,27 +45,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_model_path(model_path: str | os.PathLike) -> Path:
-    """A local HF folder, or the name of a model prepared under ``fp16rl_home()/models``."""
-    path = Path(model_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model path {path} has no config.json: not a Hugging Face model folder")
-        return path
-    prepared = fp16rl_home() / "models" / str(model_path)
-    if not path.is_absolute() and (prepared / "config.json").is_file():
-        return prepared
-    raise ModelError(
-        f"model path {model_path!r} not found (neither a folder nor a prepared model in "
-        f"{fp16rl_home() / 'models'}; see `fp16rl models list`)"
-    )
-
-
 def load_tokenizer(model_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The model's tokenizer, set up for left-padded batched generation."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
+    path = resolve_model_path(model_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # a broken or missing tokenizer file surfaces as many exception types
+        raise ModelError(f"cannot load the tokenizer of {path}: {_first_line(err)}") from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {path} has no EOS token; completions could never end")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -95,17 +78,22 @@ def load_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_model_path(model_path)
-    if load_in_4bit:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quantization,
-            device_map={"": str(torch.device(device))},
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-        model = model.to(device)
+    try:
+        if load_in_4bit:
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quantization,
+                device_map={"": str(torch.device(device))},
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+            model = model.to(device)
+    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as err:
+        # Truncated weights, an unknown architecture, a config transformers rejects: one line, not a traceback.
+        raise ModelError(f"cannot load the model in {path}: {_first_line(err)}") from None
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model
 
@@ -136,11 +124,20 @@ def set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
             module.compute_dtype = dtype
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens that end a completion: the tokenizer's EOS plus the model config's (an int or a list)."""
-    configured = model.config.eos_token_id
-    configured = configured if isinstance(configured, (list, tuple)) else [configured]
-    return sorted({tokenizer.eos_token_id, *configured} - {None})
+    """Tokens that end a completion: the union of the tokenizer's EOS, the model config's and the
+    generation config's (each an int or a list; Qwen2.5-Instruct lists ``<|im_end|>`` and
+    ``<|endoftext|>`` only in generation_config.json)."""
+    ids: set[int] = {tokenizer.eos_token_id}
+    generation = getattr(model, "generation_config", None)
+    for configured in (model.config.eos_token_id, getattr(generation, "eos_token_id", None)):
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(ids - {None})
 
 
 @dataclass
@@ -243,7 +240,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 class TinyModelSpec:
     """Shape of a tiny test model: big enough to learn a toy task, small enough for CI on 2 cores."""
 
-    arch: str = "llama"  # llama | qwen2
+    arch: str = "llama"  # llama | qwen2 (fast sampler engine); gemma2 | granite | cohere (logit post-processing)
     hidden_size: int = 64
     intermediate_size: int = 176
     num_hidden_layers: int = 2
@@ -255,9 +252,20 @@ class TinyModelSpec:
     seed: int = 0
 
 
+# Per architecture: options beyond the common shape. The logit post-processing values are far from
+# 1 so that a trainer skipping them would be visibly wrong on a random tiny model.
+TINY_ARCH_OPTIONS: dict[str, dict] = {
+    "llama": {},
+    "qwen2": {},
+    "gemma2": {"head_dim": 16, "final_logit_softcapping": 2.0, "attn_logit_softcapping": None, "sliding_window": 64},
+    "granite": {"logits_scaling": 4.0},
+    "cohere": {"logit_scale": 0.25},
+}
+
+
 def write_tiny_model(output_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write a randomly initialised tiny Llama/Qwen2 model plus tokenizer as a normal HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """Write a randomly initialised tiny model (``spec.arch``) plus tokenizer as a normal HF folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -277,14 +285,11 @@ def write_tiny_model(output_dir: str | os.PathLike, spec: TinyModelSpec = TinyMo
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    if spec.arch == "llama":
-        model_cls, config = LlamaForCausalLM, LlamaConfig(**common)
-    elif spec.arch == "qwen2":
-        model_cls, config = Qwen2ForCausalLM, Qwen2Config(**common)
-    else:
-        raise ModelError(f"unknown tiny architecture {spec.arch!r} (use llama or qwen2)")
+    if spec.arch not in TINY_ARCH_OPTIONS:
+        raise ModelError(f"unknown tiny architecture {spec.arch!r} (use {', '.join(TINY_ARCH_OPTIONS)})")
+    config = AutoConfig.for_model(spec.arch, **common, **TINY_ARCH_OPTIONS[spec.arch])
     torch.manual_seed(spec.seed)
-    model = model_cls(config)
+    model = AutoModelForCausalLM.from_config(config)
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -298,3 +303,8 @@ def tiny_model_path(spec: TinyModelSpec = TinyModelSpec()) -> Path:
     if not (path / "config.json").is_file():
         write_tiny_model(path, spec)
     return path
+
+
+def model_folder(model_path: str) -> Path:
+    """``--model-path`` as a folder: ``tiny`` is the built-in tiny model (written on first use)."""
+    return tiny_model_path() if model_path == TINY else resolve_model_path(model_path)

@@ -28,9 +28,11 @@ import torch
 
 import fp16rl
 from fp16rl.atomic import atomic_directory
+from fp16rl.config import TRAINER_COMPUTE
+from fp16rl.errors import ProbeError
 from fp16rl.logprobs import build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
-from fp16rl.models import load_model, load_tokenizer, resolve_device, resolve_model_path, stop_token_ids, tiny_model_path
+from fp16rl.models import load_model, load_tokenizer, model_folder, resolve_device, stop_token_ids
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed, dtype_name, parse_dtype
 from fp16rl.sampler import Sampler, SamplingParams
 
@@ -70,10 +72,6 @@ TABLE_COLUMNS = (
 )
 
 
-class ProbeError(ValueError):
-    """Bad probe input (prompts file, option values, output folder); the CLI prints it, exit 2."""
-
-
 @dataclass
 class ProbeSettings:
     """What to measure. Defaults finish in a few minutes for a 135M model on 2 CPU cores."""
@@ -92,6 +90,7 @@ class ProbeSettings:
     check_fp16_range: bool = True
     fp16_headroom: float = 8.0  # warn when a layer's largest activation exceeds FP16_MAX / fp16_headroom
     sampler_engine: str = "auto"  # as `fp16rl train --sampler-engine`
+    trainer_compute: str = "half_copy"  # as `fp16rl train --trainer-compute` (full fine-tuning semantics)
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = auto (cores not busy with other work, see auto_threads)
 
@@ -115,6 +114,8 @@ class ProbeSettings:
             raise ProbeError("the fp16 headroom factor must be >= 1")
         if self.threads < 0:
             raise ProbeError("--threads must be >= 0 (0 = torch's default)")
+        if self.trainer_compute not in TRAINER_COMPUTE:
+            raise ProbeError(f"--trainer-compute must be one of {', '.join(TRAINER_COMPUTE)}")
         if self.sampler_engine not in ("auto", "fast", "hf"):
             raise ProbeError(f"--sampler-engine {self.sampler_engine!r}: use auto, fast or hf")
 
@@ -398,11 +399,14 @@ def measure_config(
 
     ``model`` holds the FP32 master weights (as in ``Trainer``); the sampler deep-copies and casts
     them, then decodes ``batch_size`` sequences per ``generate`` call; the trainer recomputes each
-    call's rows together under autocast(``dtype``).
+    call's rows together as a full fine-tuning run would: with ``half_copy`` on the masters cast to
+    ``dtype`` (the very weights the sampler holds), with ``autocast`` on the FP32 masters under
+    autocast(``dtype``).
     """
-    policy = PrecisionPolicy.from_options(dtype_name(dtype))
+    policy = PrecisionPolicy.from_options(dtype_name(dtype), trainer_compute=settings.trainer_compute)
     device = next(model.parameters()).device
     sampler = Sampler(model, policy.sampler_dtype, pad_token_id, eos_token_ids, engine=settings.sampler_engine)
+    trainer_model = model if policy.uses_autocast or dtype == torch.float32 else sampler.model
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                             top_p=settings.top_p)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -417,8 +421,8 @@ def measure_config(
         batch = build_token_batch(rollouts.prompt_ids, 1, rollouts.completion_ids, rollouts.completion_mask,
                                   pad_token_id).to(device)
         recorder = DtypeRecorder()
-        with torch.no_grad(), recorder.watch(model), policy.autocast(device.type):
-            trainer_logprobs, _ = completion_logprobs(model, batch, settings.temperature)
+        with torch.no_grad(), recorder.watch(trainer_model), policy.autocast(device.type):
+            trainer_logprobs, _ = completion_logprobs(trainer_model, batch, settings.temperature)
         timings["sampler"] += t1 - t0
         timings["trainer"] += time.perf_counter() - t1
         if not observed:
@@ -445,7 +449,7 @@ def run_probe(settings: ProbeSettings, show_progress: bool = False) -> ProbeResu
 
 def _run_probe(settings: ProbeSettings, show_progress: bool) -> ProbeResult:
     started = time.perf_counter()
-    model_path = tiny_model_path() if settings.model_path == "tiny" else resolve_model_path(settings.model_path)
+    model_path = model_folder(settings.model_path)
     texts = read_prompt_texts(settings.prompts_file) if settings.prompts_file else list(BUILTIN_PROMPTS)
     tokenizer = load_tokenizer(model_path)
     prompts = encode_prompts(texts, tokenizer, settings.chat_template)

@@ -27,22 +27,19 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
+from fp16rl.errors import ReportError
 from fp16rl.experiments import arm_slug
+from fp16rl.runs import DONE_STATUSES  # a run whose outcome is known
 from fp16rl.tracking import BEST_WINDOW, best_reward, final_reward, read_metrics
 
 REWARD = "reward/mean"
 LOGP_DIFF = "mismatch/logp_abs_diff_mean"
 SEQ_KL = "mismatch/seq_kl"
-COMPLETE_STATUSES = ("finished", "stopped_on_collapse")  # a run whose outcome is known
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 REPORT_FILES = ("report.html", "report.md", "report.json")
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-
-
-class ReportError(ValueError):
-    """Bad input to the report (a path that is not a run, no metrics, a used output folder)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,7 @@ class Run:
     @property
     def complete(self) -> bool:
         """Only runs whose outcome is known enter the paired comparison and the collapse counts."""
-        return self.status in COMPLETE_STATUSES
+        return self.status in DONE_STATUSES
 
     @property
     def collapse_step(self) -> int | None:
@@ -767,7 +764,7 @@ def analyse(inputs: Inputs, reference: str | None = None) -> dict[str, Any]:
     return {"reference": reference, "conclusion": conclusion, "arms": arms, "comparisons": comparisons, "runs": runs,
             "notes": list(inputs.notes),
             "method": {"bootstrap_resamples": BOOTSTRAP_RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED,
-                       "confidence": CONFIDENCE, "interval": "percentile", "complete_statuses": list(COMPLETE_STATUSES),
+                       "confidence": CONFIDENCE, "interval": "percentile", "complete_statuses": list(DONE_STATUSES),
                        "final_reward": "mean reward/mean over the last 10% of logged steps (at least 1)",
                        "best_reward": f"best {BEST_WINDOW}-step moving average of reward/mean",
                        "band": "min-max over seeds", "text": METHOD}}

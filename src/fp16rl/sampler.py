@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 import torch
 
 from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
-from fp16rl.logprobs import padded_position_ids
+from fp16rl.logprobs import left_pad, padded_position_ids
 from fp16rl.models import set_4bit_compute_dtype
 from fp16rl.precision import DtypeRecorder
 
@@ -116,32 +118,51 @@ class Sampler:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def sync_from(self, trainer_model: torch.nn.Module) -> None:
-        """Copy the trainer's trainable weights (LoRA: adapters only) into the sampler, cast to its dtype."""
-        source = dict(trainer_model.named_parameters())
+    def sync_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy the trainer's trainable weights (LoRA: adapters only), given as FP32 masters, cast to our dtype."""
         target = dict(self.model.named_parameters())
         for name in self._sync_names:
-            target[name].copy_(source[name])
+            target[name].copy_(weights[name])
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        num_generations: int,
+        params: SamplingParams,
+        seed: int,
+        slots: Sequence[int] | None = None,
+        should_stop: Callable[[], None] | None = None,
     ) -> Rollouts:
-        """Sample ``num_generations`` completions for each prompt; deterministic for a given ``seed``."""
+        """Sample ``num_generations`` completions for each prompt.
+
+        Completion ``g`` of the prompt in slot ``slots[i]`` (default ``i``) is a pure function of
+        ``(seed, slot, g)``, the prompt and the weights: its random numbers do not depend on which
+        other rows exist, when they finish, the batch size or the engine (see ``exponential_noise``).
+        ``should_stop`` is called once per decoded token and may raise to abandon the call.
+        """
+        slots = list(range(len(prompt_ids))) if slots is None else list(slots)
+        if len(slots) != len(prompt_ids) or len(set(slots)) != len(slots):
+            raise ValueError(f"need one distinct slot per prompt, got {len(slots)} slots for {len(prompt_ids)} prompts")
         with torch.inference_mode():
-            rollouts = self._generate(prompt_ids, num_generations, params, seed)
+            rollouts = self._generate(prompt_ids, num_generations, params, row_keys(seed, slots, num_generations),
+                                      should_stop)
         # Inference-mode tensors cannot enter autograd later (the trainer indexes with the mask).
         for name in ("completion_ids", "completion_mask", "sampler_logprobs"):
             setattr(rollouts, name, getattr(rollouts, name).clone())
         return rollouts
 
     def _generate(
-        self, prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        num_generations: int,
+        params: SamplingParams,
+        keys: torch.Tensor,
+        should_stop: Callable[[], None] | None,
     ) -> Rollouts:
         device = self.device
-        generator = torch.Generator(device=device).manual_seed(seed)
         recorder = DtypeRecorder()
         n, max_new = num_generations, params.max_new_tokens
-        input_ids, attention = left_pad(prompt_ids, self.pad_token_id, device)
+        input_ids, attention = (t.to(device) for t in left_pad(prompt_ids, self.pad_token_id))
         batch = input_ids.shape[0] * n
 
         decoder = self.make_decoder(max_new)
@@ -149,6 +170,7 @@ class Sampler:
             logits = decoder.prefill(input_ids, attention)
         decoder.repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
+        noise = TokenNoise(keys.to(device), logits.shape[-1])
 
         seen = None
         if params.repetition_penalty != 1.0:
@@ -166,10 +188,12 @@ class Sampler:
         eos = self.eos_token_ids.to(device)
 
         for step in range(max_new):
+            if should_stop is not None:
+                should_stop()
             scaled = logits.float()
             if params.temperature != 1.0:
                 scaled = scaled / params.temperature
-            next_tokens = self._draw(scaled, seen, params, generator)
+            next_tokens = self._draw(scaled, seen, params, noise.exponential(active, step))
             tokens[active, step] = next_tokens
             logprobs[active, step] = torch.log_softmax(scaled, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
             done = torch.isin(next_tokens, eos)
@@ -208,9 +232,16 @@ class Sampler:
 
     @staticmethod
     def _draw(
-        scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams, generator: torch.Generator
+        scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams, exponential: torch.Tensor
     ) -> torch.Tensor:
-        """Sample one token per row from the processed distribution (penalty, top-k, top-p)."""
+        """Sample one token per row from the processed distribution (penalty, top-k, top-p).
+
+        Exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` independent draws token ``v``
+        with probability ``p_v`` exactly (the Gumbel-max trick in another form), and is much cheaper
+        on CPU than ``torch.multinomial``. Tokens the processing removed have ``p = 0`` and never win.
+        With the same ``E`` and nearly the same ``p`` (bf16 vs fp16 arms) the same token wins unless
+        two candidates are nearly tied: that is what keeps paired arms' completions identical.
+        """
         logits = scaled
         if seen is not None:
             penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
@@ -225,28 +256,50 @@ class Sampler:
             drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
-        # Exponential race: argmax(p / E) with E = -log(U) ~ Exp(1) draws from p exactly, and is much
-        # cheaper on CPU than torch.multinomial (and than Tensor.exponential_). U is kept off 0 and 1
-        # so E is finite and positive; masked tokens have p = 0 and can never win.
         probs = torch.softmax(logits, dim=-1)
-        uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-        race = -torch.log(uniform.clamp_(min=1e-30, max=1 - 1e-7))
-        return (probs / race).argmax(dim=-1)
+        return (probs / exponential).argmax(dim=-1)
 
 
-def left_pad(
-    prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``[P, L]`` ids and attention mask."""
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, prompt in enumerate(prompt_ids):
-        if len(prompt) == 0:
-            raise ValueError("empty prompt")
-        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt))
-        mask[row, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
+# --- randomness that pairs arms ----------------------------------------------------------------
+
+_HASH_MULTIPLIER = 0x45D9F3B  # Thomas Mueller's 32-bit integer hash; < 2^27 so int64 products never overflow
+_LOW32 = 0xFFFFFFFF
+
+
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash of ints, or of int64 tensors holding values in [0, 2^32): every bit avalanches."""
+    x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _LOW32
+    x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _LOW32
+    return (x >> 16) ^ x
+
+
+def row_keys(seed: int, slots: Sequence[int], num_generations: int) -> torch.Tensor:
+    """One 32-bit key per completion row (prompt-major, as rows are laid out): a hash of (seed, slot, g)."""
+    keys = [int(np.random.SeedSequence([seed, slot, g]).generate_state(1)[0])
+            for slot in slots for g in range(num_generations)]
+    return torch.tensor(keys, dtype=torch.int64)
+
+
+class TokenNoise:
+    """Counter-based Exp(1) noise: ``E[row, position, token] = -log U(hash(key_row, position, token))``.
+
+    Every number is a pure function of the row's key, the token position and the token id, computed
+    with integer hashing on the device: no generator state is shared between rows, so a row's draws
+    are the same whichever other rows exist or finish and whichever engine or device runs it.
+    ``U = (h >> 8 + 1/2) / 2^24`` lies in (0, 1), so ``E`` is finite and positive.
+    """
+
+    def __init__(self, keys: torch.Tensor, vocab_size: int):
+        self.keys = keys
+        self.token_hash = mix32((torch.arange(vocab_size, device=keys.device) * 0x9E3779B1 + 0x7F4A7C15) & _LOW32)
+
+    def exponential(self, rows: torch.Tensor, position: int) -> torch.Tensor:
+        """``[len(rows), vocab]`` fp32 noise for rows ``rows`` (indices into the keys) at ``position``."""
+        position_hash = mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32)  # a Python int: no tensor per step
+        base = mix32(self.keys[rows] ^ position_hash)
+        bits = mix32(base[:, None] ^ self.token_hash[None, :]) >> 8
+        uniform = (bits.to(torch.float32) + 0.5) * (1.0 / 2**24)
+        return -torch.log(uniform)
 
 
 class HFCacheDecoder:
@@ -269,7 +322,7 @@ class HFCacheDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         width = input_ids.shape[1]
         # The mask for the whole call, filled column by column (no concatenation per step).
         self.mask = torch.zeros(
@@ -300,7 +353,7 @@ class HFCacheDecoder:
             input_ids=tokens[:, None],
             attention_mask=self.mask[:, : self.length],
             position_ids=self.positions[:, None],
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         return out.logits[:, -1]

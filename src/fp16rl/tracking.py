@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,7 @@ class RunTracker:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        os.fsync(self._metrics.fileno())  # the source of truth survives a crash with the checkpoint it matches
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
@@ -92,9 +96,17 @@ class RunTracker:
 
 
 class ProgressDisplay:
-    """One progress line with the numbers a user watches: reward, mismatch, loss scale."""
+    """One progress line with the numbers a user watches: reward, mismatch, loss scale.
+
+    On a terminal it is a live bar; otherwise (output sent to a log file, a batch system) it prints one
+    plain line per step, so a log shows progress instead of nothing until the run ends.
+    """
 
     def __init__(self, total_steps: int, start_step: int, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.total_steps, self.start_step = total_steps, start_step
+        self.live = self.console.is_terminal
+        self.started = time.perf_counter()
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -102,17 +114,19 @@ class ProgressDisplay:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[stats]}"),
-            console=console or Console(stderr=True),
+            console=self.console,
             transient=False,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
 
     def __enter__(self) -> "ProgressDisplay":
-        self.progress.start()
+        if self.live:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         stats = (
@@ -121,4 +135,16 @@ class ProgressDisplay:
             f"kl {metrics.get('mismatch/token_kl_k3', float('nan')):.1e}  "
             f"scale {metrics.get('optim/loss_scale', 1.0):.0f}"
         )
-        self.progress.update(self.task, completed=step, stats=stats)
+        if self.live:
+            self.progress.update(self.task, completed=step, stats=stats)
+            return
+        elapsed = time.perf_counter() - self.started
+        per_step = elapsed / max(step - self.start_step, 1)
+        remaining = per_step * (self.total_steps - step)
+        print(f"step {step}/{self.total_steps}  {stats}  {metrics.get('time/step_s', per_step):.1f} s/step  "
+              f"elapsed {_clock(elapsed)}  remaining ~{_clock(remaining)}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

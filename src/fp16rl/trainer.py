@@ -1,67 +1,51 @@
 """The RL loop: sample -> reward -> advantages -> pi_old + mismatch -> loss -> (scaled) step -> sync.
 
-Readable top to bottom on purpose (nanoGPT style): ``Trainer.step`` is one GRPO step as drawn in
-DESIGN.md; set-up, checkpoints and logging are around it.
+Readable top to bottom on purpose (nanoGPT style): ``Trainer.step`` is one GRPO step; set-up,
+checkpoints and logging are around it. The README's "One step" section draws the same flow.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import platform
+import random
 import time
-import warnings
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from transformers import get_scheduler
 
 import fp16rl
 from fp16rl.algorithms import Correction, LossSettings, group_advantages, policy_loss
 from fp16rl.atomic import atomic_write_text
-from fp16rl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from fp16rl.checkpoint import load_checkpoint, remove_torn_saves, save_checkpoint
 from fp16rl.config import ConfigError, TrainConfig
-from fp16rl.logprobs import TokenBatch, build_token_batch, completion_logprobs
+from fp16rl.hardware import emulation_notes
+from fp16rl.interrupt import RunInterrupted, StopRequest
+from fp16rl.logprobs import LogitHead, TokenBatch, build_token_batch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
+from fp16rl.models import (LoraSettings, apply_lora, load_model, load_tokenizer, model_folder, require_4bit_support,
+                           resolve_device, stop_token_ids)
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
-from fp16rl.models import (LoraSettings, apply_lora, load_model, load_tokenizer, require_4bit_support, resolve_device,
-                           resolve_model_path, stop_token_ids, tiny_model_path)
 from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed
-from fp16rl.sampler import Rollouts, Sampler, SamplingParams, cast_parameters
+from fp16rl.runs import plan_run, summarize_run
+from fp16rl.sampler import Rollouts, Sampler, SamplingParams
 from fp16rl.tasks import make_task
 from fp16rl.tasks.base import PromptItem, Scores, Task
-from fp16rl.tracking import ProgressDisplay, RunTracker, best_reward, final_reward, read_metrics
+from fp16rl.tracking import ProgressDisplay, RunTracker, read_metrics
+from fp16rl.weights import MasterWeights, make_optimizer, make_scheduler
 
-
-def prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
-    """The run folder and, when resuming, the checkpoint to resume from. Never overwrites a run."""
-    run_dir = Path(config.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--output-dir {run_dir} exists and is not a folder")
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
-    if config.resume:
-        checkpoints = checkpoint_dirs(run_dir)
-        if not checkpoints:
-            raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume from")
-        return run_dir, checkpoints[-1]
-    if occupied:
-        raise ConfigError(
-            f"--output-dir {run_dir} is in use (not empty); pass --resume to continue that run or choose another folder"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
+logger = logging.getLogger("fp16rl")
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    import random
-
     random.seed(seed)
 
 
@@ -72,7 +56,7 @@ def step_seed(seed: int, step: int) -> int:
 
 def unique_ngram_ratio(tokens: list[int], n: int = 4) -> float:
     """Distinct n-grams / all n-grams of a completion; falls as text starts looping (a collapse signal)."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
@@ -81,63 +65,57 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, task: Task | None = None):
         config.validate()
+        plan = plan_run(config)  # refuses a bad folder, resume, model path or dataset before loading anything
         self.config = config
         self.device = resolve_device(config.device)
         if config.load_in_4bit:
-            require_4bit_support(self.device)  # before the run folder exists: nothing written on refusal
-        self.run_dir, resume_from = prepare_run_dir(config)
-        self.policy = PrecisionPolicy.from_options(
-            config.dtype, config.sampler_dtype, config.trainer_dtype, config.loss_scale_growth_interval
-        )
+            require_4bit_support(self.device)
+        self.policy = PrecisionPolicy.from_options(config.dtype, config.sampler_dtype, config.trainer_dtype,
+                                                   config.loss_scale_growth_interval, config.trainer_compute)
         if self.device.type == "cuda" and config.gpu_memory_utilization < 1.0:
             torch.cuda.set_per_process_memory_fraction(config.gpu_memory_utilization, self.device)
         seed_everything(config.seed)
 
-        model_path = tiny_model_path() if config.model_path == "tiny" else resolve_model_path(config.model_path)
+        model_path = model_folder(config.model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.task = task or make_task(config, self.tokenizer)  # before the model: bad data fails fast
         self.model = self._load_trainer_model(model_path)
-        self.reference = self._make_reference() if config.beta != 0.0 else None
-        eos_ids = stop_token_ids(self.model, self.tokenizer)
-        self.sampler = Sampler(self.model, self.policy.sampler_dtype, self.tokenizer.pad_token_id, eos_ids,
-                               engine=config.sampler_engine)
-        self.sampling = SamplingParams(
-            max_new_tokens=config.max_completion_length,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            repetition_penalty=config.repetition_penalty,
-        )
-        self.loss_settings = LossSettings(
-            loss_type=config.loss_type,
-            importance_sampling_level=config.importance_sampling_level,
-            epsilon=config.epsilon,
-            epsilon_high=config.epsilon_high,
-            beta=config.beta,
-            max_completion_length=config.max_completion_length,
-        )
+        self.weights = MasterWeights(self.model, self.policy)
+        self.head = LogitHead.of(self.model)
+        self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
+        self.reference = self._make_reference() if config.beta != 0.0 and config.lora_r == 0 else None
+        self.sampler = Sampler(self.model, self.policy.sampler_dtype, self.tokenizer.pad_token_id,
+                               stop_token_ids(self.model, self.tokenizer), engine=config.sampler_engine)
+        self.sampler.sync_from(self.weights.named_masters())  # an ablation's sampler starts from the FP32 masters
+        self.sampling = SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature,
+                                       top_p=config.top_p, top_k=config.top_k,
+                                       repetition_penalty=config.repetition_penalty)
+        self.loss_settings = LossSettings(loss_type=config.loss_type,
+                                          importance_sampling_level=config.importance_sampling_level,
+                                          epsilon=config.epsilon, epsilon_high=config.epsilon_high, beta=config.beta,
+                                          max_completion_length=config.max_completion_length)
         self.correction = Correction(config.is_correction, config.is_clip_max, config.is_clip_min)
         self.total_steps = self._total_steps()
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = get_scheduler(
-            config.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
-        )
+        self.optimizer = make_optimizer(self.weights, self.model, config.learning_rate, config.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, config.lr_scheduler_type,
+                                        self.total_steps * config.num_iterations, config.warmup_ratio)
         self.scaler = self.policy.grad_scaler(self.device.type)
-        self.start_step = 0
-        self.skipped_steps_total = 0
-        self.precision_report: dict[str, Any] | None = None
-        if resume_from is not None:
-            state = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.scaler)
-            self.start_step = state["step"]
-            self.skipped_steps_total = state["skipped_steps_total"]
-            self.precision_report = state.get("precision")
-            self.sampler.sync_from(self.model)
-        self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if resume_from else None)
+        self.start_step = plan.resume_step
+        self.counters = {"skipped_steps_total": 0, "empty_loss_steps_total": 0}
+        self.precision_report: dict[str, Any] | None = None  # observed afresh at the first step, resumed or not
+        if plan.resume_from is not None:
+            state = load_checkpoint(plan.resume_from, self.weights.load, self.optimizer, self.scheduler, self.scaler)
+            self._check_resumed_precision(state.get("precision"), plan.resume_from)
+            self.counters.update({k: state.get(k, 0) for k in self.counters})
+            self.sampler.sync_from(self.weights.named_masters())
+        self.status = "running"
+        self.saved_steps: set[int] = set()
+        self.notes = self._notes()  # once everything loaded: a refused run prints its one error line only
+        for note in self.notes:
+            logger.warning(note)
+        self.run_dir = plan.create()  # the first write: a refused run leaves nothing behind
+        remove_torn_saves(self.run_dir)
+        self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if plan.resume_from else None)
         self.monitor = CollapseMonitor()
         for record in read_metrics(self.run_dir / "metrics.jsonl"):  # resume: rebuild the monitor's state
             self.monitor.update(record["step"], record)
@@ -145,8 +123,18 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------
 
-    def _load_trainer_model(self, model_path: Path) -> torch.nn.Module:
-        """FP32 master weights for what is trained; LoRA's frozen base is stored in the trainer dtype.
+    def _notes(self) -> list[str]:
+        """Warnings a user should read before the run: settings that work against each other, slow dtypes."""
+        notes = emulation_notes({self.policy.sampler_dtype, self.policy.trainer_dtype}, self.device)
+        if self.config.importance_sampling_level == "sequence" and self.config.loss_type != "grpo":
+            notes.append(f"--importance-sampling-level sequence with --loss-type {self.config.loss_type} weights each "
+                         "sequence by its length instead of optimising GSPO's per-sequence objective; GSPO uses "
+                         "--loss-type grpo")
+        return notes
+
+    def _load_trainer_model(self, model_path) -> torch.nn.Module:
+        """Trainable weights as FP32 masters (``MasterWeights`` then makes the compute copy); LoRA's frozen
+        base is stored in the trainer dtype.
 
         With ``--load-in-4bit`` the base's linear layers are NF4 computing in the trainer dtype and
         everything else frozen stays in that dtype too. Unlike peft's ``prepare_model_for_kbit_training``
@@ -156,8 +144,7 @@ class Trainer:
         model = load_model(model_path, load_dtype, self.config.attn_implementation, self.device,
                            load_in_4bit=self.config.load_in_4bit)
         if self.config.lora_r == 0:
-            model.requires_grad_(True)
-            return model
+            return model.requires_grad_(True)
         lora = LoraSettings(r=self.config.lora_r, alpha=self.config.lora_alpha, use_rslora=self.config.use_rslora,
                             target_modules=tuple(self.config.lora_target_modules))
         model = apply_lora(model, lora)
@@ -166,19 +153,24 @@ class Trainer:
                 param.data = param.data.to(self.policy.trainer_dtype)
         return model
 
-    def _make_reference(self) -> torch.nn.Module | None:
-        """Full fine-tuning keeps a frozen copy; LoRA uses the base model with adapters disabled."""
-        if self.config.lora_r > 0:
-            return None
-        reference = copy.deepcopy(self.model).requires_grad_(False).eval()
-        cast_parameters(reference, self.policy.trainer_dtype)
-        return reference
+    def _make_reference(self) -> torch.nn.Module:
+        """Full fine-tuning: a frozen copy of the initial policy that computes exactly as the policy did
+        at step 1 (same stored dtypes, same compute context), so ``policy/kl_ref`` starts at 0. LoRA's
+        reference is the base with the adapters disabled."""
+        return copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def _check_resumed_precision(self, stored: dict[str, Any] | None, checkpoint: Any) -> None:
+        declared = (stored or {}).get("declared") or {}
+        now = self.policy.describe()
+        for key, value in declared.items():
+            if key in now and now[key] != value:
+                raise ConfigError(f"checkpoint {checkpoint} was written with {key}={value}, this run has {key}="
+                                  f"{now[key]}; a run keeps its precision (start a new run to change it)")
 
     def _total_steps(self) -> int:
         if self.config.max_steps > 0:
             return self.config.max_steps
-        per_epoch = self.task.num_steps_per_epoch
-        return max(1, math.ceil(self.config.epochs * per_epoch))
+        return max(1, math.ceil(self.config.epochs * self.task.num_steps_per_epoch))
 
     def _write_config(self) -> None:
         import peft
@@ -190,13 +182,10 @@ class Trainer:
             "total_steps": self.total_steps,
             "device": str(self.device),
             "precision": self.precision_report or {"declared": self.policy.describe(), "observed": "after step 1"},
-            "versions": {
-                "fp16rl": fp16rl.__version__,
-                "torch": str(torch.__version__),
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-                "python": platform.python_version(),
-            },
+            "notes": self.notes,
+            "versions": {"fp16rl": fp16rl.__version__, "torch": str(torch.__version__),
+                         "transformers": transformers.__version__, "peft": peft.__version__,
+                         "python": platform.python_version()},
         }
         if self.config.load_in_4bit:
             import bitsandbytes
@@ -209,14 +198,19 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def train(self, show_progress: bool = True) -> dict[str, Any]:
-        """Run until ``total_steps`` (or a collapse with ``stop_on_collapse``); returns the last metrics."""
+        """Run until ``total_steps``, a collapse with ``stop_on_collapse`` or Ctrl-C; returns the last metrics.
+
+        ``self.status`` ends as finished | stopped_on_collapse | interrupted | failed.
+        """
         metrics: dict[str, Any] = {}
-        status = "failed"
+        self.status, last_done = "failed", self.start_step
+        stop = StopRequest()
         display = ProgressDisplay(self.total_steps, self.start_step) if show_progress else nullcontext()
         try:
-            with display:
+            with display, stop.installed():
                 for step in range(self.start_step + 1, self.total_steps + 1):
-                    metrics = self.step(step)
+                    metrics = self.step(step, stop)
+                    last_done = step
                     self.tracker.log(step, metrics)
                     if show_progress:
                         display.update(step, metrics)
@@ -225,39 +219,47 @@ class Trainer:
                         self._announce(event, show_progress)
                     if event is not None and self.config.stop_on_collapse:
                         self.save(step)
-                        status = "stopped_on_collapse"
+                        self.status = "stopped_on_collapse"
                         break
                     if step % self.config.save_steps == 0 or step == self.total_steps:
                         self.save(step)
+                    stop.armed = True
+                    stop.check()  # a signal during the step's tail stops here, the step complete
                 else:
-                    status = "finished"
+                    self.status = "finished"
+        except RunInterrupted:
+            self.status = "interrupted"
+            self.weights.zero_grad()
+            if last_done not in self.saved_steps:
+                self.save(last_done)
+        except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint, but say what happened
+            self.status = "interrupted"
+            raise
         finally:
             self.tracker.close()
             self.task.close()
-            self._write_summary(status)
+            self._write_summary(self.status)
         return metrics
 
     def _announce(self, event: CollapseEvent, show_progress: bool) -> None:
         if show_progress:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[bold yellow]collapse detected[/] at step {event.step}: "
-                                       f"{event.rule} ({event.detail})")
+            logger.warning(f"collapse detected at step {event.step}: {event.rule} ({event.detail})")
 
     def _write_summary(self, status: str) -> None:
-        """summary.json: the run's outcome at a glance (what `fp16rl compare` and `report` read)."""
         atomic_write_text(self.run_dir / "summary.json", json.dumps(
             summarize_run(read_metrics(self.run_dir / "metrics.jsonl"), self.monitor.event, status=status,
                           total_steps=self.total_steps, arm=self.config.arm, seed=self.config.seed), indent=2))
 
-    def step(self, step: int) -> dict[str, float]:
-        """One GRPO step (1-based ``step``); returns its metrics."""
+    def step(self, step: int, stop: StopRequest | None = None) -> dict[str, float]:
+        """One GRPO step (1-based ``step``); returns its metrics. ``stop`` is polled at safe points."""
         cfg, t0 = self.config, time.perf_counter()
+        stop = stop or StopRequest()
 
         # 1. Rollouts from the sampler, in the sampler dtype, with their token logprobs mu.
         items = self.task.batch(step - 1, cfg.prompts_per_step)
         prompt_ids = [self.tokenizer(item.text, add_special_tokens=False)["input_ids"] for item in items]
-        rollouts = self.sampler.generate(prompt_ids, cfg.num_generations, self.sampling, seed=step_seed(cfg.seed, step))
+        rollouts = self.sampler.generate(prompt_ids, cfg.num_generations, self.sampling, seed=step_seed(cfg.seed, step),
+                                         slots=range(len(items)), should_stop=stop.check)
         token_lists = rollouts.completion_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
         t_rollout = time.perf_counter()
@@ -267,17 +269,19 @@ class Trainer:
         scores = self.task.score(grouped_items, completions, rollouts.truncated)
         rewards = torch.tensor(scores.rewards, dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+        stop.check()
         t_reward = time.perf_counter()
 
         # 3. The trainer's logprobs at the rollout parameters (pi_old), the mismatch, the reference.
         batch = build_token_batch(rollouts.prompt_ids, cfg.num_generations, rollouts.completion_ids,
                                   rollouts.completion_mask, self.tokenizer.pad_token_id).to(self.device)
         recorder = DtypeRecorder()
-        with torch.no_grad(), recorder.watch(self.model):
+        with torch.no_grad(), recorder.watch(self.model), stop.watching_layers(self.model):
             old_logprobs, entropy = self._logprobs(self.model, batch, with_entropy=True)
         ref_logprobs = self._reference_logprobs(batch) if self.loss_settings.beta != 0.0 else None
         if self.precision_report is None:
-            self.precision_report = check_observed(self.policy, rollouts.observed_dtype, recorder.report())
+            self.precision_report = check_observed(self.policy, rollouts.observed_dtype, recorder.report(),
+                                                   full_finetune=cfg.lora_r == 0)
             self._write_config()
         mu = rollouts.sampler_logprobs.to(self.device)
         token_mask = batch.completion_mask
@@ -289,8 +293,8 @@ class Trainer:
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
         optim_metrics = self._optimize(batch, loss_mask, advantages.to(self.device), old_logprobs, is_weights,
-                                       ref_logprobs)
-        self.sampler.sync_from(self.model)
+                                       ref_logprobs, stop, step)
+        self.sampler.sync_from(self.weights.named_masters())
         t_train = time.perf_counter()
 
         # 5. Metrics.
@@ -321,13 +325,13 @@ class Trainer:
         return metrics
 
     def _logprobs(self, model: torch.nn.Module, batch: TokenBatch, with_entropy: bool = False):
-        """Trainer-side logprobs of a whole batch, in micro-batches, under the trainer's autocast."""
+        """Trainer-side logprobs of a whole batch, in micro-batches, in the trainer's compute context."""
         parts, entropies = [], []
         size = self._micro_batch_size()
         with self.policy.autocast(self.device.type):
             for begin in range(0, batch.input_ids.shape[0], size):
                 logp, ent = completion_logprobs(model, batch.select(slice(begin, begin + size)), self.config.temperature,
-                                                with_entropy, self.config.logprob_chunk_tokens)
+                                                with_entropy, self.config.logprob_chunk_tokens, self.head)
                 parts.append(logp)
                 entropies.append(ent)
         return torch.cat(parts), (torch.cat(entropies) if with_entropy else None)
@@ -342,28 +346,35 @@ class Trainer:
     def _micro_batch_size(self) -> int:
         return self.config.prompts_per_step * self.config.num_generations // self.config.gradient_accumulation_steps
 
-    def _optimize(
-        self,
-        batch: TokenBatch,
-        loss_mask: torch.Tensor,
-        advantages: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        is_weights: torch.Tensor,
-        ref_logprobs: torch.Tensor | None,
-    ) -> dict[str, float]:
-        """``num_iterations`` optimizer steps over the generation batch, each over GA micro-batches."""
+    def _optimize(self, batch: TokenBatch, loss_mask: torch.Tensor, advantages: torch.Tensor,
+                  old_logprobs: torch.Tensor, is_weights: torch.Tensor, ref_logprobs: torch.Tensor | None,
+                  stop: StopRequest, step: int) -> dict[str, float]:
+        """``num_iterations`` optimizer steps over the generation batch, each over GA micro-batches.
+
+        ``optim/lr`` is the learning rate these optimizer steps used; ``optim/grad_norm`` the mean of
+        their gradient norms (``optim/grad_norm_max`` the largest). A step whose loss covers no token
+        (every completion truncated and masked) changes nothing and is counted.
+        """
         cfg = self.config
         size, accum = self._micro_batch_size(), cfg.gradient_accumulation_steps
         batch_tokens = int(loss_mask.sum())
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        metrics = {"optim/loss_tokens": float(batch_tokens), "optim/lr": self.optimizer.param_groups[0]["lr"]}
+        if batch_tokens == 0:
+            self.counters["empty_loss_steps_total"] += 1
+            if self.counters["empty_loss_steps_total"] == 1:
+                logger.warning(f"step {step}: no completion token is in the loss (all truncated and "
+                               "--mask-truncated-completions is on), so the step trained on nothing; raise "
+                               "--max-completion-length (counted in optim/empty_loss_steps_total)")
+            return {**metrics, **self._optim_summary(0.0, [], [], 0, {}, ref_logprobs)}
         totals: dict[str, float] = {"loss": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "kl_ref": 0.0}
-        skipped, grad_norm = 0, 0.0
-        for _ in range(cfg.num_iterations):
+        skipped, norms, rates = 0, [], []
+        for iteration in range(cfg.num_iterations):
             for begin in range(0, batch.input_ids.shape[0], size):
                 rows = slice(begin, begin + size)
-                with self.policy.autocast(self.device.type):
+                stop.check()  # a no-op once this step has changed the weights (stop.armed is False then)
+                with self.policy.autocast(self.device.type), stop.watching_layers(self.model):
                     logprobs, _ = completion_logprobs(self.model, batch.select(rows), cfg.temperature,
-                                                      chunk_tokens=cfg.logprob_chunk_tokens)
+                                                      chunk_tokens=cfg.logprob_chunk_tokens, head=self.head)
                 # With one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL).
                 old = logprobs.detach() if cfg.num_iterations == 1 else old_logprobs[rows]
                 loss, stats = policy_loss(
@@ -374,32 +385,44 @@ class Trainer:
                 totals["loss"] += loss.item()
                 for key, value in stats.items():
                     totals[key] += value.item() / accum
-            step_skipped, grad_norm = self._optimizer_step(params)
+            stop.armed = False  # from here on the weights change: finish the step before stopping
+            rates.append(self.optimizer.param_groups[0]["lr"])
+            step_skipped, grad_norm = self._optimizer_step()
             skipped += step_skipped
-        self.skipped_steps_total += skipped
-        iters = cfg.num_iterations
+            norms.append(grad_norm)
+        self.counters["skipped_steps_total"] += skipped
+        return {**metrics, **self._optim_summary(totals["loss"] / cfg.num_iterations, norms, rates, skipped, totals,
+                                                 ref_logprobs)}
+
+    def _optim_summary(self, loss: float, norms: list[float], rates: list[float], skipped: int,
+                       totals: dict[str, float], ref_logprobs: torch.Tensor | None) -> dict[str, float]:
+        iters = self.config.num_iterations
         metrics = {
-            "optim/loss": totals["loss"] / iters,
-            "optim/grad_norm": grad_norm,
-            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/loss": loss,
+            "optim/grad_norm": float(np.mean(norms)) if norms else 0.0,
+            "optim/grad_norm_max": float(np.max(norms)) if norms else 0.0,
             "optim/loss_scale": float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0,
             "optim/step_skipped": float(skipped),
-            "optim/skipped_steps_total": float(self.skipped_steps_total),
-            "policy/clip_ratio_low": totals["clip_ratio_low"] / iters,
-            "policy/clip_ratio_high": totals["clip_ratio_high"] / iters,
+            "optim/skipped_steps_total": float(self.counters["skipped_steps_total"]),
+            "optim/empty_loss_steps_total": float(self.counters["empty_loss_steps_total"]),
+            "policy/clip_ratio_low": totals.get("clip_ratio_low", 0.0) / iters,
+            "policy/clip_ratio_high": totals.get("clip_ratio_high", 0.0) / iters,
         }
+        if rates:
+            metrics["optim/lr"] = float(np.mean(rates))
         if ref_logprobs is not None:
-            metrics["policy/kl_ref"] = totals["kl_ref"] / iters
+            metrics["policy/kl_ref"] = totals.get("kl_ref", 0.0) / iters
         return metrics
 
-    def _optimizer_step(self, params: list[torch.nn.Parameter]) -> tuple[int, float]:
-        """Unscale, clip, step. A step whose gradients overflowed is skipped: weights never go NaN.
+    def _optimizer_step(self) -> tuple[int, float]:
+        """Unscale, clip, step the FP32 masters, cast them into the model. An overflowed step is skipped.
 
         In fp16 the GradScaler finds inf/NaN, skips and lowers the scale; in bf16/fp32 a non-finite
-        gradient norm skips the step the same way.
+        gradient norm skips the step the same way. Only a step taken advances the LR schedule.
         """
+        self.weights.grads_to_masters()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.weights.masters, self.config.max_grad_norm))
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -410,9 +433,9 @@ class Trainer:
             skipped = 0
         else:
             skipped = 1
-        self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # the schedule follows steps, skipped ones included (as in HF Trainer)
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        self.weights.zero_grad()
+        if not skipped:
+            self.weights.masters_to_model()
             self.scheduler.step()
         return skipped, grad_norm
 
@@ -433,29 +456,9 @@ class Trainer:
             for i in group
         ]
 
-    def save(self, step: int) -> Path:
-        state = {"skipped_steps_total": self.skipped_steps_total, "data_position": step, "precision": self.precision_report}
-        return save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.scaler, state)
-
-
-def summarize_run(
-    records: list[dict[str, Any]], event: CollapseEvent | None, *, status: str, total_steps: int,
-    arm: str | None, seed: int,
-) -> dict[str, Any]:
-    """Final reward (mean over the last 10% of steps), best 10-step moving average, collapse, speed."""
-    rewards = np.array([float(r["reward/mean"]) for r in records if "reward/mean" in r])
-    wall = sum(float(r.get("time/step_s", 0.0)) for r in records)
-    return {
-        "status": status,
-        "steps_completed": records[-1]["step"] if records else 0,
-        "total_steps": total_steps,
-        "final_reward": final_reward(rewards),
-        "best_reward": best_reward(rewards),
-        "collapse_step": event.step if event else None,
-        "collapse_rule": event.rule if event else None,
-        "collapse_detail": event.detail if event else None,
-        "steps_per_s": len(records) / wall if wall > 0 else None,
-        "wall_s": wall,
-        "arm": arm,
-        "seed": seed,
-    }
+    def save(self, step: int) -> Any:
+        state = {**self.counters, "data_position": step, "precision": self.precision_report}
+        path = save_checkpoint(self.run_dir, step, self.weights.named_masters(), self.model, self.optimizer,
+                               self.scheduler, self.scaler, state)
+        self.saved_steps.add(step)
+        return path

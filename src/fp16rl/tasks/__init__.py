@@ -15,6 +15,7 @@ def make_task(config: TrainConfig, tokenizer) -> Task:
         if name not in TOY_TASKS:
             raise ConfigError(f"unknown toy task {name!r} in --dataset-path (available: {', '.join(TOY_TASKS)})")
         return DigitsTask(tokenizer, seed=config.seed)
+    from fp16rl.tasks.arc.reward import DEFAULT_REWARD
     from fp16rl.tasks.arc.task import ArcTask
 
     try:
@@ -25,7 +26,7 @@ def make_task(config: TrainConfig, tokenizer) -> Task:
             augment=config.use_data_augmentation,
             seed=config.seed,
             prompts_per_step=config.prompts_per_step,
-            reward_name=config.reward_name,
+            reward_name=config.reward_name or DEFAULT_REWARD,
             n_jobs=config.n_jobs,
             timeout_s=config.code_timeout,
             memory_limit_mb=config.code_memory_limit_mb,

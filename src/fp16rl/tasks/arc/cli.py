@@ -10,13 +10,6 @@ from typing import NoReturn
 import typer
 
 from fp16rl.sandbox import Sandbox, SandboxLimits, extract_code
-from fp16rl.sft import (
-    ARC_LITE_RL_OPTIONS,
-    ArcLiteSettings,
-    arc_lite_dataset,
-    arc_lite_warm_model,
-    read_warm_start_log,
-)
 from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.reward import REWARDS, evaluate, get_reward
 from fp16rl.tasks.arc.synthetic import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, write_synthetic
@@ -94,14 +87,17 @@ def synth(
 @app.command("warmstart")
 def warmstart(
     output: Path | None = typer.Option(None, "--output", help="Write the warm model to this new folder."),
-    steps: int = typer.Option(ArcLiteSettings.steps, "--steps", help="Supervised steps (batches of 8)."),
-    num_tasks: int = typer.Option(ArcLiteSettings.num_tasks, "--num-tasks", "--num_tasks",
-                                  help="arc-lite tasks to learn from."),
-    seed: int = typer.Option(ArcLiteSettings.seed, "--seed", help="Seed of those tasks and of the warm start."),
+    steps: int | None = typer.Option(None, "--steps", help="Supervised steps (batches of 8); default: the recipe's."),
+    num_tasks: int | None = typer.Option(None, "--num-tasks", "--num_tasks",
+                                         help="arc-lite tasks to learn from; default: the recipe's."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of those tasks and of the warm start; default: the recipe's."),
 ) -> None:
     """Warm-start the tiny model on arc-lite (cached after the first time) so it writes runnable code;
     print its path, the arc-lite RL dataset and an `fp16rl train` command that uses both."""
-    settings = ArcLiteSettings(num_tasks=num_tasks, seed=seed, steps=steps)
+    from fp16rl.sft import ArcLiteSettings, arc_lite_dataset, arc_lite_warm_model, read_warm_start_log
+
+    given = {"steps": steps, "num_tasks": num_tasks, "seed": seed}
+    settings = ArcLiteSettings(**{name: value for name, value in given.items() if value is not None})
     try:
         model = arc_lite_warm_model(settings, output_dir=output, show_progress=True)
         dataset = arc_lite_dataset()
@@ -117,6 +113,8 @@ def warmstart(
 
 def arc_lite_train_command(model: Path, dataset: Path, output_dir: str = "runs/arc-lite") -> str:
     """The `fp16rl train` command line of the arc-lite demo run (ARC_LITE_RL_OPTIONS)."""
+    from fp16rl.sft import ARC_LITE_RL_OPTIONS
+
     flags = [f"--model-path {shlex.quote(str(model))}", f"--dataset-path {shlex.quote(str(dataset))}",
              f"--output-dir {shlex.quote(output_dir)}"]
     for name, value in ARC_LITE_RL_OPTIONS.items():

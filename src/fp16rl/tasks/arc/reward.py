@@ -136,6 +136,7 @@ def arc_v2_no_pixel_score(evaluation: Evaluation) -> float:
 
 
 REWARDS: dict[str, RewardFn] = {"arc-v1": arc_v1, "arc-v2-no-pixel-score": arc_v2_no_pixel_score}
+DEFAULT_REWARD = "arc-v2-no-pixel-score"  # the seed experiment's reward
 
 
 def get_reward(name: str) -> RewardFn:

@@ -1,0 +1,66 @@
+"""Ctrl-C and SIGTERM stop a run at the next safe point, with a checkpoint, instead of losing the work.
+
+The first SIGINT/SIGTERM only sets a flag. The training loop polls it at safe points: every decoded
+token, between micro-batches and at every decoder layer's forward, as long as the step has not yet
+changed the weights. There ``StopRequest.check`` raises ``RunInterrupted``: the step is abandoned,
+its partial gradients dropped, and the run saves the last completed step and records
+``status: interrupted``; ``--resume`` then continues exactly. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from typing import Iterator
+
+import torch
+
+
+class RunInterrupted(Exception):
+    """Raised at a safe point after Ctrl-C or SIGTERM."""
+
+
+class StopRequest:
+    """The flag the signal handlers set and the safe points poll."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.armed = True  # False while the weights are being changed: finish that first
+
+    def check(self) -> None:
+        if self.signal_name is not None and self.armed:
+            raise RunInterrupted(self.signal_name)
+
+    def _handle(self, number: int, _frame: object) -> None:
+        if self.signal_name is not None:  # the second signal: do not wait for a safe point
+            signal.signal(number, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+        print(f"\n{self.signal_name}: stopping at the next safe point and saving a checkpoint "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        """Handle SIGINT/SIGTERM while the block runs (only possible in the main thread; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def watching_layers(self, model: torch.nn.Module) -> Iterator[None]:
+        """Poll the flag before every decoder layer's forward, so a long forward stops within one layer."""
+        handles = [module.register_forward_pre_hook(lambda *_: self.check())
+                   for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
