@@ -31,7 +31,7 @@ TOY = dict(model_path="tiny", dataset_path="toy:digits", learning_rate=2e-3, num
 
 
 def runs() -> dict[str, dict]:
-    from fp16rl.sft import ARC_LITE_RL_OPTIONS, arc_lite_dataset, arc_lite_warm_model
+    from fp16rl.tasks.arc.lite import ARC_LITE_RL_OPTIONS, arc_lite_dataset, arc_lite_warm_model
 
     arc = {**ARC_LITE_RL_OPTIONS, "model_path": str(arc_lite_warm_model()), "dataset_path": str(arc_lite_dataset())}
     return {

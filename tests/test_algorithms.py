@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from fp16rl.algorithms import Correction, LossSettings, group_advantages, k3, policy_loss
+from fp16rl.algorithms import Correction, LossSettings, group_advantages, k3
+from fp16rl.algorithms import policy_loss as _policy_loss
+from fp16rl.batch import RolloutBatch
 
 
 def test_group_advantages_group_std():
@@ -59,6 +61,14 @@ def test_loss_types_match_hand_computation(loss_type):
     settings = LossSettings(loss_type=loss_type, max_completion_length=8)
     loss, stats = policy_loss(new, old, adv, mask, settings, batch_tokens=10)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def policy_loss(new, old, adv, mask, settings, is_weights=None, ref_logprobs=None, grad_accum_steps=1,
+                batch_tokens=None):
+    """The loss of a RolloutBatch holding these tensors (the formulas are what these tests check)."""
+    batch = RolloutBatch(tokens=None, advantages=adv, loss_mask=mask, old_logprobs=old, is_weights=is_weights,
+                         ref_logprobs=ref_logprobs)
+    return _policy_loss(new, old, batch, settings, grad_accum_steps, batch_tokens)
 
 
 def test_gradient_accumulation_scales_loss():
@@ -133,6 +143,18 @@ def test_is_corrections_by_hand():
     w, frac = Correction("sequence_mask", clip_max=1.2).weights(old, mu, mask)
     assert torch.allclose(w[:, 0], torch.tensor([0.0, seq[1].item()]), atol=1e-5)
     assert frac == pytest.approx(3 / 5)
+
+
+def test_token_truncate_honours_the_lower_bound_like_trl():
+    """TIS clamps rho into [is_clip_min, is_clip_max] (TRL's vllm_importance_sampling_clip_min/max)."""
+    mu = torch.log(torch.tensor([[0.5, 0.1, 0.2], [0.4, 0.4, 0.4]]))
+    old = torch.log(torch.tensor([[0.5, 0.3, 0.1], [0.4, 0.2, 0.9]]))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    w, _ = Correction("token_truncate", clip_max=2.0, clip_min=0.8).weights(old, mu, mask)
+    # rho [1, 3, 0.5, 1, 0.5] -> [1, 2, 0.8, 1, 0.8]; TRL: torch.clamp(ratio, min=clip_min, max=clip_max)
+    rho = torch.exp(old - mu)[mask]
+    assert torch.allclose(w[mask], torch.clamp(rho, min=0.8, max=2.0), atol=1e-6)
+    assert torch.allclose(w[mask], torch.tensor([1.0, 2.0, 0.8, 1.0, 0.8]), atol=1e-5)
 
 
 def test_bad_settings_rejected():

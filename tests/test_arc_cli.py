@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fp16rl.tasks.arc.cli import app
+from fp16rl.cli.arc import app
 from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.synthetic import programs_path
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fp16rl.config import TrainConfig
-from fp16rl.sft import ARC_LITE_RL_OPTIONS, arc_lite_dataset, arc_lite_warm_model
+from fp16rl.tasks.arc.lite import ARC_LITE_RL_OPTIONS, arc_lite_dataset, arc_lite_warm_model
 from fp16rl.tracking import read_metrics
 from fp16rl.trainer import Trainer
 
@@ -41,7 +41,7 @@ def test_arc_lite_reward_rises_in_fp16(tmp_path: Path, fp16rl_home: Path) -> Non
 
 @pytest.mark.slow
 def test_seed_command_line_runs(tmp_path: Path, fp16rl_home: Path) -> None:
-    """The seed's exact command line (seeds/001), paths replaced by the warm tiny model and arc-lite."""
+    """The seed's exact command line (README, "The seed's bf16-vs-fp16 experiment"), paths replaced by the warm tiny model and arc-lite."""
     import shlex
     import subprocess
     import sys

@@ -42,7 +42,7 @@ def arc_base(tmp_path_factory) -> Path:
     base.write_text(yaml.safe_dump({
         "model_path": "tiny", "dataset_path": str(data), "grid_encoder": "digits", "lora_r": 0,
         "num_generations": 2, "prompts_per_step": 2, "max_completion_length": 8, "max_seq_length": 2048,
-        "max_steps": 2, "save_steps": 1, "logging_steps": 1, "beta": 0.0, "n_jobs": 1, "top_p": 1.0,
+        "max_steps": 2, "save_steps": 1, "save_samples_steps": 1, "beta": 0.0, "n_jobs": 1, "top_p": 1.0,
     }))
     return base
 

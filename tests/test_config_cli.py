@@ -8,7 +8,7 @@ import pytest
 
 from fp16rl.config import ConfigError, TrainConfig, parse_train_args
 
-# The seed's command line (seeds/001), with local paths and variables expanded.
+# The seed's command line (README, "The seed's bf16-vs-fp16 experiment"), variables expanded.
 SEED_COMMAND = """
 --dtype bfloat16 --beta 0.001 --no-load-in-4bit --reward-name arc-v2-no-pixel-score --num-generations 8
 --gradient-accumulation-steps 1 --learning-rate 4e-6 --lora_r 1 --repetition-penalty 1.00 --epochs 1

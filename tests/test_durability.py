@@ -9,9 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
 from fp16rl import atomic
@@ -154,7 +152,7 @@ def test_ctrl_c_on_the_cli_stops_with_a_checkpoint_and_plain_progress_lines(tmp_
     assert [p.name for p in checkpoint_dirs(run)] == [f"step-{done}"]
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert f"interrupted after step {done}" in stderr
-    progress = [line for line in stderr.splitlines() if line.startswith("step ")]
+    progress = [line for line in stderr.splitlines() if line.startswith("train ")]
     assert [line.split()[1] for line in progress] == [f"{k}/400" for k in range(1, done + 1)]
     assert "reward" in progress[0] and "s/step" in progress[0]
     resumed = _run_cli(["--output-dir", str(run), "--resume", "--max-steps", str(done + 1)])

@@ -1,4 +1,4 @@
-"""Mismatch metrics: names exactly as in DESIGN.md, formulas checked by hand."""
+"""Mismatch metrics: names exactly as in docs/design.md, formulas checked by hand."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from fp16rl.mismatch import effective_sample_size, mismatch_metrics, pearson
 
-DESIGN_NAMES = {
+DOC_NAMES = {
     "mismatch/token_kl_k1", "mismatch/token_kl_k3", "mismatch/seq_kl", "mismatch/logp_abs_diff_mean",
     "mismatch/logp_abs_diff_max", "mismatch/prob_abs_diff_mean", "mismatch/prob_abs_diff_max",
     "mismatch/prob_diff_min", "mismatch/prob_diff_max", "mismatch/is_ratio_token_min",
@@ -20,7 +20,7 @@ DESIGN_NAMES = {
 def test_identical_logprobs_give_zero_mismatch():
     lp = torch.log(torch.tensor([[0.5, 0.25], [0.1, 0.9]]))
     m = mismatch_metrics(lp, lp.clone(), torch.ones(2, 2, dtype=torch.bool))
-    assert set(m) == DESIGN_NAMES
+    assert set(m) == DOC_NAMES
     assert m["mismatch/token_kl_k1"] == 0 and m["mismatch/token_kl_k3"] == 0 and m["mismatch/seq_kl"] == 0
     assert m["mismatch/logp_abs_diff_max"] == 0 and m["mismatch/prob_abs_diff_max"] == 0
     assert m["mismatch/is_ratio_seq_mean"] == 1 and m["mismatch/ess"] == pytest.approx(1.0)

@@ -11,18 +11,10 @@ from typer.testing import CliRunner
 
 from fp16rl.cli import app
 from fp16rl.models import ModelError, load_model
-from fp16rl.probe import (
-    FP16_MAX,
-    ProbeError,
-    bitwise_equal_ratio,
-    encode_prompts,
-    fp16_range_check,
-    fp16_range_summary,
-    probe_metrics,
-    read_prompt_texts,
-    seq_log_ratio_slope,
-    seq_log_ratio_slope_stderr,
-)
+from fp16rl.errors import ProbeError
+from fp16rl.probe.measure import bitwise_equal_ratio, probe_metrics, seq_log_ratio_slope, seq_log_ratio_slope_stderr
+from fp16rl.probe.range_check import FP16_MAX, fp16_range_check, fp16_range_summary
+from fp16rl.probe.settings import encode_prompts, read_prompt_texts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

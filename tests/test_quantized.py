@@ -113,7 +113,7 @@ def test_4bit_lora_training_runs_and_engines_agree(cpu_4bit, tmp_path):
 def test_4bit_resume_is_exact(cpu_4bit, tmp_path):
     def run(out, max_steps, resume=False):
         trainer = Trainer(toy_config(out, dtype="float16", lora_r=4, load_in_4bit=True, max_steps=max_steps,
-                                     save_steps=2, resume=resume, logging_steps=100))
+                                     save_steps=2, resume=resume, save_samples_steps=100))
         trainer.train(show_progress=False)
         return read_metrics(out / "metrics.jsonl")
 

@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 import yaml
 
-from fp16rl.report import (ReportError, analyse, arm_label, arm_slug, best_reward, bootstrap_ci, build_report,
-                           final_reward, load_inputs, moving_average)
+from fp16rl.errors import FolderInUseError, ReportError
+from fp16rl.experiments import arm_slug
+from fp16rl.report import arm_label, bootstrap_ci, build_report, load_inputs, moving_average
+from fp16rl.report import analyse as analyse_typed
+from fp16rl.tracking import best_reward, final_reward
+
+
+def analyse(inputs, reference=None):
+    """report.json's numbers (the typed Analysis as the JSON the report writes)."""
+    return analyse_typed(inputs, reference).to_json()
 
 BF16, FP16 = "dtype=bfloat16", "dtype=float16"
 SEEDS = (0, 1, 2)
@@ -184,7 +192,7 @@ def test_report_files(compare_dir: Path, tmp_path: Path):
 def test_output_folder_is_not_overwritten_by_accident(compare_dir: Path, tmp_path: Path):
     out = tmp_path / "report"
     build_report([compare_dir], out)
-    with pytest.raises(ReportError, match="not empty.*--overwrite"):
+    with pytest.raises(FolderInUseError, match="not empty.*--overwrite"):
         build_report([compare_dir], out)
     (out / "notes.txt").write_text("mine")
     build_report([compare_dir], out, overwrite=True, smooth=1)

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fp16rl.config import IS_CORRECTIONS, IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from fp16rl.mismatch import MAX_LOG_RATIO
+
+if TYPE_CHECKING:
+    from fp16rl.batch import RolloutBatch
 
 _STD_EPS = 1e-4
 
@@ -104,21 +109,23 @@ def k3(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
+    batch: RolloutBatch,
     settings: LossSettings,
-    is_weights: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
     grad_accum_steps: int = 1,
     batch_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch, already scaled so summing micro-batches gives the step's loss.
 
-    ``logprobs`` carry gradient (pi_theta); ``old_logprobs`` are pi_old; ``advantages`` is ``[N]``;
-    ``mask`` marks the tokens that contribute; ``batch_tokens`` is the number of such tokens in the
-    whole generation batch (dapo's normaliser).
+    ``logprobs`` carry gradient (pi_theta); ``old_logprobs`` are pi_old (``batch.old_logprobs``, or
+    ``logprobs.detach()`` when each batch gets one optimizer step); ``batch`` gives the advantages
+    ``[N]``, the loss mask, the IS weights and the reference logprobs; ``batch_tokens`` is the number
+    of loss tokens in the whole generation batch (dapo's normaliser).
+
+    ``L_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps_high) A) * w_t + beta * k3(ref_t, lpi_t)`` with
+    ``r_t = exp(lpi_t - lpi_old_t)`` (GSPO: ``r = exp(mean_t(lpi_t - lpi_old_t))`` per row).
     """
-    mask = mask.float()
+    advantages, is_weights, ref_logprobs = batch.advantages, batch.is_weights, batch.ref_logprobs
+    mask = batch.loss_mask.float()
     log_ratio = logprobs - old_logprobs
     if settings.importance_sampling_level == "sequence":  # GSPO: length-normalised sequence ratio
         log_ratio = ((log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).unsqueeze(1)

@@ -9,7 +9,7 @@ spellings, ``--lora-r`` and ``--lora_r``, as the seed command line mixes them), 
 points refuse the same inputs with the same one-line message. This module imports nothing heavy
 (no torch): the CLI validates before loading the libraries.
 
-Defaults are those of the seed's ARC script (arc25's ``rl_code_finetuning.py``, a TRL
+Defaults are those of the seed's ARC script (arc25's RL code fine-tuning script, a TRL
 GRPOTrainer of its day), not TRL's current ones; the README's "Defaults" table gives the reasons.
 """
 
@@ -50,6 +50,14 @@ def opt(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequen
     else:
         kwargs["default"] = default
     return field(**kwargs)
+
+
+def train_option(name: str) -> Any:
+    """The field of ``TrainConfig.<name>`` (default, help, choices) for another command's settings, so a
+    shared option means and defaults to the same thing everywhere (``fp16rl probe`` takes the model's)."""
+    f = TrainConfig.__dataclass_fields__[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return opt(default, f.metadata["help"], choices=f.metadata.get("choices"))
 
 
 def flag(name: str) -> str:
@@ -119,7 +127,7 @@ class TrainConfig:
     max_steps: int = opt(-1, "RL steps to run (-1 = from epochs).")
     seed: int = opt(0, "Seed of everything: prompt order, augmentation, sampling, initialisation (>= 0).")
     # --- logging / checkpoints ---------------------------------------------------------------
-    logging_steps: int = opt(10, "Save sample completions every this many steps (metrics are logged every step).")
+    save_samples_steps: int = opt(10, "Save the first prompt's completions (samples/) every this many steps; metrics are logged every step.", aliases=("--logging-steps", "--logging_steps"))
     save_steps: int = opt(100, "Checkpoint every this many steps (and at the end, and on Ctrl-C).")
     stop_on_collapse: bool = opt(False, "End the run cleanly (checkpoint + summary.json) when the collapse monitor fires.")
     arm: str | None = opt(None, "Label of this run's arm in a comparison (set by fp16rl compare; shown by fp16rl report).")
@@ -144,7 +152,7 @@ class TrainConfig:
             raise ConfigError(str(err)) from None
         for name, minimum in (("num_generations", 2), ("prompts_per_step", 1), ("gradient_accumulation_steps", 1),
                               ("max_completion_length", 1), ("max_seq_length", 2), ("num_iterations", 1),
-                              ("logging_steps", 1), ("save_steps", 1), ("loss_scale_growth_interval", 1),
+                              ("save_samples_steps", 1), ("save_steps", 1), ("loss_scale_growth_interval", 1),
                               ("logprob_chunk_tokens", 1), ("lora_r", 0), ("lora_alpha", 1), ("top_k", 0),
                               ("seed", 0), ("code_memory_limit_mb", 64)):
             if getattr(self, name) < minimum:
@@ -302,14 +310,23 @@ def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
+def option_names() -> dict[str, str]:
+    """Every accepted spelling of an option (its name and its aliases, ``-`` or ``_``) -> the field name."""
+    names = {}
+    for f in dataclasses.fields(TrainConfig):
+        for spelling in (f.name, *f.metadata.get("aliases", ())):
+            names[spelling.removeprefix("--").replace("-", "_")] = f.name
+    return names
+
+
 def load_yaml_options(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML mapping; keys in either spelling; unknown keys are an error."""
+    """Options from a YAML mapping; keys in any accepted spelling; unknown keys are an error."""
     data = load_yaml_mapping(path, "config file")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = option_names()
     options = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
+        name = names.get(str(key).replace("-", "_"))
+        if name is None:
             raise ConfigError(f"config file {path}: unknown option {key!r}")
         options[name] = _coerce(name, value, f"config file {path}")
     return options
@@ -354,9 +371,9 @@ def stored_run_options(output_dir: str | Path) -> dict[str, Any]:
     stored = load_yaml_mapping(path, "run config").get("config")
     if not isinstance(stored, dict):
         raise ConfigError(f"run config {path} has no 'config' mapping; it was not written by fp16rl")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: _coerce(k, v, f"run config {path}") for k, v in stored.items()
-            if k in names and k not in ("resume", "config")}
+    names = option_names()
+    return {names[k]: _coerce(names[k], v, f"run config {path}") for k, v in stored.items()
+            if k in names and names[k] not in ("resume", "config")}
 
 
 def resume_conflicts(stored: dict[str, Any], config: TrainConfig) -> str | None:

@@ -84,11 +84,11 @@ def fresh_dir(base: Path) -> Path:
 
 def base_options(model_path: Path, dataset_path: Path, steps: int) -> dict:
     """The arc-lite RL settings both arms share (the arms then set the dtype)."""
-    from fp16rl.sft import ARC_LITE_RL_OPTIONS
+    from fp16rl.tasks.arc.lite import ARC_LITE_RL_OPTIONS
 
     options = {key: value for key, value in ARC_LITE_RL_OPTIONS.items() if key != "dtype"}
     options.update(model_path=str(model_path), dataset_path=str(dataset_path), max_steps=steps,
-                   save_steps=max(1, steps // 2), logging_steps=5)
+                   save_steps=max(1, steps // 2), save_samples_steps=5)
     return options
 
 
@@ -141,7 +141,7 @@ def run_demo(output_dir: Path, quick: bool, say: Callable[[str], None] = print, 
     """Run every stage; returns the report's HTML path."""
     from fp16rl.experiments import run_comparison
     from fp16rl.report import build_report
-    from fp16rl.sft import ArcLiteSettings, arc_lite_dataset, arc_lite_warm_model
+    from fp16rl.tasks.arc.lite import ArcLiteSettings, arc_lite_dataset, arc_lite_warm_model
 
     started = time.perf_counter()
     output_dir = fresh_dir(Path(output_dir))

@@ -16,6 +16,10 @@ class ConfigError(UserError):
     """An option value or combination that cannot work."""
 
 
+class FolderInUseError(ConfigError):
+    """An output folder that already holds something: fp16rl never writes into it (nothing is lost)."""
+
+
 class ModelError(UserError):
     """A model path or model option that cannot work."""
 

@@ -11,7 +11,6 @@ finished runs, resumes interrupted ones from their last checkpoint and starts mi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -21,13 +20,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from fp16rl.atomic import atomic_write_text
 from fp16rl.checkpoint import checkpoint_dirs
-from fp16rl.config import ConfigError, TrainConfig, load_yaml_options, parse_train_args
+from fp16rl.config import ConfigError, TrainConfig, load_yaml_options, option_names, parse_train_args
 from fp16rl.paths import TINY, resolve_model_path
-from fp16rl.runs import DONE_STATUSES, check_dataset_spec
+from fp16rl.runs import DONE_STATUSES, check_dataset_spec, refuse_used_folder
 
 
 @dataclass(frozen=True)
@@ -47,16 +46,16 @@ def arm_slug(name: str) -> str:
 
 def parse_arm(spec: str) -> Arm:
     """``"dtype=bfloat16,is_correction=token_truncate"`` -> an Arm; keys in either spelling."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = option_names()
     overrides = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = part.partition("=")
-        key = key.strip().replace("-", "_")
         if not sep or not value.strip():
             raise ConfigError(f"arm {spec!r}: expected key=value pairs separated by commas, got {part!r}")
-        if key not in names or key in ("output_dir", "seed", "resume", "config", "arm"):
-            raise ConfigError(f"arm {spec!r}: {key!r} is not an option an arm can set")
-        overrides[key] = value.strip()
+        name = names.get(key.strip().replace("-", "_"))
+        if name is None or name in ("output_dir", "seed", "resume", "config", "arm"):
+            raise ConfigError(f"arm {spec!r}: {key.strip()!r} is not an option an arm can set")
+        overrides[name] = value.strip()
     if not overrides:
         raise ConfigError(f"arm {spec!r} sets nothing")
     return Arm(spec.strip(), overrides)
@@ -114,8 +113,8 @@ def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence
         if json.loads(manifest_path.read_text()) != manifest:
             raise ConfigError(f"{output_dir} holds a different comparison (compare.json differs); "
                               "use another --output-dir")
-    elif output_dir.is_dir() and any(output_dir.iterdir()):
-        raise ConfigError(f"--output-dir {output_dir} is in use (not empty, no compare.json)")
+    else:
+        refuse_used_folder(output_dir, "--output-dir", "it holds no compare.json; choose another folder")
     specs = [RunSpec(arm, seed, output_dir / "runs" / arm.slug / f"seed-{seed}",
                      output_dir / "logs" / f"{arm.slug}-seed-{seed}.log") for arm in arms for seed in seeds]
     for spec in specs:  # an impossible arm fails now, not after hours of other runs

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
-from fp16rl.logprobs import causal_lm, padded_position_ids
+from fp16rl.logprobs import causal_lm, prefill_forward
 
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
@@ -94,13 +94,7 @@ class LlamaFamilyDecoder:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts through the Hugging Face model; copy its cache in; return last-position logits."""
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=padded_position_ids(attention_mask),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = prefill_forward(self.model, input_ids, attention_mask)
         rows, width = input_ids.shape
         capacity = width + self.max_new_tokens
         self.keys, self.values = [], []

@@ -15,7 +15,7 @@ logits this does not reproduce is refused (``LogitHead.verify``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -53,6 +53,13 @@ def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     would include a position shift; both engines take positions from here.
     """
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """The prompt pass both decoding engines start with: left-padded prompts, their positions, a KV
+    cache, logits of the last position only."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=padded_position_ids(attention_mask),
+                 use_cache=True, logits_to_keep=1)
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

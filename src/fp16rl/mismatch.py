@@ -1,6 +1,6 @@
 """How far the sampler's token logprobs (mu) are from the trainer's (pi) on the same tokens.
 
-Notation (DESIGN.md): per real completion token t, lmu = sampler logprob, lpi = trainer logprob
+Notation (docs/design.md, "Mismatch metrics"): per real completion token t, lmu = sampler logprob, lpi = trainer logprob
 at the rollout parameters, d = lpi - lmu, r = exp(d). Sequence quantities sum d over a row.
 """
 
@@ -14,7 +14,7 @@ MAX_LOG_RATIO = 20.0
 
 
 def mismatch_metrics(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """All ``mismatch/*`` metrics of DESIGN.md for ``[N, C]`` logprobs and a ``[N, C]`` token mask."""
+    """All ``mismatch/*`` metrics of docs/design.md for ``[N, C]`` logprobs and a ``[N, C]`` token mask."""
     mask = mask.bool()
     lmu = sampler_logprobs.float()[mask]
     lpi = trainer_logprobs.float()[mask]

@@ -20,6 +20,7 @@ from fp16rl.atomic import atomic_directory
 from fp16rl.config import DEFAULT_LORA_TARGETS
 from fp16rl.errors import ModelError
 from fp16rl.paths import TINY, fp16rl_home, resolve_model_path
+from fp16rl.runs import refuse_used_folder
 
 if TYPE_CHECKING:  # transformers is imported where it is used: the CLI starts without it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -174,6 +175,28 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> torch.nn.Module:
     return peft_model
 
 
+def load_trainer_model(
+    model_path: str | os.PathLike, trainer_dtype: torch.dtype, lora: LoraSettings | None,
+    attn_implementation: str = "sdpa", device: str | torch.device = "cpu", load_in_4bit: bool = False,
+) -> torch.nn.Module:
+    """The trainer's model: trainable weights in FP32 (``MasterWeights`` then keeps them as masters
+    and gives the model its compute copy); LoRA's frozen base stored in ``trainer_dtype``.
+
+    With ``load_in_4bit`` the base's linear layers are NF4 computing in the trainer dtype and
+    everything else frozen stays in that dtype too. Unlike peft's ``prepare_model_for_kbit_training``
+    the norms and lm_head are not upcast to fp32: the sampler must compute what the trainer computes.
+    """
+    load_dtype = trainer_dtype if load_in_4bit else torch.float32
+    model = load_model(model_path, load_dtype, attn_implementation, device, load_in_4bit=load_in_4bit)
+    if lora is None:
+        return model.requires_grad_(True)
+    model = apply_lora(model, lora)
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(trainer_dtype)
+    return model
+
+
 # --- tiny models -------------------------------------------------------------------------------
 
 # Text the tiny tokenizer is trained on: the kinds of strings its tasks produce (chat prompts,
@@ -268,8 +291,7 @@ def write_tiny_model(output_dir: str | os.PathLike, spec: TinyModelSpec = TinyMo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ModelError(f"output folder {output_dir} exists and is not empty; refusing to overwrite it")
+    refuse_used_folder(output_dir, "output folder")
     tokenizer = build_tiny_tokenizer(spec.vocab_size)
     common = dict(
         vocab_size=len(tokenizer),

@@ -1,8 +1,8 @@
 """Collapse detection over the step metrics: a small, documented rule set.
 
-RL runs on code tasks collapse in recognisable ways (notes/arc25.md): completions degenerate
+RL runs on code tasks collapse in recognisable ways (docs/design.md): completions degenerate
 into loops or gibberish, the truncated ratio jumps, the reward falls far below its best, and in
-BF16 the sampler/trainer mismatch grows by orders of magnitude first (notes/paper.md). Each rule
+BF16 the sampler/trainer mismatch grows by orders of magnitude first (the FP16 paper). Each rule
 below looks at moving averages so that ordinary step-to-step noise does not fire it; the first
 rule to fire gives the run's ``collapse_step``.
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fp16rl.checkpoint import checkpoint_dirs, checkpoint_problem, read_trainer_state
 from fp16rl.config import ConfigError, TrainConfig, resume_conflicts, stored_run_options
+from fp16rl.errors import FolderInUseError
 from fp16rl.paths import TINY, resolve_model_path
 
 DONE_STATUSES = ("finished", "stopped_on_collapse")  # a run in one of these needs no resume
@@ -35,18 +36,26 @@ class RunPlan:
         return self.run_dir
 
 
+def refuse_used_folder(path: Path, what: str, hint: str = "choose another folder") -> None:
+    """Raise ``FolderInUseError`` if ``path`` is a file or a folder holding anything: every command that
+    writes a folder of results refuses one in use, so earlier results are never overwritten."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FolderInUseError(f"{what} {path} exists and is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise FolderInUseError(f"{what} {path} is in use (not empty); {hint}")
+
+
 def plan_run(config: TrainConfig) -> RunPlan:
     """Check the output folder, the resume state, the model path and the dataset spec; write nothing."""
     run_dir = Path(config.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--output-dir {run_dir} exists and is a file, not a folder")
+        refuse_used_folder(run_dir, "--output-dir")
     if config.model_path != TINY:
         resolve_model_path(config.model_path)
     check_dataset_spec(config.dataset_path)
     if not config.resume:
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise ConfigError(f"--output-dir {run_dir} is in use (not empty); pass --resume to continue that run "
-                              "or choose another folder")
+        refuse_used_folder(run_dir, "--output-dir", "pass --resume to continue that run or choose another folder")
         return RunPlan(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"--resume: {run_dir} does not exist; there is no run to continue")

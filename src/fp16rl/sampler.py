@@ -18,14 +18,13 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 import torch
 
 from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
-from fp16rl.logprobs import left_pad, padded_position_ids
+from fp16rl.logprobs import left_pad, prefill_forward
 from fp16rl.models import set_4bit_compute_dtype
 from fp16rl.precision import DtypeRecorder
+from fp16rl.seeds import derived_seed
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,6 @@ class Rollouts:
     finish_reasons: list[str]  # "eos" | "length"
     num_generations: int
     observed_dtype: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def prompt_index(self) -> torch.Tensor:
-        return torch.arange(len(self.prompt_ids)).repeat_interleave(self.num_generations)
 
     @property
     def truncated(self) -> list[bool]:
@@ -172,13 +167,7 @@ class Sampler:
         logits = logits.repeat_interleave(n, dim=0)
         noise = TokenNoise(keys.to(device), logits.shape[-1])
 
-        seen = None
-        if params.repetition_penalty != 1.0:
-            vocab = logits.shape[-1]
-            # Pad positions point at an extra column that is dropped, so only real tokens count.
-            prompt_tokens = input_ids.masked_fill(attention == 0, vocab).repeat_interleave(n, dim=0)
-            seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
-            seen = seen.scatter_(1, prompt_tokens, True)[:, :vocab].contiguous()
+        seen = prompt_tokens_seen(input_ids, attention, n, logits.shape[-1]) if params.repetition_penalty != 1.0 else None
 
         tokens = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
@@ -260,6 +249,14 @@ class Sampler:
         return (probs / exponential).argmax(dim=-1)
 
 
+def prompt_tokens_seen(input_ids: torch.Tensor, attention: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """``[P * n, vocab]`` bool: which tokens each row's prompt holds (the repetition penalty's start)."""
+    # Pad positions point at an extra column that is dropped, so only real tokens count.
+    prompt_tokens = input_ids.masked_fill(attention == 0, vocab).repeat_interleave(n, dim=0)
+    seen = torch.zeros(prompt_tokens.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, prompt_tokens, True)[:, :vocab].contiguous()
+
+
 # --- randomness that pairs arms ----------------------------------------------------------------
 
 _HASH_MULTIPLIER = 0x45D9F3B  # Thomas Mueller's 32-bit integer hash; < 2^27 so int64 products never overflow
@@ -275,8 +272,7 @@ def mix32(x: Any) -> Any:
 
 def row_keys(seed: int, slots: Sequence[int], num_generations: int) -> torch.Tensor:
     """One 32-bit key per completion row (prompt-major, as rows are laid out): a hash of (seed, slot, g)."""
-    keys = [int(np.random.SeedSequence([seed, slot, g]).generate_state(1)[0])
-            for slot in slots for g in range(num_generations)]
+    keys = [derived_seed(seed, slot, g) for slot in slots for g in range(num_generations)]
     return torch.tensor(keys, dtype=torch.int64)
 
 
@@ -315,13 +311,7 @@ class HFCacheDecoder:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts; return the logits of their last position ``[P, V]``."""
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=padded_position_ids(attention_mask),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = prefill_forward(self.model, input_ids, attention_mask)
         self.cache = out.cache
         width = input_ids.shape[1]
         # The mask for the whole call, filled column by column (no concatenation per step).

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as Progress_
 
 from fp16rl.atomic import atomic_write_text
 
@@ -53,11 +54,34 @@ def best_reward(rewards: np.ndarray, window: int = BEST_WINDOW) -> float | None:
     return float(sums.max() / width)
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as strings so the file stays parseable everywhere."""
+def jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: written as strings (in nested dicts and lists too) so files parse everywhere."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what computed the numbers, recorded with every run and probe."""
+    import platform
+    import sys
+
+    import peft
+    import torch
+    import transformers
+
+    import fp16rl
+
+    versions = {"fp16rl": fp16rl.__version__, "torch": str(torch.__version__), "transformers": transformers.__version__,
+                "peft": peft.__version__, "python": platform.python_version(), "machine": platform.machine(),
+                "torch_threads": str(torch.get_num_threads())}
+    if "bitsandbytes" in sys.modules:
+        versions["bitsandbytes"] = sys.modules["bitsandbytes"].__version__
+    return versions
 
 
 class RunTracker:
@@ -78,7 +102,7 @@ class RunTracker:
         self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        record = {"step": step, **jsonable(metrics)}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         os.fsync(self._metrics.fileno())  # the source of truth survives a crash with the checkpoint it matches
@@ -95,54 +119,64 @@ class RunTracker:
         self.tb.close()
 
 
-class ProgressDisplay:
-    """One progress line with the numbers a user watches: reward, mismatch, loss scale.
+class Progress:
+    """Progress of long work: a live bar on a terminal; elsewhere (a log file, a batch system) a plain
+    line every ``plain_interval_s`` seconds and at the end, so a log shows progress; or nothing."""
 
-    On a terminal it is a live bar; otherwise (output sent to a log file, a batch system) it prints one
-    plain line per step, so a log shows progress instead of nothing until the run ends.
-    """
-
-    def __init__(self, total_steps: int, start_step: int, console: Console | None = None):
+    def __init__(self, label: str, total: int, completed: int = 0, enabled: bool = True, unit: str = "step",
+                 plain_interval_s: float = 10.0, console: Console | None = None):
         self.console = console or Console(stderr=True)
-        self.total_steps, self.start_step = total_steps, start_step
-        self.live = self.console.is_terminal
-        self.started = time.perf_counter()
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=self.console,
-            transient=False,
-        )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
+        self.label, self.total, self.unit, self.interval = label, total, unit, plain_interval_s
+        self.enabled, self.live = enabled, enabled and self.console.is_terminal
+        self.start_count = self.count = completed
+        self.started = self.last_print = time.perf_counter()
+        self.description = ""
+        self.bar = Progress_(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console,
+                             transient=False)
+        self.task = self.bar.add_task(label, total=total, completed=completed)
 
-    def __enter__(self) -> "ProgressDisplay":
+    def __enter__(self) -> "Progress":
         if self.live:
-            self.progress.start()
+            self.bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.live:
-            self.progress.stop()
+            self.bar.stop()
 
-    def update(self, step: int, metrics: dict[str, float]) -> None:
+    def update(self, completed: int | None = None, advance: int = 0, description: str | None = None) -> None:
+        self.count = (completed if completed is not None else self.count) + advance
+        self.description = description if description is not None else self.description
+        if self.live:
+            self.bar.update(self.task, completed=self.count, description=self.description)
+            return
+        now = time.perf_counter()
+        moved = completed is not None or advance
+        if not self.enabled or not moved or (now - self.last_print < self.interval and self.count < self.total):
+            return
+        self.last_print = now
+        elapsed = now - self.started
+        per_item = elapsed / max(self.count - self.start_count, 1)
+        print(f"{self.label} {self.count}/{self.total}  {self.description}  {per_item:.1f} s/{self.unit}  "
+              f"elapsed {_clock(elapsed)}  remaining ~{_clock(per_item * (self.total - self.count))}",
+              file=sys.stderr, flush=True)
+
+
+class ProgressDisplay(Progress):
+    """The training run's progress: the numbers a user watches (reward, mismatch, loss scale) each step."""
+
+    def __init__(self, total_steps: int, start_step: int, console: Console | None = None):
+        super().__init__("train", total_steps, start_step, plain_interval_s=0.0, console=console)
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
         stats = (
             f"reward {metrics.get('reward/mean', float('nan')):.3f}  "
             f"|dlogp| {metrics.get('mismatch/logp_abs_diff_mean', float('nan')):.2e}  "
             f"kl {metrics.get('mismatch/token_kl_k3', float('nan')):.1e}  "
             f"scale {metrics.get('optim/loss_scale', 1.0):.0f}"
         )
-        if self.live:
-            self.progress.update(self.task, completed=step, stats=stats)
-            return
-        elapsed = time.perf_counter() - self.started
-        per_step = elapsed / max(step - self.start_step, 1)
-        remaining = per_step * (self.total_steps - step)
-        print(f"step {step}/{self.total_steps}  {stats}  {metrics.get('time/step_s', per_step):.1f} s/step  "
-              f"elapsed {_clock(elapsed)}  remaining ~{_clock(remaining)}", file=sys.stderr, flush=True)
+        self.update(completed=step, description=stats)
 
 
 def _clock(seconds: float) -> str:

@@ -6,52 +6,58 @@ checkpoints and logging are around it. The README's "One step" section draws the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
-import platform
-import random
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
-import fp16rl
 from fp16rl.algorithms import Correction, LossSettings, group_advantages, policy_loss
 from fp16rl.atomic import atomic_write_text
+from fp16rl.batch import RolloutBatch, measure_rollouts, trainer_logprobs
 from fp16rl.checkpoint import load_checkpoint, remove_torn_saves, save_checkpoint
 from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.hardware import emulation_notes
 from fp16rl.interrupt import RunInterrupted, StopRequest
-from fp16rl.logprobs import LogitHead, TokenBatch, build_token_batch, completion_logprobs
+from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
-from fp16rl.models import (LoraSettings, apply_lora, load_model, load_tokenizer, model_folder, require_4bit_support,
+from fp16rl.models import (LoraSettings, load_tokenizer, load_trainer_model, model_folder, require_4bit_support,
                            resolve_device, stop_token_ids)
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
-from fp16rl.precision import DtypeRecorder, PrecisionPolicy, check_observed
+from fp16rl.precision import PrecisionPolicy, check_observed
 from fp16rl.runs import plan_run, summarize_run
 from fp16rl.sampler import Rollouts, Sampler, SamplingParams
+from fp16rl.seeds import seed_everything, step_seed
 from fp16rl.tasks import make_task
-from fp16rl.tasks.base import PromptItem, Scores, Task
-from fp16rl.tracking import ProgressDisplay, RunTracker, read_metrics
+from fp16rl.tasks.base import PromptItem, Scores, Task, encode_text
+from fp16rl.tracking import ProgressDisplay, RunTracker, library_versions, read_metrics
 from fp16rl.weights import MasterWeights, make_optimizer, make_scheduler
 
 logger = logging.getLogger("fp16rl")
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Sampling seed of a step: the same in every arm of a comparison (paired randomness)."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def outcome_metrics(rewards: torch.Tensor, scores: Scores, rollouts: Rollouts,
+                    token_lists: list[list[int]]) -> dict[str, float]:
+    """``reward/*`` (and the task's own metrics) and ``completion/*`` of one generation batch."""
+    lengths = rollouts.completion_mask.sum(dim=1).float()
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "reward/min": rewards.min().item(),
+        "reward/max": rewards.max().item(),
+        **{f"reward/{name}/mean": float(np.mean(values)) for name, values in scores.components.items()},
+        **scores.metrics,
+        "completion/length_mean": lengths.mean().item(),
+        "completion/length_max": lengths.max().item(),
+        "completion/truncated_ratio": float(np.mean(rollouts.truncated)),
+        "completion/unique_ngram_ratio_4": float(np.mean([unique_ngram_ratio(t) for t in token_lists])),
+    }
 
 
 def unique_ngram_ratio(tokens: list[int], n: int = 4) -> float:
@@ -79,11 +85,15 @@ class Trainer:
         model_path = model_folder(config.model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.task = task or make_task(config, self.tokenizer)  # before the model: bad data fails fast
-        self.model = self._load_trainer_model(model_path)
+        lora = None if config.lora_r == 0 else LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
+                                                             use_rslora=config.use_rslora,
+                                                             target_modules=tuple(config.lora_target_modules))
+        self.model = load_trainer_model(model_path, self.policy.trainer_dtype, lora, config.attn_implementation,
+                                        self.device, config.load_in_4bit)
         self.weights = MasterWeights(self.model, self.policy)
         self.head = LogitHead.of(self.model)
         self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
-        self.reference = self._make_reference() if config.beta != 0.0 and config.lora_r == 0 else None
+        self.reference = None if config.beta == 0.0 else ReferencePolicy(self.model, adapters=lora is not None)
         self.sampler = Sampler(self.model, self.policy.sampler_dtype, self.tokenizer.pad_token_id,
                                stop_token_ids(self.model, self.tokenizer), engine=config.sampler_engine)
         self.sampler.sync_from(self.weights.named_masters())  # an ablation's sampler starts from the FP32 masters
@@ -132,33 +142,6 @@ class Trainer:
                          "--loss-type grpo")
         return notes
 
-    def _load_trainer_model(self, model_path) -> torch.nn.Module:
-        """Trainable weights as FP32 masters (``MasterWeights`` then makes the compute copy); LoRA's frozen
-        base is stored in the trainer dtype.
-
-        With ``--load-in-4bit`` the base's linear layers are NF4 computing in the trainer dtype and
-        everything else frozen stays in that dtype too. Unlike peft's ``prepare_model_for_kbit_training``
-        the norms and lm_head are not upcast to fp32: the sampler must compute what the trainer computes.
-        """
-        load_dtype = self.policy.trainer_dtype if self.config.load_in_4bit else torch.float32
-        model = load_model(model_path, load_dtype, self.config.attn_implementation, self.device,
-                           load_in_4bit=self.config.load_in_4bit)
-        if self.config.lora_r == 0:
-            return model.requires_grad_(True)
-        lora = LoraSettings(r=self.config.lora_r, alpha=self.config.lora_alpha, use_rslora=self.config.use_rslora,
-                            target_modules=tuple(self.config.lora_target_modules))
-        model = apply_lora(model, lora)
-        for param in model.parameters():
-            if not param.requires_grad and param.is_floating_point():
-                param.data = param.data.to(self.policy.trainer_dtype)
-        return model
-
-    def _make_reference(self) -> torch.nn.Module:
-        """Full fine-tuning: a frozen copy of the initial policy that computes exactly as the policy did
-        at step 1 (same stored dtypes, same compute context), so ``policy/kl_ref`` starts at 0. LoRA's
-        reference is the base with the adapters disabled."""
-        return copy.deepcopy(self.model).requires_grad_(False).eval()
-
     def _check_resumed_precision(self, stored: dict[str, Any] | None, checkpoint: Any) -> None:
         declared = (stored or {}).get("declared") or {}
         now = self.policy.describe()
@@ -173,9 +156,6 @@ class Trainer:
         return max(1, math.ceil(self.config.epochs * self.task.num_steps_per_epoch))
 
     def _write_config(self) -> None:
-        import peft
-        import transformers
-
         document = {
             "config": self.config.to_dict(),
             "task": self.task.name,
@@ -183,14 +163,8 @@ class Trainer:
             "device": str(self.device),
             "precision": self.precision_report or {"declared": self.policy.describe(), "observed": "after step 1"},
             "notes": self.notes,
-            "versions": {"fp16rl": fp16rl.__version__, "torch": str(torch.__version__),
-                         "transformers": transformers.__version__, "peft": peft.__version__,
-                         "python": platform.python_version()},
+            "versions": library_versions(),
         }
-        if self.config.load_in_4bit:
-            import bitsandbytes
-
-            document["versions"]["bitsandbytes"] = bitsandbytes.__version__
         if hasattr(self.task, "describe"):
             document["task_details"] = self.task.describe()
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
@@ -205,7 +179,7 @@ class Trainer:
         metrics: dict[str, Any] = {}
         self.status, last_done = "failed", self.start_step
         stop = StopRequest()
-        display = ProgressDisplay(self.total_steps, self.start_step) if show_progress else nullcontext()
+        display = ProgressDisplay(self.total_steps, self.start_step) if show_progress else contextlib.nullcontext()
         try:
             with display, stop.installed():
                 for step in range(self.start_step + 1, self.total_steps + 1):
@@ -213,7 +187,7 @@ class Trainer:
                     last_done = step
                     self.tracker.log(step, metrics)
                     if show_progress:
-                        display.update(step, metrics)
+                        display.step(step, metrics)
                     event = self.monitor.update(step, metrics)
                     if event is not None:
                         self._announce(event, show_progress)
@@ -255,100 +229,75 @@ class Trainer:
         cfg, t0 = self.config, time.perf_counter()
         stop = stop or StopRequest()
 
-        # 1. Rollouts from the sampler, in the sampler dtype, with their token logprobs mu.
+        # 1. Rollouts from the sampler (sampler dtype, their logprobs mu) and the trainer's logprobs of
+        #    the same tokens at the same weights (pi_old): the measurement the probe makes too.
         items = self.task.batch(step - 1, cfg.prompts_per_step)
-        prompt_ids = [self.tokenizer(item.text, add_special_tokens=False)["input_ids"] for item in items]
-        rollouts = self.sampler.generate(prompt_ids, cfg.num_generations, self.sampling, seed=step_seed(cfg.seed, step),
-                                         slots=range(len(items)), should_stop=stop.check)
+        measured = measure_rollouts(
+            self.sampler, self.model, self.head, self.policy, [encode_text(self.tokenizer, i.text) for i in items],
+            cfg.num_generations, self.sampling, step_seed(cfg.seed, step), range(len(items)), self._micro_batch_size(),
+            cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
+            watch=stop.watching_layers)
+        rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
         token_lists = rollouts.completion_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
-        t_rollout = time.perf_counter()
+        if self.precision_report is None:
+            self.precision_report = check_observed(self.policy, measured.observed["sampler"],
+                                                   measured.observed["trainer"], full_finetune=cfg.lora_r == 0)
+            self._write_config()
 
         # 2. Rewards and group advantages.
+        t_reward = time.perf_counter()
         grouped_items = [item for item in items for _ in range(cfg.num_generations)]
         scores = self.task.score(grouped_items, completions, rollouts.truncated)
         rewards = torch.tensor(scores.rewards, dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
         stop.check()
-        t_reward = time.perf_counter()
+        t_scored = time.perf_counter()
 
-        # 3. The trainer's logprobs at the rollout parameters (pi_old), the mismatch, the reference.
-        batch = build_token_batch(rollouts.prompt_ids, cfg.num_generations, rollouts.completion_ids,
-                                  rollouts.completion_mask, self.tokenizer.pad_token_id).to(self.device)
-        recorder = DtypeRecorder()
-        with torch.no_grad(), recorder.watch(self.model), stop.watching_layers(self.model):
-            old_logprobs, entropy = self._logprobs(self.model, batch, with_entropy=True)
-        ref_logprobs = self._reference_logprobs(batch) if self.loss_settings.beta != 0.0 else None
-        if self.precision_report is None:
-            self.precision_report = check_observed(self.policy, rollouts.observed_dtype, recorder.report(),
-                                                   full_finetune=cfg.lora_r == 0)
-            self._write_config()
+        # 3. The mismatch on every sampled token, the IS weights, the reference, the tokens of the loss.
         mu = rollouts.sampler_logprobs.to(self.device)
-        token_mask = batch.completion_mask
-        metrics = mismatch_metrics(mu, old_logprobs, token_mask)
-        is_weights, metrics["mismatch/is_masked_ratio"] = self.correction.weights(old_logprobs, mu, token_mask)
-
-        # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
-        loss_mask = token_mask.clone()
+        metrics = mismatch_metrics(mu, old_logprobs, tokens.completion_mask)
+        is_weights, metrics["mismatch/is_masked_ratio"] = self.correction.weights(old_logprobs, mu,
+                                                                                  tokens.completion_mask)
+        loss_mask = tokens.completion_mask.clone()
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
-        optim_metrics = self._optimize(batch, loss_mask, advantages.to(self.device), old_logprobs, is_weights,
-                                       ref_logprobs, stop, step)
+        batch = RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
+                             old_logprobs=old_logprobs, sampler_logprobs=mu, is_weights=is_weights,
+                             ref_logprobs=self.reference.logprobs(self, tokens) if self.reference else None)
+
+        # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
+        optim_metrics = self._optimize(batch, stop, step)
         self.sampler.sync_from(self.weights.named_masters())
         t_train = time.perf_counter()
 
         # 5. Metrics.
-        lengths = rollouts.completion_mask.sum(dim=1).float()
-        num_tokens = float(lengths.sum())
+        num_tokens = float(rollouts.completion_mask.sum())
+        train_s = measured.recompute_s + t_train - t_scored
         metrics.update({
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "reward/min": rewards.min().item(),
-            "reward/max": rewards.max().item(),
-            **{f"reward/{name}/mean": float(np.mean(values)) for name, values in scores.components.items()},
-            **scores.metrics,
-            "completion/length_mean": lengths.mean().item(),
-            "completion/length_max": lengths.max().item(),
-            "completion/truncated_ratio": float(np.mean(rollouts.truncated)),
-            "completion/unique_ngram_ratio_4": float(np.mean([unique_ngram_ratio(t) for t in token_lists])),
-            "policy/entropy": (entropy * token_mask).sum().item() / max(num_tokens, 1.0),
+            **outcome_metrics(rewards, scores, rollouts, token_lists),
+            "policy/entropy": (measured.entropy * tokens.completion_mask).sum().item() / max(num_tokens, 1.0),
             **optim_metrics,
-            "time/rollout_s": t_rollout - t0,
-            "time/reward_s": t_reward - t_rollout,
-            "time/train_s": t_train - t_reward,
+            "time/rollout_s": measured.sample_s,
+            "time/reward_s": t_scored - t_reward,
+            "time/train_s": train_s,
             "time/step_s": time.perf_counter() - t0,
-            "throughput/rollout_tokens_per_s": num_tokens / max(t_rollout - t0, 1e-9),
-            "throughput/train_tokens_per_s": num_tokens * cfg.num_iterations / max(t_train - t_reward, 1e-9),
+            "throughput/rollout_tokens_per_s": num_tokens / max(measured.sample_s, 1e-9),
+            "throughput/train_tokens_per_s": num_tokens * cfg.num_iterations / max(train_s, 1e-9),
         })
-        if step % cfg.logging_steps == 0 or step == 1:
+        if step % cfg.save_samples_steps == 0 or step == 1:
             self.tracker.log_samples(step, self._samples(grouped_items, completions, rollouts, scores))
         return metrics
 
-    def _logprobs(self, model: torch.nn.Module, batch: TokenBatch, with_entropy: bool = False):
-        """Trainer-side logprobs of a whole batch, in micro-batches, in the trainer's compute context."""
-        parts, entropies = [], []
-        size = self._micro_batch_size()
-        with self.policy.autocast(self.device.type):
-            for begin in range(0, batch.input_ids.shape[0], size):
-                logp, ent = completion_logprobs(model, batch.select(slice(begin, begin + size)), self.config.temperature,
-                                                with_entropy, self.config.logprob_chunk_tokens, self.head)
-                parts.append(logp)
-                entropies.append(ent)
-        return torch.cat(parts), (torch.cat(entropies) if with_entropy else None)
-
-    @torch.no_grad()
-    def _reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        if self.reference is not None:
-            return self._logprobs(self.reference, batch)[0]
-        with self.model.disable_adapter():
-            return self._logprobs(self.model, batch)[0]
+    def logprobs(self, model: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
+        """Trainer-side logprobs of a whole batch (no entropy), in micro-batches and the compute context."""
+        return trainer_logprobs(model, tokens, self.policy, self.head, self.config.temperature,
+                                self._micro_batch_size(), self.config.logprob_chunk_tokens)[0]
 
     def _micro_batch_size(self) -> int:
         return self.config.prompts_per_step * self.config.num_generations // self.config.gradient_accumulation_steps
 
-    def _optimize(self, batch: TokenBatch, loss_mask: torch.Tensor, advantages: torch.Tensor,
-                  old_logprobs: torch.Tensor, is_weights: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                  stop: StopRequest, step: int) -> dict[str, float]:
+    def _optimize(self, batch: RolloutBatch, stop: StopRequest, step: int) -> dict[str, float]:
         """``num_iterations`` optimizer steps over the generation batch, each over GA micro-batches.
 
         ``optim/lr`` is the learning rate these optimizer steps used; ``optim/grad_norm`` the mean of
@@ -357,7 +306,7 @@ class Trainer:
         """
         cfg = self.config
         size, accum = self._micro_batch_size(), cfg.gradient_accumulation_steps
-        batch_tokens = int(loss_mask.sum())
+        batch_tokens = batch.num_loss_tokens
         metrics = {"optim/loss_tokens": float(batch_tokens), "optim/lr": self.optimizer.param_groups[0]["lr"]}
         if batch_tokens == 0:
             self.counters["empty_loss_steps_total"] += 1
@@ -365,22 +314,19 @@ class Trainer:
                 logger.warning(f"step {step}: no completion token is in the loss (all truncated and "
                                "--mask-truncated-completions is on), so the step trained on nothing; raise "
                                "--max-completion-length (counted in optim/empty_loss_steps_total)")
-            return {**metrics, **self._optim_summary(0.0, [], [], 0, {}, ref_logprobs)}
+            return {**metrics, **self._optim_summary(0.0, [], [], 0, {}, batch.ref_logprobs)}
         totals: dict[str, float] = {"loss": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "kl_ref": 0.0}
         skipped, norms, rates = 0, [], []
-        for iteration in range(cfg.num_iterations):
-            for begin in range(0, batch.input_ids.shape[0], size):
-                rows = slice(begin, begin + size)
+        for _ in range(cfg.num_iterations):
+            for begin in range(0, batch.advantages.shape[0], size):
+                micro = batch.select(slice(begin, begin + size))
                 stop.check()  # a no-op once this step has changed the weights (stop.armed is False then)
                 with self.policy.autocast(self.device.type), stop.watching_layers(self.model):
-                    logprobs, _ = completion_logprobs(self.model, batch.select(rows), cfg.temperature,
+                    logprobs, _ = completion_logprobs(self.model, micro.tokens, cfg.temperature,
                                                       chunk_tokens=cfg.logprob_chunk_tokens, head=self.head)
                 # With one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL).
-                old = logprobs.detach() if cfg.num_iterations == 1 else old_logprobs[rows]
-                loss, stats = policy_loss(
-                    logprobs, old, advantages[rows], loss_mask[rows], self.loss_settings, is_weights[rows],
-                    ref_logprobs[rows] if ref_logprobs is not None else None, accum, batch_tokens,
-                )
+                old = logprobs.detach() if cfg.num_iterations == 1 else micro.old_logprobs
+                loss, stats = policy_loss(logprobs, old, micro, self.loss_settings, accum, batch_tokens)
                 self.scaler.scale(loss).backward()
                 totals["loss"] += loss.item()
                 for key, value in stats.items():
@@ -392,7 +338,7 @@ class Trainer:
             norms.append(grad_norm)
         self.counters["skipped_steps_total"] += skipped
         return {**metrics, **self._optim_summary(totals["loss"] / cfg.num_iterations, norms, rates, skipped, totals,
-                                                 ref_logprobs)}
+                                                 batch.ref_logprobs)}
 
     def _optim_summary(self, loss: float, norms: list[float], rates: list[float], skipped: int,
                        totals: dict[str, float], ref_logprobs: torch.Tensor | None) -> dict[str, float]:
@@ -462,3 +408,18 @@ class Trainer:
                                self.scheduler, self.scaler, state)
         self.saved_steps.add(step)
         return path
+
+
+class ReferencePolicy:
+    """The KL penalty's reference (only when beta != 0): the LoRA base with the adapters disabled, or, in
+    full fine-tuning, a frozen copy of the initial policy that computes exactly as the policy did at
+    step 1 (same stored dtypes, same compute context), so ``policy/kl_ref`` starts at 0."""
+
+    def __init__(self, model: torch.nn.Module, adapters: bool):
+        self.adapters = adapters
+        self.model = model if adapters else copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def logprobs(self, trainer: Trainer, tokens: TokenBatch) -> torch.Tensor:
+        with self.model.disable_adapter() if self.adapters else contextlib.nullcontext():
+            return trainer.logprobs(self.model, tokens)

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt (or a completion). No special tokens are added: the chat template
+    already placed them, and a second BOS would make a different prompt than the one rendered."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class PromptItem:
     """One prompt of a step: the text fed to the sampler plus what the reward needs to score it."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fp16rl.tasks.arc.data import ArcTaskData
+from fp16rl.tasks.base import encode_text
 from fp16rl.tasks.arc.encoders import COLOR_NAMES, GridEncoder
 
 _LEGEND = ", ".join(f"{value} {name}" for value, name in enumerate(COLOR_NAMES))
@@ -99,4 +100,4 @@ def plain_prompt(messages: list[dict[str, str]]) -> str:
 
 def count_tokens(tokenizer: Any, text: str) -> int:
     """Tokens of an already rendered prompt (special tokens are in the text, none added)."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(encode_text(tokenizer, text))

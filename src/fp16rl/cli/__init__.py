@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,48 +15,19 @@ from rich.markup import escape
 # on the CPU, so that line would only precede every command's output.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+from fp16rl.cli.arc import app as arc_app
+from fp16rl.cli.common import USER_ERRORS, console, fail, install_warning_handler
+from fp16rl.cli.common import quiet_libraries as _quiet_libraries
+from fp16rl.cli.options import option, settings_command
 from fp16rl.config import parse_train_args
-from fp16rl.errors import UserError
 from fp16rl.paths import fp16rl_home
-from fp16rl.tasks.arc.cli import app as arc_app
+from fp16rl.probe.settings import ProbeSettings
 
 app = typer.Typer(name="fp16rl", help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(name="models", help="Create and list local models.", no_args_is_help=True)
 app.add_typer(models_app)
 app.add_typer(arc_app, name="arc")
-console = Console(stderr=True)
-
-# Bad input of any kind ends in one line naming the problem and exit code 2.
-USER_ERRORS = (UserError, FileNotFoundError)
-
-
-def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-class _OneLineWarnings(logging.Handler):
-    """fp16rl's warnings (slow dtypes, settings that work against each other, collapses) as one line each."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        console.print(f"[bold yellow]warning:[/] {escape(' '.join(record.getMessage().split()))}", highlight=False,
-                      soft_wrap=True)
-
-
-_fp16rl_logger = logging.getLogger("fp16rl")
-_fp16rl_logger.addHandler(_OneLineWarnings())
-_fp16rl_logger.propagate = False
-
-
-def _quiet_libraries() -> None:
-    """Library progress bars and deprecation chatter would bury our own output."""
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+install_warning_handler()
 
 
 @app.command(
@@ -148,51 +118,20 @@ def models_prepare(
     typer.echo(f"{name} prepared: {path}  (use --model-path {name})")
 
 
-@app.command()
-def probe(
-    model_path: str = typer.Option(..., "--model-path", help="HF model folder, a prepared model name, or 'tiny'."),
-    dtypes: str = typer.Option("bfloat16,float16,float32", help="Comma-separated dtypes to measure (float32 = baseline)."),
-    attn: str = typer.Option("sdpa", help="Comma-separated attention kernels: sdpa, eager."),
-    batch_sizes: str = typer.Option("8", help="Comma-separated numbers of sequences the sampler decodes together."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: one per line, or JSONL with \"prompt\" (default: 12 built-in chat prompts)."),
-    chat_template: bool = typer.Option(True, help="Render each prompt as a user turn with the model's chat template."),
-    num_samples: int = typer.Option(16, help="Completions per configuration (sample j uses prompt j mod #prompts)."),
-    max_new_tokens: int = typer.Option(128, help="Maximum new tokens per completion."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (logprobs are of the temperature-scaled distribution)."),
-    top_p: float = typer.Option(1.0, help="Nucleus threshold; shapes the draw only."),
-    seed: int = typer.Option(0, help="Sampling seed, the same for every configuration (paired draws)."),
-    check_fp16_range: bool = typer.Option(True, help="Measure the largest activation per layer against the fp16 max 65504."),
-    sampler_engine: str = typer.Option("auto", help="Sampler decoding engine: auto | fast | hf (as in train)."),
-    trainer_compute: str = typer.Option("half_copy", help="Trainer arithmetic of full fine-tuning: half_copy | autocast (as in train)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    threads: int = typer.Option(0, help="CPU threads for torch (0 = auto: the cores other processes leave idle)."),
-    output_dir: Optional[Path] = typer.Option(None, help="Where probe.json, probe.md and figures go; must be new or empty "
-                                              "(default: a fresh runs/probe-<model>-<time>)."),
-) -> None:
+def _probe(settings: ProbeSettings, output_dir: Optional[Path]) -> None:
     """Measure the sampler/trainer mismatch of a model per dtype, without training (minutes on CPU)."""
-    from rich.markup import escape
-
-    from fp16rl.probe import (ProbeSettings, check_output_dir, comparison_lines, default_output_dir,
-                              fp16_range_summary, render_tables, run_probe, write_outputs)
+    from fp16rl.probe import comparison_lines, default_output_dir, fp16_range_summary, render_tables, run_probe, write_outputs
+    from fp16rl.runs import refuse_used_folder
     from fp16rl.zoo import KNOWN_MODELS, is_prepared
 
-    _quiet_libraries()
+    model_path = settings.model_path
     if model_path in KNOWN_MODELS and not Path(model_path).is_dir() and not is_prepared(model_path):
         fail(f"model {model_path!r} is not prepared yet; run `fp16rl models prepare {model_path}` first")
     try:
-        sizes = tuple(int(b) for b in _split(batch_sizes))
-    except ValueError:
-        fail(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers")
-    settings = ProbeSettings(
-        model_path=model_path, dtypes=_split(dtypes), attn=_split(attn), batch_sizes=sizes, num_samples=num_samples,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        prompts_file=str(prompts) if prompts else None, chat_template=chat_template,
-        check_fp16_range=check_fp16_range, sampler_engine=sampler_engine, trainer_compute=trainer_compute,
-        device=device, threads=threads,
-    )
-    try:
+        settings.validate()
         out_dir = output_dir or default_output_dir(Path(model_path).name)
-        check_output_dir(out_dir)  # before minutes of work, not after
+        refuse_used_folder(out_dir, "--output-dir")  # before minutes of work, not after
+        _quiet_libraries()
         result = run_probe(settings, show_progress=True)
         files = write_outputs(result, out_dir)
     except USER_ERRORS as err:
@@ -207,6 +146,14 @@ def probe(
         stdout.print(escape(summary) if result.fp16_range["ok"] else f"[bold yellow]{escape(summary)}[/]", highlight=False)
     stdout.print(f"runtime {result.runtime_s:.0f} s (torch threads: {result.versions['torch_threads']}); results in {out_dir}: "
                  + ", ".join(p.name for p in files.values()), highlight=False)
+
+
+probe = settings_command(ProbeSettings, _probe, fail, extra=(
+    option("output_dir", Optional[Path], None, "--output-dir", "--output_dir",
+           help="Where probe.json, probe.md and figures go; must be new or empty (default: a fresh "
+                "runs/probe-<model>-<time>)."),))
+probe.__doc__ = _probe.__doc__
+app.command(name="probe")(probe)
 
 
 def _split(values: str) -> tuple[str, ...]:
@@ -291,7 +238,3 @@ def report(
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

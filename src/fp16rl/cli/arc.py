@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 
+from fp16rl.cli.common import fail
 from fp16rl.sandbox import Sandbox, SandboxLimits, extract_code
 from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.reward import REWARDS, evaluate, get_reward
@@ -17,12 +17,6 @@ from fp16rl.tasks.arc.synthetic import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, write
 app = typer.Typer(
     name="arc", help="ARC workload tools: run a program on a task, generate arc-lite data, warm-start the tiny model."
 )
-
-
-def _fail(message: str) -> NoReturn:
-    """One clear line on stderr and exit code 2 (bad input)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command("run-code")
@@ -39,13 +33,13 @@ def run_code(
         reward_fn = get_reward(reward_name)
         dataset = load_dataset(dataset_path, skip_invalid=True)
     except ValueError as exc:  # DatasetError is a ValueError
-        _fail(str(exc))
+        fail(str(exc))
     if task_id in dataset.skipped:
-        _fail(f"{dataset.source}: task '{task_id}': {dataset.skipped[task_id]}")
+        fail(f"{dataset.source}: task '{task_id}': {dataset.skipped[task_id]}")
     if task_id not in dataset.tasks:
-        _fail(f"{dataset.source}: no task '{task_id}'")
+        fail(f"{dataset.source}: no task '{task_id}'")
     if not program.is_file():
-        _fail(f"{program}: program file not found")
+        fail(f"{program}: program file not found")
     text = program.read_text()
     code = extract_code(text) or text
     task = dataset.tasks[task_id]
@@ -76,11 +70,11 @@ def synth(
 ) -> None:
     """Generate an arc-lite dataset plus its reference programs (<name>.programs.json beside it)."""
     if output.exists() and not overwrite:
-        _fail(f"{output} exists; pass --overwrite to replace it")
+        fail(f"{output} exists; pass --overwrite to replace it")
     try:
         tasks_path, programs = write_synthetic(output, num_tasks, seed, min_side, max_side)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"wrote {num_tasks} tasks to {tasks_path} and their reference programs to {programs}")
 
 
@@ -94,7 +88,8 @@ def warmstart(
 ) -> None:
     """Warm-start the tiny model on arc-lite (cached after the first time) so it writes runnable code;
     print its path, the arc-lite RL dataset and an `fp16rl train` command that uses both."""
-    from fp16rl.sft import ArcLiteSettings, arc_lite_dataset, arc_lite_warm_model, read_warm_start_log
+    from fp16rl.sft import read_warm_start_log
+    from fp16rl.tasks.arc.lite import ArcLiteSettings, arc_lite_dataset, arc_lite_warm_model
 
     given = {"steps": steps, "num_tasks": num_tasks, "seed": seed}
     settings = ArcLiteSettings(**{name: value for name, value in given.items() if value is not None})
@@ -102,7 +97,7 @@ def warmstart(
         model = arc_lite_warm_model(settings, output_dir=output, show_progress=True)
         dataset = arc_lite_dataset()
     except ValueError as exc:  # bad numbers, an occupied --output
-        _fail(str(exc))
+        fail(str(exc))
     log = read_warm_start_log(model)
     typer.echo(f"model: {model}")
     typer.echo(f"dataset: {dataset}")
@@ -113,7 +108,7 @@ def warmstart(
 
 def arc_lite_train_command(model: Path, dataset: Path, output_dir: str = "runs/arc-lite") -> str:
     """The `fp16rl train` command line of the arc-lite demo run (ARC_LITE_RL_OPTIONS)."""
-    from fp16rl.sft import ARC_LITE_RL_OPTIONS
+    from fp16rl.tasks.arc.lite import ARC_LITE_RL_OPTIONS
 
     flags = [f"--model-path {shlex.quote(str(model))}", f"--dataset-path {shlex.quote(str(dataset))}",
              f"--output-dir {shlex.quote(output_dir)}"]

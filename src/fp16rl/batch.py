@@ -1,0 +1,106 @@
+"""What one generation batch is, and the measurement the trainer and the probe share.
+
+``measure_rollouts`` is the heart of fp16rl: the sampler draws completions in its dtype and records
+their logprobs mu; the trainer's model recomputes the same tokens in the trainer's compute path
+(pi_old). ``Trainer.step`` and ``fp16rl probe`` both call it, so the probe measures exactly what a
+run with the same options sees at its first step. ``RolloutBatch`` then carries every per-token
+tensor of the step to the loss, row-aligned (rows ``i*G .. i*G+G-1`` belong to prompt ``i``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fp16rl.logprobs import LogitHead, TokenBatch, build_token_batch, completion_logprobs
+from fp16rl.precision import DtypeRecorder, PrecisionPolicy
+from fp16rl.sampler import Rollouts, Sampler, SamplingParams
+
+
+@dataclass
+class RolloutBatch:
+    """The per-token tensors of one generation batch that the loss needs, ``[N, C]`` unless noted."""
+
+    tokens: TokenBatch | None  # model inputs; None where only the loss is computed (formula tests)
+    advantages: torch.Tensor  # [N]
+    loss_mask: torch.Tensor  # bool: completion tokens that count in the loss
+    old_logprobs: torch.Tensor  # pi_old, fp32
+    sampler_logprobs: torch.Tensor | None = None  # mu, fp32
+    is_weights: torch.Tensor | None = None  # detached IS-correction weights (None = 1)
+    ref_logprobs: torch.Tensor | None = None  # reference policy, for the KL penalty
+
+    def select(self, rows: slice | torch.Tensor) -> "RolloutBatch":
+        return replace(self, **{f.name: _apply(getattr(self, f.name), lambda t: t.select(rows) if
+                                               isinstance(t, TokenBatch) else t[rows]) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        return replace(self, **{f.name: _apply(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)})
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def _apply(value: Any, fn: Callable[[Any], Any]) -> Any:
+    return None if value is None else fn(value)
+
+
+def trainer_logprobs(
+    model: torch.nn.Module, tokens: TokenBatch, policy: PrecisionPolicy, head: LogitHead, temperature: float,
+    micro_batch: int, chunk_tokens: int, with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The trainer's logprobs of a whole batch in micro-batches of ``micro_batch`` rows, in the
+    trainer's compute context (autocast or none), under the caller's grad mode."""
+    device_type = tokens.input_ids.device.type
+    parts, entropies = [], []
+    with policy.autocast(device_type):
+        for begin in range(0, tokens.input_ids.shape[0], micro_batch):
+            logp, entropy = completion_logprobs(model, tokens.select(slice(begin, begin + micro_batch)), temperature,
+                                                with_entropy, chunk_tokens, head)
+            parts.append(logp)
+            entropies.append(entropy)
+    return torch.cat(parts), (torch.cat(entropies) if with_entropy else None)
+
+
+@dataclass
+class Measurement:
+    """Rollouts with both engines' view of their tokens: mu from the sampler, pi_old from the trainer."""
+
+    rollouts: Rollouts
+    tokens: TokenBatch  # on the trainer's device
+    old_logprobs: torch.Tensor  # [N, C] fp32, 0 where masked
+    entropy: torch.Tensor | None  # [N, C] of pi_old's distribution
+    observed: dict[str, dict[str, str]]  # {"sampler": ..., "trainer": ...} from DtypeRecorder
+    sample_s: float
+    recompute_s: float
+
+
+@torch.no_grad()
+def measure_rollouts(
+    sampler: Sampler, model: torch.nn.Module, head: LogitHead, policy: PrecisionPolicy,
+    prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int,
+    slots: Sequence[int], micro_batch: int, chunk_tokens: int, pad_token_id: int, with_entropy: bool = False,
+    should_stop: Callable[[], None] | None = None, watch: Callable[[torch.nn.Module], Any] | None = None,
+) -> Measurement:
+    """Sample ``num_generations`` completions per prompt with the sampler, then recompute their token
+    logprobs with the trainer's ``model`` at the same weights; record what each engine computed in.
+
+    ``watch(model)`` is an extra context for the recompute (the trainer polls Ctrl-C in it).
+    """
+    start = time.perf_counter()
+    rollouts = sampler.generate(prompt_ids, num_generations, params, seed=seed, slots=slots, should_stop=should_stop)
+    sampled = time.perf_counter()
+    device = next(model.parameters()).device
+    tokens = build_token_batch(rollouts.prompt_ids, num_generations, rollouts.completion_ids,
+                               rollouts.completion_mask, pad_token_id).to(device)
+    recorder = DtypeRecorder()
+    with recorder.watch(model), (watch(model) if watch else contextlib.nullcontext()):
+        old_logprobs, entropy = trainer_logprobs(model, tokens, policy, head, params.temperature, micro_batch,
+                                                 chunk_tokens, with_entropy)
+    return Measurement(rollouts, tokens, old_logprobs, entropy,
+                       {"sampler": rollouts.observed_dtype, "trainer": recorder.report()},
+                       sampled - start, time.perf_counter() - sampled)

@@ -1,0 +1,5 @@
+"""``python -m fp16rl.cli`` = ``fp16rl``."""
+
+from fp16rl.cli import app
+
+app()

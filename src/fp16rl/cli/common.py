@@ -1,0 +1,52 @@
+"""What every command shares: the one way to fail (an ``error:`` line, exit 2) and fp16rl's warnings."""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fp16rl.errors import UserError
+
+console = Console(stderr=True)
+# Bad input of any kind ends in one line naming the problem and exit code 2.
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def fail(message: object) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit with code 2 (bad input)."""
+    console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+class _OneLineWarnings(logging.Handler):
+    """fp16rl's warnings (slow dtypes, settings that work against each other, collapses) as one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[bold yellow]warning:[/] {escape(one_line(record.getMessage()))}", highlight=False,
+                      soft_wrap=True)
+
+
+def install_warning_handler() -> None:
+    logger = logging.getLogger("fp16rl")
+    if not any(isinstance(h, _OneLineWarnings) for h in logger.handlers):
+        logger.addHandler(_OneLineWarnings())
+    logger.propagate = False
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and deprecation chatter would bury our own output."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
