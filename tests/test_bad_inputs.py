@@ -47,6 +47,36 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (ws / "latin1.json").write_bytes(payload.replace(b"t1", b"t\xe9"))
     bad_grid = {"t1": GOOD_TASK, "bad_task": {**GOOD_TASK, "train": [{"input": [[1, 12]], "output": [[1]]}]}}
     (ws / "bad_grid.json").write_text(json.dumps(bad_grid))
+    # Prompt datasets and reward functions.
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 2 + 2?", "answer": "4"}]
+    (ws / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (ws / "no_prompt.jsonl").write_text("".join(json.dumps({"question": r["prompt"]}) + "\n" for r in rows))
+    (ws / "number_prompt.jsonl").write_text('{"prompt": 3}\n{"prompt": 4}\n')
+    (ws / "null_prompt.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": null}\n')
+    (ws / "empty.jsonl").write_text("")
+    (ws / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    (ws / "garbage.parquet").write_bytes(b"PAR1 not really a parquet file")
+    (ws / "rows.txt").write_text("What is 1 + 1?\n")
+    (ws / "no_prompt.csv").write_text("question,answer\nWhat is 1 + 1?,2\n")
+    (ws / "rewards.py").write_text('''
+def fine(completions, **kwargs):
+    return [0.0] * len(completions)
+
+def raises(completions, **kwargs):
+    raise RuntimeError("no idea")
+
+def wrong_length(completions, **kwargs):
+    return [0.0, 1.0, 2.0]
+
+def text(completions, **kwargs):
+    return ["high"] * len(completions)
+
+def narrow(completions):
+    return [0.0] * len(completions)
+
+NOT_A_FUNCTION = 3
+''')
+    (ws / "syntax_error.py").write_text("def f(:\n")
     # A real run (2 steps, a checkpoint each) and corrupted copies of it.
     Trainer(toy_config(ws / "run", max_steps=2, save_steps=1)).train(show_progress=False)
     for name in ("run_bad_ckpt", "run_bad_metrics", "run_no_metrics"):
@@ -92,8 +122,8 @@ CASES = [
     (["train", "--num-generations", "6", "--gradient-accumulation-steps", "4"], "must be divisible by"),
     (["train", "--max-completion-length", "4096", "--max-seq-length", "2048"], "to leave room for the prompt"),
     (["train", "--lora-r", "0", "--load-in-4bit"], "--load-in-4bit needs LoRA"),
-    (["train", "--reward-name", "arc-v1"], "--reward-name 'arc-v1' cannot be used with --dataset-path toy:digits"),
-    (["train", "--dataset-path", "{ws}/bad_grid.json", "--reward-name", "nonsense"], "--reward-name 'nonsense' is unknown"),
+    (["train", "--reward-name", "arc-v1"], "--reward-name cannot be used with --dataset-path toy:digits"),
+    (["train", "--dataset-path", "{ws}/bad_grid.json", "--reward-name", "nonsense"], "reward 'nonsense' is unknown"),
     # models
     (["train", "--model-path", "{ws}/no_model"], "no_model' not found"),
     (["train", "--model-path", "{ws}/a_file"], "is a file; pass the model's folder"),
@@ -108,6 +138,56 @@ CASES = [
     (["train", "--dataset-path", "{ws}/corrupt.json"], "corrupt.json: not valid JSON"),
     (["train", "--dataset-path", "{ws}/latin1.json"], "latin1.json: not valid JSON"),
     (["train", "--dataset-path", "{ws}/bad_grid.json"], "task 'bad_task'"),
+    # prompt datasets
+    (["train", "--dataset-path", "{ws}/no_prompt.jsonl", "--reward-funcs", "math"],
+     "no_prompt.jsonl: no column 'prompt' (columns: question)"),
+    (["train", "--dataset-path", "{ws}/no_prompt.csv", "--reward-funcs", "math"], "no column 'prompt'"),
+    (["train", "--dataset-path", "{ws}/number_prompt.jsonl", "--reward-funcs", "math"],
+     "column 'prompt': holds int64, expected text or a list of chat messages"),
+    (["train", "--dataset-path", "{ws}/null_prompt.jsonl", "--reward-funcs", "math"],
+     "null_prompt.jsonl, row 2, column 'prompt': empty or missing prompt"),
+    (["train", "--dataset-path", "{ws}/empty.jsonl", "--reward-funcs", "math"], "empty.jsonl"),
+    (["train", "--dataset-path", "{ws}/broken.jsonl", "--reward-funcs", "math"],
+     "broken.jsonl: cannot read it as json: ArrowInvalid: JSON parse error: Invalid value. in row 1"),
+    (["train", "--dataset-path", "{ws}/garbage.parquet", "--reward-funcs", "math"],
+     "garbage.parquet: cannot read it as parquet"),
+    (["train", "--dataset-path", "{ws}/rows.txt", "--reward-funcs", "math"],
+     "unknown kind of file; --dataset-path accepts: JSON Lines"),
+    (["train", "--dataset-path", "reasoning-gym:basic_arithmetics"], "no such reasoning-gym dataset"),
+    (["train", "--dataset-path", "{ws}/good.jsonl"], "say how completions score with --reward-funcs"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "math", "--dataset-size", "5"],
+     "--dataset-size only apply to procedural datasets"),
+    (["train", "--dataset-path", "{ws}/bad_grid.json", "--prompt-column", "question"],
+     "--prompt-column cannot be used with ARC data"),
+    (["train", "--reward-funcs", "math"], "--reward-funcs cannot be used with --dataset-path toy:digits"),
+    # reward functions
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "no_such_module_xyz:f"],
+     "cannot import no_such_module_xyz"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:missing"],
+     "rewards.py has no 'missing'"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/nowhere.py:f"], "nowhere.py not found"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/syntax_error.py:f"], "SyntaxError"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:NOT_A_FUNCTION"],
+     "'NOT_A_FUNCTION' is not callable"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:raises"],
+     "reward function 'raises' raised RuntimeError: no idea (on dataset rows 0)"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:wrong_length"],
+     "'wrong_length' returned 3 values for 1 completions"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:text"],
+     "'text' returned 'high' for dataset row 0"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:narrow"],
+     "'narrow' raised TypeError"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:fine,math",
+      "--reward-weights", "1"], "--reward-weights has 1 values for 2 --reward-funcs"),
+    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "math", "--reward-name", "math"],
+     "--reward-name and --reward-funcs both given"),
+    (["train", "--report-to", "tensorboard,neptune"], "--report-to must be 'none' or some of"),
+    (["data", "perfectible", "--model-path", "tiny", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "math",
+      "--keep", "0.9,0.1", "--output", "{ws}/kept.jsonl"], "--keep must be LOW,HIGH"),
+    (["data", "perfectible", "--model-path", "tiny", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "math",
+      "--output", "{ws}/good.jsonl"], "exists; choose another file"),
+    (["export", "{ws}/not_a_run", "--output", "{ws}/exported"], "neither a run folder with checkpoints"),
+    (["export", "{ws}/run", "--output", "{ws}/in_use"], "is in use (not empty)"),
     # output folders and resuming
     (["train", "--output-dir", "{ws}/a_file"], "exists and is a file"),
     (["train", "--output-dir", "{ws}/in_use"], "is in use (not empty)"),

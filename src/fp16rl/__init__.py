@@ -1,3 +1,22 @@
-"""fp16rl: GRPO-family RL fine-tuning with the sampler and trainer in one verified precision."""
+"""fp16rl: RL fine-tuning of language models with the sampler and trainer in one verified precision.
+
+``from fp16rl import TrainConfig, train`` is the Python API (see ``fp16rl.api``); the names resolve on
+first use, so ``import fp16rl`` and the command line start without torch.
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["TrainConfig", "train", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TrainConfig":
+        from fp16rl.config import TrainConfig
+
+        return TrainConfig
+    if name == "train":
+        from fp16rl.api import train
+
+        return train
+    raise AttributeError(f"module 'fp16rl' has no attribute {name!r}")

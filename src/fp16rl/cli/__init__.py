@@ -1,4 +1,4 @@
-"""The ``fp16rl`` command: train | compare | report | probe | demo | models | arc."""
+"""The ``fp16rl`` command: train | compare | report | probe | export | demo | models | data | arc."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.markup import escape
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from fp16rl.cli.arc import app as arc_app
+from fp16rl.cli.data import app as data_app
 from fp16rl.cli.common import USER_ERRORS, console, fail, install_warning_handler
 from fp16rl.cli.common import quiet_libraries as _quiet_libraries
 from fp16rl.cli.options import option, settings_command
@@ -27,6 +28,7 @@ app = typer.Typer(name="fp16rl", help=__doc__, no_args_is_help=True, pretty_exce
 models_app = typer.Typer(name="models", help="Create and list local models.", no_args_is_help=True)
 app.add_typer(models_app)
 app.add_typer(arc_app, name="arc")
+app.add_typer(data_app, name="data")
 install_warning_handler()
 
 
@@ -234,6 +236,24 @@ def report(
     for line in json.loads((html_path.parent / "report.json").read_text())["conclusion"]:
         typer.echo(line)
     typer.echo(str(html_path))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A run folder (its latest checkpoint) or RUN/checkpoints/step-N."),
+    output: Path = typer.Option(..., "--output", "-o", help="New folder for the model (never overwritten)."),
+    merge: bool = typer.Option(False, "--merge", help="LoRA: fold the adapters into the base model (in the base's "
+                               "dtype); without it a peft adapter folder is written."),
+) -> None:
+    """Write a checkpoint as a standard Hugging Face model folder (AutoModelForCausalLM.from_pretrained loads it)."""
+    from fp16rl.export import export_checkpoint
+
+    _quiet_libraries()
+    try:
+        folder = export_checkpoint(checkpoint, output, merge)
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(str(folder))
 
 
 def main() -> None:

@@ -17,6 +17,23 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of an already rendered prompt (special tokens are in the text, none added)."""
+    return len(encode_text(tokenizer, text))
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: Any | None) -> str:
+    """Prompt text of a conversation, with the model's chat template when it has one: a final assistant
+    message stays open (the completion continues it), otherwise the assistant turn is opened."""
+    open_turn = messages[-1]["role"] == "assistant"
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        if open_turn:
+            return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)  # base models
+    return text if open_turn else text + "\n\nAssistant:"
+
+
 @dataclass
 class PromptItem:
     """One prompt of a step: the text fed to the sampler plus what the reward needs to score it."""
@@ -52,9 +69,10 @@ class Task(Protocol):
         ...
 
     def score(
-        self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool]
+        self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
+        completion_ids: Sequence[list[int]] | None = None,
     ) -> Scores:
-        """Score ``completions[i]`` written for ``items[i]``."""
+        """Score ``completions[i]`` (token ids ``completion_ids[i]``) written for ``items[i]``."""
         ...
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fp16rl.tasks.base import PromptItem, Scores
+from fp16rl.tasks.base import PromptItem, Scores, render_chat
 
 TOY_TASKS = ("digits",)
 
@@ -31,13 +31,12 @@ class DigitsTask:
         for slot in range(num_prompts):
             start = int(rng.integers(0, 100))
             question = f"Write a sequence of digits. Count from {start}."
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
+            text = render_chat([{"role": "user", "content": question}], self.tokenizer)
             items.append(PromptItem(text=text, uid=f"digits/{step}-{slot}-{start}", meta={"start": start}))
         return items
 
-    def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool]) -> Scores:
+    def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
+              completion_ids: Sequence[list[int]] | None = None) -> Scores:
         rewards = [digit_share(text) for text in completions]
         return Scores(rewards=rewards, components={"digits": rewards})
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fp16rl.tasks.arc.data import ArcTaskData
-from fp16rl.tasks.base import encode_text
+from fp16rl.tasks.base import render_chat
 from fp16rl.tasks.arc.encoders import COLOR_NAMES, GridEncoder
 
 _LEGEND = ", ".join(f"{value} {name}" for value, name in enumerate(COLOR_NAMES))
@@ -88,16 +88,4 @@ def build_messages(
 
 def render_messages(messages: list[dict[str, str]], tokenizer: Any | None) -> str:
     """Prompt text with the assistant turn left open after its prefix."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-    return plain_prompt(messages)
-
-
-def plain_prompt(messages: list[dict[str, str]]) -> str:
-    """Fallback layout for tokenizers without a chat template (e.g. base models)."""
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
-def count_tokens(tokenizer: Any, text: str) -> int:
-    """Tokens of an already rendered prompt (special tokens are in the text, none added)."""
-    return len(encode_text(tokenizer, text))
+    return render_chat(messages, tokenizer)

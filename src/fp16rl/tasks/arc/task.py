@@ -26,9 +26,9 @@ from fp16rl.sandbox import ExecutionResult, Outcome, Sandbox, SandboxLimits, ext
 from fp16rl.tasks.arc.augment import Augmentation, augmentation_for
 from fp16rl.tasks.arc.data import ArcDataset, Grid, load_dataset
 from fp16rl.tasks.arc.encoders import get_encoder
-from fp16rl.tasks.arc.prompts import PromptTemplate, build_messages, count_tokens, render_messages
+from fp16rl.tasks.arc.prompts import PromptTemplate, build_messages, render_messages
 from fp16rl.tasks.arc.reward import evaluate, get_reward, step_metrics
-from fp16rl.tasks.base import PromptItem, Scores
+from fp16rl.tasks.base import PromptItem, Scores, count_tokens
 
 MAX_CONSECUTIVE_LONG = 64  # more skipped in a row means max_prompt_tokens is set far too low
 NO_CODE_ERROR = "no ```python code block in the completion"
@@ -163,7 +163,8 @@ class ArcTask:
             for code, item in zip(codes, items)
         ]
 
-    def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool]) -> Scores:
+    def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
+              completion_ids: Sequence[list[int]] | None = None) -> Scores:
         """Rewards, per-step metrics and per-completion details for a batch of completions."""
         if not len(items) == len(completions) == len(truncated):
             raise ValueError(

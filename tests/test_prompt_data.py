@@ -1,0 +1,208 @@
+"""Your own data and rewards: prompt datasets in every format, TRL-style reward functions, the math and
+reasoning-gym built-ins, the Python API, and pairing across arms."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fp16rl import TrainConfig, train
+from fp16rl.errors import UserError
+from fp16rl.rewards import RewardError, RewardSet
+from fp16rl.tasks import dataset_kind
+from fp16rl.tasks.dataset import PromptDatasetTask, prompt_data
+from fp16rl.tasks.math import math_format_reward, math_reward
+from fp16rl.tracking import read_metrics
+
+ROWS = [{"prompt": f"What is {i} + {i}? Put the answer in \\boxed{{}}.", "answer": str(2 * i), "level": i % 3}
+        for i in range(10)]
+SMALL = dict(model_path="tiny", dtype="float32", lora_r=0, num_generations=4, prompts_per_step=2,
+             max_completion_length=16, max_seq_length=256, max_steps=2, beta=0.0, learning_rate=1e-3)
+
+
+def write_formats(folder: Path) -> dict[str, Path]:
+    """The same rows as JSONL, JSON, Parquet, CSV and a save_to_disk folder."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "rows.json").write_text(json.dumps(ROWS))
+    table = datasets.Dataset.from_list(ROWS)
+    table.to_parquet(str(folder / "rows.parquet"))
+    table.to_csv(str(folder / "rows.csv"), index=False)
+    table.save_to_disk(str(folder / "saved"))
+    return {kind: folder / name for kind, name in (("jsonl", "rows.jsonl"), ("json", "rows.json"),
+                                                    ("parquet", "rows.parquet"), ("csv", "rows.csv"),
+                                                    ("saved", "saved"))}
+
+
+def test_every_format_gives_the_same_rows_in_the_same_order(tmp_path, tiny_tokenizer):
+    files = write_formats(tmp_path / "data")
+    batches = {}
+    for kind, path in files.items():
+        assert dataset_kind(str(path)) == "prompts"
+        config = TrainConfig(dataset_path=str(path), reward_funcs=["math"], seed=3)
+        task = PromptDatasetTask(prompt_data(config), tiny_tokenizer, seed=3, prompts_per_step=4)
+        batches[kind] = [[(item.meta["row"], item.text) for item in task.batch(step, 4)] for step in range(5)]
+    assert all(batch == batches["jsonl"] for batch in batches.values())
+    # An epoch (10 rows / 4 per step = 2.5 steps) visits every row once, in a seeded order.
+    rows = [row for step in batches["jsonl"] for row, _ in step]
+    assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:20]) == list(range(10))
+    assert rows[:10] != list(range(10))
+    assert "<|im_start|>user\nWhat is" in batches["jsonl"][0][0][1]  # rendered with the chat template
+
+
+def test_columns_reach_the_reward_functions_trl_style(tmp_path):
+    """Functions written for TRL's GRPOTrainer, as its documentation writes them, run unchanged."""
+    module = tmp_path / "my_rewards.py"
+    module.write_text('''
+import re
+SEEN = []
+
+def reward_len(completions, **kwargs):
+    return [-abs(20 - len(completion)) for completion in completions]
+
+def correct(prompts, completions, completion_ids, answer, level, **kwargs):
+    SEEN.append({"prompts": prompts, "answer": answer, "level": level, "ids": completion_ids})
+    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+def format_reward_func(completions, **kwargs):
+    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+    completion_contents = [completion[0]["content"] for completion in completions]
+    matches = [re.match(pattern, content) for content in completion_contents]
+    return [1.0 if match else 0.0 for match in matches]
+''')
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    last = train(TrainConfig(dataset_path=str(data), output_dir=str(tmp_path / "run"), **SMALL,
+                             reward_funcs=[f"{module}:reward_len", f"{module}:correct"], reward_weights=[0.01, 1.0]))
+    import sys
+
+    seen = sys.modules["fp16rl_user_rewards.my_rewards"].SEEN
+    call = seen[-1]
+    assert len(call["prompts"]) == 8 and call["prompts"][0].startswith("What is") and len(call["ids"]) == 8
+    assert call["answer"][0] == str(2 * int(call["prompts"][0].split()[2])) and set(call["level"]) <= {0, 1, 2}
+    assert {"reward/reward_len/mean", "reward/correct/mean"} <= set(last)
+    # The combined reward is the weighted sum, as TRL's.
+    assert last["reward/mean"] == pytest.approx(0.01 * last["reward/reward_len/mean"] + last["reward/correct/mean"],
+                                                rel=1e-6)
+    # Conversational prompts: completions come as [{"role": "assistant", "content": ...}].
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}]}) + "\n" for r in ROWS))
+    last = train(TrainConfig(dataset_path=str(chat), output_dir=str(tmp_path / "chat_run"), **SMALL,
+                             reward_funcs=[f"{module}:format_reward_func"]))
+    assert last["reward/format_reward_func/mean"] == 0.0  # ran on message lists without error
+
+
+def test_reward_set_combines_like_trl_and_reports_errors():
+    def half(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    def sometimes(completions, **kwargs):
+        return [None if "skip" in c else 1.0 for c in completions]
+
+    rewards = RewardSet.build([half, sometimes], [2.0, 1.0])
+    total, metrics = rewards(["p", "p"], ["a", "skip"], [[1], [2]], {}, [0, 1])
+    assert total == [2.0, 1.0]  # None counts 0 in the sum (nansum)
+    assert metrics == {"reward/half/mean": 0.5, "reward/sometimes/mean": 1.0}  # mean over the scored rows
+
+    def broken(completions, **kwargs):
+        return [1.0, "x"][: len(completions)]
+
+    with pytest.raises(RewardError, match=r"'broken' returned 'x' for dataset row 7 \(completion 1\)"):
+        RewardSet.build([broken])(["p", "p"], ["a", "b"], [[], []], {}, [3, 7])
+    def two(completions, **kwargs):
+        return [0.0, 0.0]
+
+    with pytest.raises(RewardError, match="'two' returned 2 values for 3 completions"):
+        RewardSet.build([two])(["p"] * 3, ["a"] * 3, [[]] * 3, {}, [0, 1, 2])
+
+
+def test_reward_errors_can_score_zero_and_count(tmp_path):
+    def picky(completions, **kwargs):
+        if any("bad" in c for c in completions):
+            raise ValueError("cannot score that")
+        return [1.0] * len(completions)
+
+    rewards = RewardSet.build([picky], on_error="zero")
+    total, metrics = rewards(["p"] * 3, ["good", "bad", "good"], [[]] * 3, {}, [0, 1, 2])
+    assert total == [1.0, 0.0, 1.0] and metrics["reward/picky/errors"] == 1.0
+    with pytest.raises(RewardError, match=r"'picky' raised ValueError: cannot score that \(on dataset rows 0, 1, 2\)"):
+        RewardSet.build([picky])(["p"] * 3, ["good", "bad", "good"], [[]] * 3, {}, [0, 1, 2])
+
+
+def test_math_rewards():
+    completions = ["so the answer is \\boxed{4}", "4", "x = 5, then 7", "\\boxed{\\frac{1}{2}}", ""]
+    assert math_reward(completions, ["4", "4", "7", "0.5", "3"]) == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert math_reward(["\\boxed{4}"], ["\\boxed{}"]) == [None]  # an unparsable gold answer is not scored
+    chat = [[{"role": "assistant", "content": "\\boxed{9}"}]]
+    assert math_reward(chat, ["9"]) == [1.0] and math_format_reward(chat) == [1.0]
+    assert math_format_reward(["\\boxed{1} or \\boxed{2}", "1"]) == [0.0, 0.0]
+
+
+def test_reasoning_gym_rows_and_scores():
+    pytest.importorskip("reasoning_gym")
+    from fp16rl.tasks.gym import gym_rows, reasoning_gym
+
+    rows = gym_rows("basic_arithmetic", 4, seed=1)
+    assert rows == gym_rows("basic_arithmetic", 4, seed=1) and rows != gym_rows("basic_arithmetic", 4, seed=2)
+    assert rows[0]["prompt"][0]["role"] == "system" and "<answer>" in rows[0]["prompt"][0]["content"]
+    right = [f"<answer>{r['answer']}</answer>" for r in rows]
+    assert reasoning_gym(right, [r["gym_entry"] for r in rows]) == [1.0] * 4
+    untagged, wrong = reasoning_gym(["no tags", "<answer>-123456</answer>"], [r["gym_entry"] for r in rows[:2]])
+    assert untagged == 0.0 and wrong < 1.0  # some verifiers give partial credit for a near answer
+    with pytest.raises(UserError, match="no such reasoning-gym dataset"):
+        gym_rows("basic_arithmetics", 4, seed=1)
+
+
+def test_python_api_example_in_the_readme_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your own data and rewards"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    records = read_metrics(tmp_path / "runs" / "api-example" / "metrics.jsonl")
+    assert len(records) == namespace["config"].max_steps and "reward/exact_answer/mean" in records[-1]
+
+
+def test_arms_see_the_same_prompts_on_a_prompt_dataset(tmp_path):
+    """fp16rl compare pairs arms on prompt datasets too: same prompts per step, different dtype."""
+    from fp16rl.experiments import run_comparison
+    from fp16rl.report import analyse, load_inputs
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    base = tmp_path / "base.yaml"
+    options = {**SMALL, "dataset_path": str(data), "reward_funcs": "math", "save_samples_steps": 1, "max_steps": 2}
+    base.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()))
+    outcomes = run_comparison(base, ["dtype=float32", "dtype=bfloat16"], [0], tmp_path / "cmp")
+    assert set(outcomes.values()) == {"finished"}
+    runs = tmp_path / "cmp" / "runs"
+    for step in (1, 2):
+        prompts = [[json.loads(line)["prompt"] for line in (runs / arm / "seed-0" / "samples" / f"step-{step:06d}.jsonl")
+                    .read_text().splitlines()] for arm in ("dtype=float32", "dtype=bfloat16")]
+        assert prompts[0] == prompts[1]
+    analysis = analyse(load_inputs([tmp_path / "cmp"]))
+    assert analysis.comparisons[0].paired_seeds == [0] and math.isfinite(analysis.arms[1].median_logp_abs_diff)
+
+
+@pytest.mark.slow
+def test_math_reward_on_a_jsonl_file_rises(tmp_path):
+    """The JSONL + math-verify pipeline learns (the tiny model's version of the SmolLM2 run in
+    bench/RESULTS.md): every answer is 7, so the model must learn to end on 7. fp32, whose kernels
+    give the same numbers on every x86-64 CPU; measured first 10 steps 0.02, last 10 0.94-0.98."""
+    data = tmp_path / "seven.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what number comes after six?", "answer": "7"})
+                            + "\n" for i in range(32)))
+    train(TrainConfig(model_path="tiny", dataset_path=str(data), reward_funcs=["math"], output_dir=str(tmp_path / "run"),
+                      dtype="float32", lora_r=0, learning_rate=2e-3, num_generations=8, prompts_per_step=4,
+                      max_completion_length=12, max_seq_length=256, beta=0.0, max_grad_norm=1.0, warmup_ratio=0.0,
+                      max_steps=40, top_p=1.0, mask_truncated_completions=False, seed=0))
+    rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert first < 0.15 and last > first + 0.5, rewards
