@@ -118,7 +118,7 @@ def test_long_prompts_are_skipped_and_counted(tmp_path: Path) -> None:
     skipped = [i for i in stream if i.meta["skipped_long_prompts"]]
     assert len(skipped) == 2  # once per epoch
     scores = task.score([skipped[0]] * 2, ["no code", "no code"], [False, False])
-    assert scores.metrics["data/skipped_long_prompts"] == 1.0  # the repeated prompt counts once
+    assert scores.counts["data/skipped_long_prompts"] == 1.0  # the repeated prompt counts once
     with pytest.raises(ValueError, match="consecutive prompts exceed max_prompt_tokens=5"):
         ArcTask(path, tok, max_prompt_tokens=5).batch(0, 1)
     with pytest.raises(ValueError, match="needs a tokenizer"):
@@ -144,7 +144,7 @@ def test_score_runs_completions_on_augmented_grids(tmp_path: Path) -> None:
     assert scores.components == {"arc-v2-no-pixel-score": scores.rewards}
     m = scores.metrics
     assert m["reward/solved_ratio"] == 0.5 and m["code/ok_ratio"] == 0.75 and m["code/parse_error_ratio"] == 0.25
-    assert m["data/skipped_long_prompts"] == 0.0
+    assert scores.counts["data/skipped_long_prompts"] == 0.0
     d = scores.details
     assert d[1]["outcome"] == "parse_error" and d[1]["truncated"] is True and d[0]["solved"]
     assert d[2]["train_correct"] == [False] * len(items[1].meta["train"]) and d[0]["uid"] == items[0].uid

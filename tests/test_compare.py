@@ -100,3 +100,17 @@ def test_cli_accepts_several_arms_after_one_flag_and_fails_cleanly(tmp_path):
     result = CliRunner().invoke(app, ["compare", "--config", str(base), "--arms", "dtype=fp16", "--seeds", "a,b",
                                       "--output-dir", str(tmp_path / "cmp3")])
     assert result.exit_code == 2 and "--seeds" in result.output
+
+
+def test_parallel_runs_are_placed_one_per_gpu(monkeypatch):
+    from fp16rl.experiments import gpu_placement, visible_gpus
+
+    assert gpu_placement(2, ["0", "1", "2"]) == ["0", "1"]  # one GPU per run
+    assert gpu_placement(3, ["4", "6"]) == ["4", "6", "4"]  # more runs than GPUs: dealt round-robin
+    assert gpu_placement(2, []) == [None, None]  # no GPU: the runs' environment is left alone
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_gpus() == ["3", "5"]  # the names the user's CUDA_VISIBLE_DEVICES gave
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus() == ["0", "1"]

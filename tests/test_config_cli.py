@@ -29,11 +29,22 @@ def test_seed_command_line_parses_with_same_meaning():
     assert (config.model_path, config.dataset_path, config.output_dir) == ("MODEL", "DATA", "OUT")
 
 
+def test_seed_command_line_accepts_the_memory_options():
+    config = parse_train_args(shlex.split(SEED_COMMAND) + ["--gradient-checkpointing", "--per-device-train-batch-size",
+                                                          "1", "--save-total-limit", "3"])
+    assert config.gradient_checkpointing is True and config.per_device_train_batch_size == 1
+    assert parse_train_args(shlex.split(SEED_COMMAND)).gradient_checkpointing is None  # automatic: on above 1B
+
+
 @pytest.mark.parametrize("flag", ["--lora-r", "--lora_r"])
 def test_both_spellings(flag):
     assert parse_train_args([flag, "3"]).lora_r == 3
     assert parse_train_args(["--no-mask_truncated_completions"]).mask_truncated_completions is False
     assert parse_train_args(["--lora-target-modules", "q_proj,v_proj"]).lora_target_modules == ["q_proj", "v_proj"]
+    # TRL's spelling of a list (space-separated values) and the comma form mean the same.
+    assert parse_train_args(["--lora-target-modules", "q_proj", "v_proj", "--lora-r", "2"]).lora_target_modules == \
+        ["q_proj", "v_proj"]
+    assert parse_train_args(["--report-to", "none"]).report_to == ["none"]
 
 
 def test_yaml_then_flags_precedence(tmp_path):

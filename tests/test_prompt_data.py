@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from fp16rl import TrainConfig, train
 from fp16rl.errors import UserError
+from fp16rl.outcomes import reward_means
 from fp16rl.rewards import RewardError, RewardSet
 from fp16rl.tasks import dataset_kind
 from fp16rl.tasks.dataset import PromptDatasetTask, prompt_data
@@ -97,6 +99,22 @@ def format_reward_func(completions, **kwargs):
     assert last["reward/format_reward_func/mean"] == 0.0  # ran on message lists without error
 
 
+def test_resume_on_a_prompt_dataset_is_exact(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    options = {**SMALL, "dataset_path": str(data), "reward_funcs": ["math", "math_format"], "max_steps": 4,
+               "save_steps": 2}
+    train(TrainConfig(output_dir=str(tmp_path / "straight"), **options))
+    train(TrainConfig(output_dir=str(tmp_path / "split"), **{**options, "max_steps": 2}))
+    train(TrainConfig(output_dir=str(tmp_path / "split"), resume=True, **options))
+
+    def comparable(run):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+                for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+
+    assert comparable("split") == comparable("straight") and len(comparable("split")) == 4
+
+
 def test_reward_set_combines_like_trl_and_reports_errors():
     def half(completions, **kwargs):
         return [0.5] * len(completions)
@@ -105,9 +123,12 @@ def test_reward_set_combines_like_trl_and_reports_errors():
         return [None if "skip" in c else 1.0 for c in completions]
 
     rewards = RewardSet.build([half, sometimes], [2.0, 1.0])
-    total, metrics = rewards(["p", "p"], ["a", "skip"], [[1], [2]], {}, [0, 1])
-    assert total == [2.0, 1.0]  # None counts 0 in the sum (nansum)
-    assert metrics == {"reward/half/mean": 0.5, "reward/sometimes/mean": 1.0}  # mean over the scored rows
+    scores = rewards(["p", "p"], ["a", "skip"], [[1], [2]], {}, [0, 1])
+    assert scores.rewards == [2.0, 1.0]  # None counts 0 in the sum (nansum)
+    assert scores.components["half"] == [0.5, 0.5] and scores.components["sometimes"][0] == 1.0
+    assert math.isnan(scores.components["sometimes"][1])
+    means = reward_means(scores)
+    assert means == {"reward/half/mean": 0.5, "reward/sometimes/mean": 1.0}  # mean over the scored rows
 
     def broken(completions, **kwargs):
         return [1.0, "x"][: len(completions)]
@@ -128,8 +149,8 @@ def test_reward_errors_can_score_zero_and_count(tmp_path):
         return [1.0] * len(completions)
 
     rewards = RewardSet.build([picky], on_error="zero")
-    total, metrics = rewards(["p"] * 3, ["good", "bad", "good"], [[]] * 3, {}, [0, 1, 2])
-    assert total == [1.0, 0.0, 1.0] and metrics["reward/picky/errors"] == 1.0
+    scores = rewards(["p"] * 3, ["good", "bad", "good"], [[]] * 3, {}, [0, 1, 2])
+    assert scores.rewards == [1.0, 0.0, 1.0] and scores.counts["reward/picky/errors"] == 1.0
     with pytest.raises(RewardError, match=r"'picky' raised ValueError: cannot score that \(on dataset rows 0, 1, 2\)"):
         RewardSet.build([picky])(["p"] * 3, ["good", "bad", "good"], [[]] * 3, {}, [0, 1, 2])
 
@@ -156,6 +177,16 @@ def test_reasoning_gym_rows_and_scores():
     assert untagged == 0.0 and wrong < 1.0  # some verifiers give partial credit for a near answer
     with pytest.raises(UserError, match="no such reasoning-gym dataset"):
         gym_rows("basic_arithmetics", 4, seed=1)
+    # The generator's own options after '?': YAML scalars, passed to reasoning-gym's config.
+    easy = gym_rows("chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1", 20, seed=0)
+    metadata = [json.loads(r["gym_entry"])["metadata"] for r in easy]
+    assert all(m["num_terms"] == 2 and m["num_digits"] == 1 for m in metadata)
+    assert all(abs(int(r["answer"])) <= 18 for r in easy)
+    for spec, match in [("chain_sum?max_terms", "option 'max_terms' is not key=value"),
+                        ("chain_sum?no_such=1", "unexpected keyword argument 'no_such'"),
+                        ("chain_sum?max_terms=[", "option 'max_terms' has an unreadable value")]:
+        with pytest.raises(UserError, match=re.escape(match)):
+            gym_rows(spec, 4, seed=0)
 
 
 def test_python_api_example_in_the_readme_runs(tmp_path, monkeypatch):

@@ -113,13 +113,19 @@ def policy_loss(
     settings: LossSettings,
     grad_accum_steps: int = 1,
     batch_tokens: int | None = None,
+    group: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch, already scaled so summing micro-batches gives the step's loss.
+
+    ``group = (rows, tokens)`` of the gradient-accumulation micro-batch when ``batch`` is only a part
+    of it (``--per-device-train-batch-size``): the normalisers are the micro-batch's, so the parts' losses
+    and statistics add up to the micro-batch's exactly, whatever the number of completions per forward.
 
     ``logprobs`` carry gradient (pi_theta); ``old_logprobs`` are pi_old (``batch.old_logprobs``, or
     ``logprobs.detach()`` when each batch gets one optimizer step); ``batch`` gives the advantages
     ``[N]``, the loss mask, the IS weights and the reference logprobs; ``batch_tokens`` is the number
-    of loss tokens in the whole generation batch (dapo's normaliser).
+    of loss tokens in the whole generation batch (dapo's normaliser, and the statistics': each is a
+    fraction of the batch's loss tokens, so they add up over micro-batches and ranks).
 
     ``L_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps_high) A) * w_t + beta * k3(ref_t, lpi_t)`` with
     ``r_t = exp(lpi_t - lpi_old_t)`` (GSPO: ``r = exp(mean_t(lpi_t - lpi_old_t))`` per row).
@@ -140,10 +146,11 @@ def policy_loss(
         kl = k3(ref_logprobs, logprobs)
         per_token = per_token + settings.beta * kl
 
-    loss = aggregate(per_token, mask, settings, grad_accum_steps, batch_tokens)
-    with torch.no_grad():
+    loss = aggregate(per_token, mask, settings, grad_accum_steps, batch_tokens, group)
+    with torch.no_grad():  # fractions of the generation batch's loss tokens: they add up over micro-batches
         ratio_full = ratio.expand_as(mask)
-        tokens = mask.sum().clamp(min=1)
+        tokens = batch_tokens or (mask.sum().clamp(min=1) if group is None else group[1]) * grad_accum_steps
+        tokens = max(tokens, 1)
         stats = {
             "clip_ratio_low": (((ratio_full < 1 - settings.epsilon) & (adv < 0)).float() * mask).sum() / tokens,
             "clip_ratio_high": (((ratio_full > 1 + settings.eps_high) & (adv > 0)).float() * mask).sum() / tokens,
@@ -154,15 +161,24 @@ def policy_loss(
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, settings: LossSettings, grad_accum_steps: int, batch_tokens: int | None
+    per_token: torch.Tensor, mask: torch.Tensor, settings: LossSettings, grad_accum_steps: int, batch_tokens: int | None,
+    group: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Reduce per-token losses as ``settings.loss_type`` says (TRL semantics)."""
+    """Reduce per-token losses as ``settings.loss_type`` says (TRL semantics), over micro-batch ``m``:
+
+    grpo ``mean_rows(sum_t L / T_row) / GA``; bnpo ``sum L / T_m / GA``; dapo ``sum L / T_batch``;
+    dr_grpo ``sum L / (rows_m * max_completion_length) / GA``. ``group`` = (rows_m, T_m) when the
+    tensors are only part of ``m``.
+    """
     masked = per_token * mask
+    rows = per_token.shape[0] if group is None else group[0]
     if settings.loss_type == "grpo":
-        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean() / grad_accum_steps
+        row_means = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return (row_means.mean() if group is None else row_means.sum() / rows) / grad_accum_steps
     if settings.loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1) / grad_accum_steps
+        tokens = mask.sum().clamp(min=1) if group is None else max(group[1], 1)
+        return masked.sum() / tokens / grad_accum_steps
     if settings.loss_type == "dapo":
         total = batch_tokens if batch_tokens is not None else mask.sum().item() * grad_accum_steps
         return masked.sum() / max(total, 1)
-    return masked.sum() / (per_token.shape[0] * settings.max_completion_length) / grad_accum_steps
+    return masked.sum() / (rows * settings.max_completion_length) / grad_accum_steps

@@ -85,14 +85,17 @@ def measure_rollouts(
     prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int,
     slots: Sequence[int], micro_batch: int, chunk_tokens: int, pad_token_id: int, with_entropy: bool = False,
     should_stop: Callable[[], None] | None = None, watch: Callable[[torch.nn.Module], Any] | None = None,
+    max_rows: int | None = None,
 ) -> Measurement:
     """Sample ``num_generations`` completions per prompt with the sampler, then recompute their token
     logprobs with the trainer's ``model`` at the same weights; record what each engine computed in.
 
-    ``watch(model)`` is an extra context for the recompute (the trainer polls Ctrl-C in it).
+    ``watch(model)`` is an extra context for the recompute (the trainer polls Ctrl-C in it); ``max_rows``
+    bounds the rows the sampler decodes at once and ``micro_batch`` those the trainer recomputes at once.
     """
     start = time.perf_counter()
-    rollouts = sampler.generate(prompt_ids, num_generations, params, seed=seed, slots=slots, should_stop=should_stop)
+    rollouts = sampler.generate(prompt_ids, num_generations, params, seed=seed, slots=slots, should_stop=should_stop,
+                                max_rows=max_rows)
     sampled = time.perf_counter()
     device = next(model.parameters()).device
     tokens = build_token_batch(rollouts.prompt_ids, num_generations, rollouts.completion_ids,

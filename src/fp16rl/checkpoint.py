@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -37,6 +38,20 @@ def remove_torn_saves(run_dir: Path) -> None:
     root = Path(run_dir) / "checkpoints"
     for leftover in root.glob(".step-*") if root.is_dir() else []:
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``limit`` checkpoints (never ``keep``, the one a run resumed from).
+
+    A checkpoint is renamed to a temporary name before it is deleted, so a crash mid-deletion never
+    leaves something that looks like a checkpoint."""
+    found = checkpoint_dirs(run_dir)
+    doomed = [p for p in found[:-limit] if keep is None or p.resolve() != Path(keep).resolve()]
+    for path in doomed:
+        trash = path.with_name(f".{path.name}.deleting")
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+    return doomed
 
 
 def _digest(path: Path) -> str:

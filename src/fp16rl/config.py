@@ -38,7 +38,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 # Options a resumed run cannot change: its checkpoint, data position and pairing depend on them.
 RESUME_FIXED = ("model_path", "dataset_path", "seed", "dtype", "sampler_dtype", "trainer_dtype", "trainer_compute",
                 "load_in_4bit", "lora_r", "lora_alpha", "use_rslora", "lora_target_modules", "num_generations",
-                "prompts_per_step")
+                "prompts_per_step", "prompt_column", "system_prompt", "dataset_size", "dataset_seed")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -100,7 +100,7 @@ class TrainConfig:
     grid_encoder: str = opt("ColorNameEncoder()", "How grids are written in prompts: ColorNameEncoder() | digits.")
     use_data_augmentation: bool = opt(True, "Random flips, rotations and colour permutations per task (seeded).")
     skip_invalid_tasks: bool = opt(False, "Skip malformed tasks (counted) instead of failing on the first one.")
-    n_jobs: int = opt(-1, "Parallel code-execution workers (-1 = all cores).")
+    n_jobs: int = opt(-1, "Parallel code-execution workers (-1 = this process's cores; under torchrun shared among the ranks of a machine).")
     code_timeout: float = opt(1.0, "Seconds of wall clock for one program on all of a task's grids.")
     code_memory_limit_mb: int = opt(4096, "Address-space limit of a program, in MB.", aliases=("--code-execution-memory-limit-mb",))
     # --- RL ----------------------------------------------------------------------------------
@@ -130,12 +130,16 @@ class TrainConfig:
     lr_scheduler_type: str = opt("constant_with_warmup", "constant_with_warmup | cosine | linear | constant (sized in optimizer steps: steps x num_iterations).", choices=LR_SCHEDULERS)
     warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps used for linear warm-up.")
     gradient_accumulation_steps: int = opt(1, "The seed script's meaning: the generation batch (prompts_per_step x num_generations) is split into this many micro-batches, one optimizer step over all of them.")
+    per_device_train_batch_size: int | None = opt(None, "Completions per trainer forward and backward (memory only: the loss is normalised per gradient-accumulation micro-batch, so the result does not depend on it; default: the whole micro-batch).")
+    generation_batch_size: int | None = opt(None, "Completions the sampler decodes at once (bounds its KV cache), in whole prompt groups; the completions do not depend on it (default: all of a step's).")
+    gradient_checkpointing: bool | None = opt(None, "Recompute each decoder layer's activations in backward instead of keeping them (memory for time; same gradients). Default: on for models above 1B parameters.")
     epochs: float = opt(10, "Passes over the dataset; sets the number of steps unless --max-steps is given.")
     max_steps: int = opt(-1, "RL steps to run (-1 = from epochs).")
     seed: int = opt(0, "Seed of everything: prompt order, augmentation, sampling, initialisation (>= 0).")
     # --- logging / checkpoints ---------------------------------------------------------------
     save_samples_steps: int = opt(10, "Save the first prompt's completions (samples/) every this many steps; metrics are logged every step.", aliases=("--logging-steps", "--logging_steps"))
     save_steps: int = opt(100, "Checkpoint every this many steps (and at the end, and on Ctrl-C).")
+    save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (the one a run resumed from is never deleted); default: keep all.")
     report_to: list[str] = opt(["tensorboard"], "Where the step metrics go besides metrics.jsonl: tensorboard | wandb | trackio | mlflow | none (comma-separated; wandb runs offline unless WANDB_MODE is set).")
     stop_on_collapse: bool = opt(False, "End the run cleanly (checkpoint + summary.json) when the collapse monitor fires.")
     arm: str | None = opt(None, "Label of this run's arm in a comparison (set by fp16rl compare; shown by fp16rl report).")
@@ -208,6 +212,11 @@ def _check_ranges(c: TrainConfig) -> None:
         ("code_timeout", 0 < c.code_timeout <= 3600, "in (0, 3600] seconds"),
         ("n_jobs", c.n_jobs == -1 or c.n_jobs >= 1, "-1 (all cores) or >= 1"),
         ("max_steps", c.max_steps == -1 or c.max_steps >= 1, "-1 (from epochs) or >= 1"),
+        ("per_device_train_batch_size", c.per_device_train_batch_size is None or c.per_device_train_batch_size >= 1,
+         ">= 1"),
+        ("save_total_limit", c.save_total_limit is None or c.save_total_limit >= 1, ">= 1"),
+        ("generation_batch_size", c.generation_batch_size is None or c.generation_batch_size >= c.num_generations,
+         f">= --num-generations ({c.num_generations}): whole prompt groups are decoded together"),
     )
     for name, ok, expected in checks:
         if not ok:
@@ -395,6 +404,14 @@ def _list_parser(element: type) -> Any:
     return parse
 
 
+class _JoinLists(argparse.Action):
+    """A list option takes TRL's spelling (``--reward-funcs a b``) and the comma form (``a,b``), or both."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, [item for value in values for item in value])
+
+
 def build_parser(prog: str = "fp16rl train") -> argparse.ArgumentParser:
     """An argparse parser with one flag per ``TrainConfig`` field, in both spellings."""
     parser = _ErrorRaisingParser(prog=prog, description="GRPO-family RL fine-tuning with one verified precision.",
@@ -414,7 +431,7 @@ def build_parser(prog: str = "fp16rl train") -> argparse.ArgumentParser:
             parser.add_argument(*negatives, dest=f.name, action="store_false", help=argparse.SUPPRESS)
         elif kind is list:
             parser.add_argument(*flags, dest=f.name, type=_list_parser(_element_type(f.name)), help=help_text,
-                                metavar="A,B,...")
+                                metavar="A", nargs="+", action=_JoinLists)
         else:  # choices are checked by validate(), the one place every entry point shares
             parser.add_argument(*flags, dest=f.name, type=kind, help=help_text,
                                 metavar="{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else None)

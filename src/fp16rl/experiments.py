@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -137,8 +138,18 @@ def run_comparison(
     """Run (or resume) every arm x seed; returns ``{run_dir: outcome}`` (kept | finished | failed...)."""
     specs = plan_comparison(base_config, arm_specs, seeds, output_dir)
     threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
+    free_gpus: queue.Queue[str | None] = queue.Queue()
+    for device in gpu_placement(max(parallel, 1), visible_gpus()):
+        free_gpus.put(device)
 
     def execute(spec: RunSpec) -> tuple[str, str]:
+        device = free_gpus.get()  # one of the run slots: a GPU of its own when there are enough
+        try:
+            return run_one(spec, device)
+        finally:
+            free_gpus.put(device)
+
+    def run_one(spec: RunSpec, device: str | None) -> tuple[str, str]:
         state = spec.state()
         if state == "done":
             on_event(spec, "kept")
@@ -152,6 +163,8 @@ def run_comparison(
         on_event(spec, "resuming" if state == "resume" else "starting")
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
         with spec.log_path.open("a") as log:
             code = subprocess.run([sys.executable, "-m", "fp16rl.cli", "train", *args], stdout=log,
                                   stderr=subprocess.STDOUT, env=env).returncode
@@ -162,3 +175,20 @@ def run_comparison(
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return dict(pool.map(execute, specs))
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs runs may use, as ``CUDA_VISIBLE_DEVICES`` names them (all of the machine's when unset)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def gpu_placement(parallel: int, gpus: Sequence[str]) -> list[str | None]:
+    """The device of each of ``parallel`` run slots: GPUs dealt round-robin (one run per GPU when there
+    are at least as many GPUs as slots), None (leave the environment alone) without GPUs."""
+    if not gpus:
+        return [None] * parallel
+    return [gpus[slot % len(gpus)] for slot in range(parallel)]

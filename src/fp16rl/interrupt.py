@@ -5,6 +5,10 @@ token, between micro-batches and at every decoder layer's forward, as long as th
 changed the weights. There ``StopRequest.check`` raises ``RunInterrupted``: the step is abandoned,
 its partial gradients dropped, and the run saves the last completed step and records
 ``status: interrupted``; ``--resume`` then continues exactly. A second signal stops at once.
+
+Data-parallel ranks must leave together (a rank that stops alone leaves the others waiting in a
+collective), so with ``agree`` the mid-step safe points are off and the ranks decide between steps,
+together: a signal that reached any rank stops all of them after the same step.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,13 +29,24 @@ class RunInterrupted(Exception):
 class StopRequest:
     """The flag the signal handlers set and the safe points poll."""
 
-    def __init__(self) -> None:
+    def __init__(self, agree: Callable[[bool], bool] | None = None) -> None:
+        """``agree(flag)``: True on every rank when ``flag`` is True on any (data-parallel training)."""
         self.signal_name: str | None = None
         self.armed = True  # False while the weights are being changed: finish that first
+        self.agree = agree
 
     def check(self) -> None:
-        if self.signal_name is not None and self.armed:
+        """A safe point inside a step (none when the ranks must agree)."""
+        if self.signal_name is not None and self.armed and self.agree is None:
             raise RunInterrupted(self.signal_name)
+
+    def check_between_steps(self) -> None:
+        """The safe point after a step: every rank reaches it, so the ranks can agree here."""
+        requested = self.signal_name is not None
+        if self.agree is not None:
+            requested = self.agree(requested)
+        if requested and self.armed:
+            raise RunInterrupted(self.signal_name or "a signal on another rank")
 
     def _handle(self, number: int, _frame: object) -> None:
         if self.signal_name is not None:  # the second signal: do not wait for a safe point

@@ -185,14 +185,16 @@ def completion_logprobs(
     with_entropy: bool = False,
     chunk_tokens: int = 2048,
     head: LogitHead | None = None,
+    run_backbone: Callable[..., Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs ``[N, C]`` (fp32, 0 where masked) of the completion tokens, and entropy.
 
     Runs in the caller's autocast/grad context, so the trainer uses it both for pi_old (no grad)
     and for the loss (with grad). ``log pi(y_t) = log_softmax(head(h_{P-1+t}) / T)[y_t]``.
+    ``run_backbone`` replaces ``backbone(model)`` (data-parallel training passes its DDP wrapper).
     """
     head = head or LogitHead.of(model)
-    out = backbone(model)(
+    out = (run_backbone or backbone(model))(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,

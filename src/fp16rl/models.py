@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from fp16rl.atomic import atomic_directory
 from fp16rl.config import DEFAULT_LORA_TARGETS
 from fp16rl.errors import ModelError
+from fp16rl.logprobs import causal_lm
 from fp16rl.paths import TINY, fp16rl_home, resolve_model_path
 from fp16rl.runs import refuse_used_folder
 
@@ -330,3 +331,24 @@ def tiny_model_path(spec: TinyModelSpec = TinyModelSpec()) -> Path:
 def model_folder(model_path: str) -> Path:
     """``--model-path`` as a folder: ``tiny`` is the built-in tiny model (written on first use)."""
     return tiny_model_path() if model_path == TINY else resolve_model_path(model_path)
+
+
+GRADIENT_CHECKPOINTING_ABOVE = 1_000_000_000  # parameters; the default turns it on above this size
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, wanted: bool | None) -> bool:
+    """Turn on activation checkpointing of every decoder layer (``wanted`` None: above 1B parameters).
+
+    Non-reentrant, so frozen inputs (LoRA) need no gradient. transformers checkpoints a layer only in
+    training mode; the layers alone are marked so, not their children, so no dropout is switched on and
+    the step computes exactly what it computes without checkpointing.
+    """
+    if wanted is None:
+        wanted = sum(p.numel() for p in model.parameters()) > GRADIENT_CHECKPOINTING_ABOVE
+    if not wanted:
+        return False
+    causal_lm(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True  # this module only: transformers' check, not dropout
+    return True

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fp16rl.errors import ConfigError, UserError
+from fp16rl.tasks.base import Scores
 
 RewardFn = Callable[..., Sequence[Any]]
 BUILTIN_REWARDS = ("math", "math_format", "reasoning_gym")
@@ -114,23 +115,24 @@ class RewardSet:
         self([prompt], [completion], [[]], {name: [value] for name, value in columns.items()}, [row])
 
     def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
-                 columns: dict[str, list[Any]], rows: Sequence[int]) -> tuple[list[float], dict[str, float]]:
-        """Combined reward per completion and the ``reward/<name>/*`` metrics.
+                 columns: dict[str, list[Any]], rows: Sequence[int]) -> Scores:
+        """Combined reward per completion; each function's values as a component (NaN where it returned
+        None: ``reward/<name>/mean`` is over the rows it scored) and its error count.
 
         ``rows`` are the dataset rows of the completions, for messages that name the failing row.
         """
         combined = [0.0] * len(completions)
-        metrics: dict[str, float] = {}
+        components: dict[str, list[float]] = {}
+        counts: dict[str, float] = {}
         for fn, weight, name in zip(self.functions, self.weights, self.names):
             values, errors = self._call(fn, name, prompts, completions, completion_ids, columns, rows)
-            scored = [v for v in values if v is not None]
-            metrics[f"reward/{name}/mean"] = sum(scored) / len(scored) if scored else math.nan
+            components[name] = [math.nan if v is None else v for v in values]
             if self.on_error == "zero":
-                metrics[f"reward/{name}/errors"] = float(errors)
+                counts[f"reward/{name}/errors"] = float(errors)
             for i, value in enumerate(values):
                 if value is not None:
                     combined[i] += weight * value
-        return combined, metrics
+        return Scores(rewards=combined, components=components, counts=counts)
 
     def _call(self, fn: RewardFn, name: str, prompts: list[Any], completions: list[Any],
               completion_ids: list[list[int]], columns: dict[str, list[Any]],

@@ -58,6 +58,22 @@ class Rollouts:
     num_generations: int
     observed_dtype: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def concatenate(cls, parts: list["Rollouts"], pad_token_id: int) -> "Rollouts":
+        """One ``Rollouts`` from several ``generate`` calls' (completions padded to the widest)."""
+        width = max(p.completion_ids.shape[1] for p in parts)
+
+        def padded(name: str, value: float | bool | int) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, width - getattr(p, name).shape[1]),
+                                                      value=value) for p in parts])
+
+        observed = {k: "+".join(sorted({p.observed_dtype[k] for p in parts} - {"unobserved"})) or "unobserved"
+                    for k in parts[0].observed_dtype}
+        return cls(prompt_ids=[q for p in parts for q in p.prompt_ids], completion_ids=padded("completion_ids", pad_token_id),
+                   completion_mask=padded("completion_mask", False), sampler_logprobs=padded("sampler_logprobs", 0.0),
+                   finish_reasons=[r for p in parts for r in p.finish_reasons], num_generations=parts[0].num_generations,
+                   observed_dtype=observed)
+
     @property
     def truncated(self) -> list[bool]:
         return [reason == "length" for reason in self.finish_reasons]
@@ -127,20 +143,25 @@ class Sampler:
         seed: int,
         slots: Sequence[int] | None = None,
         should_stop: Callable[[], None] | None = None,
+        max_rows: int | None = None,
     ) -> Rollouts:
         """Sample ``num_generations`` completions for each prompt.
 
         Completion ``g`` of the prompt in slot ``slots[i]`` (default ``i``) is a pure function of
         ``(seed, slot, g)``, the prompt and the weights: its random numbers do not depend on which
-        other rows exist, when they finish, the batch size or the engine (see ``exponential_noise``).
+        other rows exist, when they finish, the batch size or the engine (see ``TokenNoise``).
+        ``max_rows`` bounds the rows decoded at once (the KV cache), in whole prompt groups.
         ``should_stop`` is called once per decoded token and may raise to abandon the call.
         """
         slots = list(range(len(prompt_ids))) if slots is None else list(slots)
         if len(slots) != len(prompt_ids) or len(set(slots)) != len(slots):
             raise ValueError(f"need one distinct slot per prompt, got {len(slots)} slots for {len(prompt_ids)} prompts")
+        per_call = len(prompt_ids) if max_rows is None else max(1, max_rows // num_generations)
         with torch.inference_mode():
-            rollouts = self._generate(prompt_ids, num_generations, params, row_keys(seed, slots, num_generations),
-                                      should_stop)
+            parts = [self._generate(prompt_ids[i:i + per_call], num_generations, params,
+                                    row_keys(seed, slots[i:i + per_call], num_generations), should_stop)
+                     for i in range(0, len(prompt_ids), per_call)]
+            rollouts = parts[0] if len(parts) == 1 else Rollouts.concatenate(parts, self.pad_token_id)
         # Inference-mode tensors cannot enter autograd later (the trainer indexes with the mask).
         for name in ("completion_ids", "completion_mask", "sampler_logprobs"):
             setattr(rollouts, name, getattr(rollouts, name).clone())

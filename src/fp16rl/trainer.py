@@ -21,15 +21,17 @@ import yaml
 from fp16rl.algorithms import Correction, LossSettings, group_advantages, policy_loss
 from fp16rl.atomic import atomic_write_text
 from fp16rl.batch import RolloutBatch, measure_rollouts, trainer_logprobs
-from fp16rl.checkpoint import load_checkpoint, remove_torn_saves, save_checkpoint
+from fp16rl.checkpoint import load_checkpoint, prune_checkpoints, remove_torn_saves, save_checkpoint
 from fp16rl.config import ConfigError, TrainConfig
+from fp16rl.distributed import DataParallel
 from fp16rl.hardware import emulation_notes
 from fp16rl.interrupt import RunInterrupted, StopRequest
 from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
 from fp16rl.mismatch import mismatch_metrics
-from fp16rl.models import (LoraSettings, load_tokenizer, load_trainer_model, model_folder, require_4bit_support,
-                           resolve_device, stop_token_ids)
+from fp16rl.models import (LoraSettings, enable_gradient_checkpointing, load_tokenizer, load_trainer_model,
+                           model_folder, require_4bit_support, resolve_device, stop_token_ids)
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
+from fp16rl.outcomes import outcome_metrics
 from fp16rl.precision import PrecisionPolicy, check_observed
 from fp16rl.runs import plan_run, summarize_run
 from fp16rl.sampler import Rollouts, Sampler, SamplingParams
@@ -42,42 +44,53 @@ from fp16rl.weights import MasterWeights, make_optimizer, make_scheduler
 logger = logging.getLogger("fp16rl")
 
 
-def outcome_metrics(rewards: torch.Tensor, scores: Scores, rollouts: Rollouts,
-                    token_lists: list[list[int]]) -> dict[str, float]:
-    """``reward/*`` (and the task's own metrics) and ``completion/*`` of one generation batch."""
-    lengths = rollouts.completion_mask.sum(dim=1).float()
-    return {
-        "reward/mean": rewards.mean().item(),
-        "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "reward/min": rewards.min().item(),
-        "reward/max": rewards.max().item(),
-        **{f"reward/{name}/mean": float(np.mean(values)) for name, values in scores.components.items()},
-        **scores.metrics,
-        "completion/length_mean": lengths.mean().item(),
-        "completion/length_max": lengths.max().item(),
-        "completion/truncated_ratio": float(np.mean(rollouts.truncated)),
-        "completion/unique_ngram_ratio_4": float(np.mean([unique_ngram_ratio(t) for t in token_lists])),
-    }
-
-
-def unique_ngram_ratio(tokens: list[int], n: int = 4) -> float:
-    """Distinct n-grams / all n-grams of a completion; falls as text starts looping (a collapse signal)."""
-    grams = [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
 class Trainer:
     """Owns the models, the sampler, the optimizer and the run folder of one training run."""
 
     def __init__(self, config: TrainConfig, task: Task | None = None, dataset: Any = None,
                  reward_funcs: Sequence[Any] | None = None):
         """``task``, or ``dataset`` (+ ``reward_funcs``), replace what ``config.dataset_path`` names (the
-        Python API: ``fp16rl.train``)."""
+        Python API: ``fp16rl.train``). Under torchrun every rank builds one (``fp16rl.distributed``)."""
         config.validate()
-        # Refuses a bad folder, resume, model path or dataset before anything is loaded.
-        plan = plan_run(config, check_data=task is None and dataset is None)
         self.config = config
-        self.device = resolve_device(config.device)
+        self.parallel = DataParallel.from_environment(resolve_device(config.device).type)
+        self.parallel.check_batch(config.prompts_per_step, config.num_generations, config.gradient_accumulation_steps)
+        # Refuses a bad folder, resume, model path or dataset before anything is loaded (rank 0 decides).
+        plan = self.parallel.on_main(lambda: plan_run(config, check_data=task is None and dataset is None))
+        failure = None
+        try:
+            state = self._build(plan, task, dataset, reward_funcs)
+        except Exception as err:  # every rank learns of a failed set-up, so none waits in a collective
+            failure = err
+        self.parallel.agree(failure)
+        self.ddp = self.parallel.wrap(self.model)
+        if plan.resume_from is not None:
+            self._resumed(self.parallel.broadcast(state))
+        self.status = "running"
+        self.saved_steps: set[int] = set()
+        self.resumed_from = plan.resume_from
+        self.notes = self._notes()  # once everything loaded: a refused run prints its one error line only
+        for note in self.notes if self.parallel.is_main else []:
+            logger.warning(note)
+        self.run_dir = plan.create() if self.parallel.is_main else plan.run_dir  # the first write
+        self.tracker: RunTracker | None = None
+        if self.parallel.is_main:
+            remove_torn_saves(self.run_dir)
+            self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if plan.resume_from else None,
+                                      report_to=config.report_to, config=config.to_dict())
+        self.monitor = CollapseMonitor()
+        history = read_metrics(self.run_dir / "metrics.jsonl") if self.parallel.is_main else None
+        for record in self.parallel.broadcast(history):  # resume: rebuild the monitor's state
+            self.monitor.update(record["step"], record)
+        self._write_config()
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def _build(self, plan: Any, task: Task | None, dataset: Any, reward_funcs: Sequence[Any] | None) -> dict | None:
+        """Everything a rank builds on its own: task, models, sampler, optimizer; rank 0 reads the checkpoint
+        to resume from and returns what the other ranks need of it."""
+        config = self.config
+        self.device = self.parallel.device(resolve_device(config.device))
         if config.load_in_4bit:
             require_4bit_support(self.device)
         self.policy = PrecisionPolicy.from_options(config.dtype, config.sampler_dtype, config.trainer_dtype,
@@ -94,6 +107,7 @@ class Trainer:
                                                              target_modules=tuple(config.lora_target_modules))
         self.model = load_trainer_model(model_path, self.policy.trainer_dtype, lora, config.attn_implementation,
                                         self.device, config.load_in_4bit)
+        self.gradient_checkpointing = enable_gradient_checkpointing(self.model, config.gradient_checkpointing)
         self.weights = MasterWeights(self.model, self.policy)
         self.head = LogitHead.of(self.model)
         self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
@@ -117,24 +131,27 @@ class Trainer:
         self.start_step = plan.resume_step
         self.counters = {"skipped_steps_total": 0, "empty_loss_steps_total": 0}
         self.precision_report: dict[str, Any] | None = None  # observed afresh at the first step, resumed or not
-        if plan.resume_from is not None:
-            state = load_checkpoint(plan.resume_from, self.weights.load, self.optimizer, self.scheduler, self.scaler)
-            self._check_resumed_precision(state.get("precision"), plan.resume_from)
-            self.counters.update({k: state.get(k, 0) for k in self.counters})
-            self.sampler.sync_from(self.weights.named_masters())
-        self.status = "running"
-        self.saved_steps: set[int] = set()
-        self.notes = self._notes()  # once everything loaded: a refused run prints its one error line only
-        for note in self.notes:
-            logger.warning(note)
-        self.run_dir = plan.create()  # the first write: a refused run leaves nothing behind
-        remove_torn_saves(self.run_dir)
-        self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if plan.resume_from else None,
-                                  report_to=config.report_to, config=config.to_dict())
-        self.monitor = CollapseMonitor()
-        for record in read_metrics(self.run_dir / "metrics.jsonl"):  # resume: rebuild the monitor's state
-            self.monitor.update(record["step"], record)
-        self._write_config()
+        if plan.resume_from is None or not self.parallel.is_main:
+            return None
+        state = load_checkpoint(plan.resume_from, self.weights.load, self.optimizer, self.scheduler, self.scaler)
+        self._check_resumed_precision(state.get("precision"), plan.resume_from)
+        if not self.parallel.enabled:
+            return state
+        return {"state": state, "masters": {k: v.detach().cpu() for k, v in self.weights.named_masters().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def _resumed(self, shared: dict[str, Any]) -> None:
+        """Finish a resume with what rank 0 read from the checkpoint (the other ranks load it from ``shared``)."""
+        if self.parallel.enabled:
+            if not self.parallel.is_main:
+                self.weights.load(shared["masters"], "rank 0's checkpoint")
+                self.optimizer.load_state_dict(shared["optimizer"])
+                self.scheduler.load_state_dict(shared["scheduler"])
+                self.scaler.load_state_dict(shared["scaler"])
+            shared = shared["state"]
+        self.counters.update({k: shared.get(k, 0) for k in self.counters})
+        self.sampler.sync_from(self.weights.named_masters())
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -161,6 +178,8 @@ class Trainer:
         return max(1, math.ceil(self.config.epochs * self.task.num_steps_per_epoch))
 
     def _write_config(self) -> None:
+        if not self.parallel.is_main:
+            return
         document = {
             "config": self.config.to_dict(),
             "task": self.task.name,
@@ -183,14 +202,16 @@ class Trainer:
         """
         metrics: dict[str, Any] = {}
         self.status, last_done = "failed", self.start_step
-        stop = StopRequest()
+        stop = StopRequest(agree=self.parallel.any if self.parallel.enabled else None)
+        show_progress = show_progress and self.parallel.is_main
         display = ProgressDisplay(self.total_steps, self.start_step) if show_progress else contextlib.nullcontext()
         try:
             with display, stop.installed():
                 for step in range(self.start_step + 1, self.total_steps + 1):
                     metrics = self.step(step, stop)
                     last_done = step
-                    self.tracker.log(step, metrics)
+                    if self.tracker is not None:
+                        self.tracker.log(step, metrics)
                     if show_progress:
                         display.step(step, metrics)
                     event = self.monitor.update(step, metrics)
@@ -203,7 +224,7 @@ class Trainer:
                     if step % self.config.save_steps == 0 or step == self.total_steps:
                         self.save(step)
                     stop.armed = True
-                    stop.check()  # a signal during the step's tail stops here, the step complete
+                    stop.check_between_steps()  # a signal during the step's tail stops here, the step complete
                 else:
                     self.status = "finished"
         except RunInterrupted:
@@ -215,9 +236,11 @@ class Trainer:
             self.status = "interrupted"
             raise
         finally:
-            self.tracker.close()
+            if self.tracker is not None:
+                self.tracker.close()
             self.task.close()
             self._write_summary(self.status)
+            self.parallel.close()
         return metrics
 
     def _announce(self, event: CollapseEvent, show_progress: bool) -> None:
@@ -225,6 +248,8 @@ class Trainer:
             logger.warning(f"collapse detected at step {event.step}: {event.rule} ({event.detail})")
 
     def _write_summary(self, status: str) -> None:
+        if not self.parallel.is_main:
+            return
         atomic_write_text(self.run_dir / "summary.json", json.dumps(
             summarize_run(read_metrics(self.run_dir / "metrics.jsonl"), self.monitor.event, status=status,
                           total_steps=self.total_steps, arm=self.config.arm, seed=self.config.seed), indent=2))
@@ -235,13 +260,16 @@ class Trainer:
         stop = stop or StopRequest()
 
         # 1. Rollouts from the sampler (sampler dtype, their logprobs mu) and the trainer's logprobs of
-        #    the same tokens at the same weights (pi_old): the measurement the probe makes too.
-        items = self.task.batch(step - 1, cfg.prompts_per_step)
+        #    the same tokens at the same weights (pi_old): the measurement the probe makes too. With
+        #    several ranks each samples its own prompts (slots = their places in the step's batch).
+        all_items = self.task.batch(step - 1, cfg.prompts_per_step)
+        slots = self.parallel.shard(len(all_items))
+        items = all_items[slots.start: slots.stop]
         measured = measure_rollouts(
             self.sampler, self.model, self.head, self.policy, [encode_text(self.tokenizer, i.text) for i in items],
-            cfg.num_generations, self.sampling, step_seed(cfg.seed, step), range(len(items)), self._micro_batch_size(),
+            cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots, self._forward_rows(),
             cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
-            watch=stop.watching_layers)
+            watch=stop.watching_layers, max_rows=cfg.generation_batch_size)
         rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
         token_lists = rollouts.completion_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
@@ -250,25 +278,27 @@ class Trainer:
                                                    measured.observed["trainer"], full_finetune=cfg.lora_r == 0)
             self._write_config()
 
-        # 2. Rewards and group advantages.
+        # 2. Rewards; the whole batch (every rank's part) for group advantages and every metric.
         t_reward = time.perf_counter()
         grouped_items = [item for item in items for _ in range(cfg.num_generations)]
         scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists)
-        rewards = torch.tensor(scores.rewards, dtype=torch.float32)
-        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+        mu = rollouts.sampler_logprobs.to(self.device)
+        whole = self.parallel.whole_batch(scores, mu, old_logprobs, tokens.completion_mask, measured.entropy,
+                                          rollouts.truncated, token_lists)
+        advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
         stop.check()
         t_scored = time.perf_counter()
 
         # 3. The mismatch on every sampled token, the IS weights, the reference, the tokens of the loss.
-        mu = rollouts.sampler_logprobs.to(self.device)
-        metrics = mismatch_metrics(mu, old_logprobs, tokens.completion_mask)
-        is_weights, metrics["mismatch/is_masked_ratio"] = self.correction.weights(old_logprobs, mu,
-                                                                                  tokens.completion_mask)
+        metrics = mismatch_metrics(whole.sampler_logprobs, whole.old_logprobs, whole.completion_mask)
+        is_weights, metrics["mismatch/is_masked_ratio"] = self.correction.weights(
+            whole.old_logprobs, whole.sampler_logprobs, whole.completion_mask)
         loss_mask = tokens.completion_mask.clone()
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
         batch = RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
-                             old_logprobs=old_logprobs, sampler_logprobs=mu, is_weights=is_weights,
+                             old_logprobs=old_logprobs, sampler_logprobs=mu,
+                             is_weights=is_weights[whole.rows, :loss_mask.shape[1]],
                              ref_logprobs=self.reference.logprobs(self, tokens) if self.reference else None)
 
         # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
@@ -276,12 +306,12 @@ class Trainer:
         self.sampler.sync_from(self.weights.named_masters())
         t_train = time.perf_counter()
 
-        # 5. Metrics.
-        num_tokens = float(rollouts.completion_mask.sum())
+        # 5. Metrics (of the whole batch; times are this rank's).
+        num_tokens = float(whole.completion_mask.sum())
         train_s = measured.recompute_s + t_train - t_scored
         metrics.update({
-            **outcome_metrics(rewards, scores, rollouts, token_lists),
-            "policy/entropy": (measured.entropy * tokens.completion_mask).sum().item() / max(num_tokens, 1.0),
+            **outcome_metrics(whole.scores, whole.completion_mask, whole.truncated, whole.token_lists),
+            "policy/entropy": (whole.entropy * whole.completion_mask).sum().item() / max(num_tokens, 1.0),
             **optim_metrics,
             "time/rollout_s": measured.sample_s,
             "time/reward_s": t_scored - t_reward,
@@ -290,28 +320,39 @@ class Trainer:
             "throughput/rollout_tokens_per_s": num_tokens / max(measured.sample_s, 1e-9),
             "throughput/train_tokens_per_s": num_tokens * cfg.num_iterations / max(train_s, 1e-9),
         })
-        if step % cfg.save_samples_steps == 0 or step == 1:
+        if self.tracker is not None and (step % cfg.save_samples_steps == 0 or step == 1):
             self.tracker.log_samples(step, self._samples(grouped_items, completions, rollouts, scores))
         return metrics
 
     def logprobs(self, model: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
         """Trainer-side logprobs of a whole batch (no entropy), in micro-batches and the compute context."""
         return trainer_logprobs(model, tokens, self.policy, self.head, self.config.temperature,
-                                self._micro_batch_size(), self.config.logprob_chunk_tokens)[0]
+                                self._forward_rows(), self.config.logprob_chunk_tokens)[0]
 
     def _micro_batch_size(self) -> int:
-        return self.config.prompts_per_step * self.config.num_generations // self.config.gradient_accumulation_steps
+        """Completions per gradient-accumulation micro-batch on this rank: the seed script's meaning of GA
+        (the generation batch in GA parts), each rank holding its share of every part."""
+        cfg = self.config
+        return cfg.prompts_per_step * cfg.num_generations // cfg.gradient_accumulation_steps // self.parallel.world_size
+
+    def _forward_rows(self) -> int:
+        """Completions per trainer forward: --per-device-train-batch-size, at most the micro-batch."""
+        return min(self.config.per_device_train_batch_size or self._micro_batch_size(), self._micro_batch_size())
 
     def _optimize(self, batch: RolloutBatch, stop: StopRequest, step: int) -> dict[str, float]:
         """``num_iterations`` optimizer steps over the generation batch, each over GA micro-batches.
 
-        ``optim/lr`` is the learning rate these optimizer steps used; ``optim/grad_norm`` the mean of
-        their gradient norms (``optim/grad_norm_max`` the largest). A step whose loss covers no token
-        (every completion truncated and masked) changes nothing and is counted.
+        The loss is normalised by the counts of the whole generation batch and micro-batch (every rank's
+        part: ``parallel.sum``), so the ranks' losses, and through DDP's sum their gradients, add up to
+        the one-process values. ``optim/lr`` is the learning rate these optimizer steps used;
+        ``optim/grad_norm`` the mean of their gradient norms (``optim/grad_norm_max`` the largest). A step
+        whose loss covers no token (every completion truncated and masked) changes nothing and is counted.
         """
         cfg = self.config
         size, accum = self._micro_batch_size(), cfg.gradient_accumulation_steps
-        batch_tokens = batch.num_loss_tokens
+        starts = range(0, batch.advantages.shape[0], size)
+        micro_tokens = self.parallel.sum([batch.loss_mask[b: b + size].sum().item() for b in starts])
+        batch_tokens = int(sum(micro_tokens))
         metrics = {"optim/loss_tokens": float(batch_tokens), "optim/lr": self.optimizer.param_groups[0]["lr"]}
         if batch_tokens == 0:
             self.counters["empty_loss_steps_total"] += 1
@@ -322,26 +363,39 @@ class Trainer:
             return {**metrics, **self._optim_summary(0.0, [], [], 0, {}, batch.ref_logprobs)}
         totals: dict[str, float] = {"loss": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "kl_ref": 0.0}
         skipped, norms, rates = 0, [], []
+        rows = self._forward_rows()
+        backwards = len(starts) * math.ceil(size / rows)  # DDP reduces gradients in the last one only
         for _ in range(cfg.num_iterations):
-            for begin in range(0, batch.advantages.shape[0], size):
+            done = 0
+            for begin, tokens in zip(starts, micro_tokens):
                 micro = batch.select(slice(begin, begin + size))
-                stop.check()  # a no-op once this step has changed the weights (stop.armed is False then)
-                with self.policy.autocast(self.device.type), stop.watching_layers(self.model):
-                    logprobs, _ = completion_logprobs(self.model, micro.tokens, cfg.temperature,
-                                                      chunk_tokens=cfg.logprob_chunk_tokens, head=self.head)
-                # With one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL).
-                old = logprobs.detach() if cfg.num_iterations == 1 else micro.old_logprobs
-                loss, stats = policy_loss(logprobs, old, micro, self.loss_settings, accum, batch_tokens)
-                self.scaler.scale(loss).backward()
-                totals["loss"] += loss.item()
-                for key, value in stats.items():
-                    totals[key] += value.item() / accum
+                # A part of the micro-batch (several forwards, or a rank's share) is normalised as the whole.
+                whole = rows >= size and not self.parallel.enabled
+                group = None if whole else (size * self.parallel.world_size, int(tokens))
+                for part_begin in range(0, micro.advantages.shape[0], rows):
+                    part = micro.select(slice(part_begin, part_begin + rows))
+                    stop.check()  # a no-op once this step has changed the weights (stop.armed is False then)
+                    done += 1
+                    reduce = self.ddp is None or done == backwards
+                    with contextlib.nullcontext() if reduce else self.ddp.no_sync():
+                        with self.policy.autocast(self.device.type), stop.watching_layers(self.model):
+                            logprobs, _ = completion_logprobs(self.model, part.tokens, cfg.temperature,
+                                                              chunk_tokens=cfg.logprob_chunk_tokens, head=self.head,
+                                                              run_backbone=self.ddp)
+                        # With one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL).
+                        old = logprobs.detach() if cfg.num_iterations == 1 else part.old_logprobs
+                        loss, stats = policy_loss(logprobs, old, part, self.loss_settings, accum, batch_tokens, group)
+                        self.scaler.scale(loss).backward()
+                    totals["loss"] += loss.item()
+                    for key, value in stats.items():
+                        totals[key] += value.item()
             stop.armed = False  # from here on the weights change: finish the step before stopping
             rates.append(self.optimizer.param_groups[0]["lr"])
             step_skipped, grad_norm = self._optimizer_step()
             skipped += step_skipped
             norms.append(grad_norm)
         self.counters["skipped_steps_total"] += skipped
+        totals = dict(zip(totals, self.parallel.sum(list(totals.values()))))
         return {**metrics, **self._optim_summary(totals["loss"] / cfg.num_iterations, norms, rates, skipped, totals,
                                                  batch.ref_logprobs)}
 
@@ -408,10 +462,16 @@ class Trainer:
         ]
 
     def save(self, step: int) -> Any:
-        state = {**self.counters, "data_position": step, "precision": self.precision_report}
+        """Write the checkpoint of ``step`` (rank 0; every rank holds the same weights and optimizer state)."""
+        self.saved_steps.add(step)
+        if not self.parallel.is_main:
+            return None
+        state = {**self.counters, "data_position": step, "precision": self.precision_report,
+                 "world_size": self.parallel.world_size}
         path = save_checkpoint(self.run_dir, step, self.weights.named_masters(), self.model, self.optimizer,
                                self.scheduler, self.scaler, state)
-        self.saved_steps.add(step)
+        if self.config.save_total_limit is not None:
+            prune_checkpoints(self.run_dir, self.config.save_total_limit, keep=self.resumed_from)
         return path
 
 

@@ -38,11 +38,13 @@ install_warning_handler()
 )
 def train(ctx: typer.Context) -> None:
     """Run GRPO-family RL fine-tuning (`fp16rl train --help` lists every option)."""
+    from fp16rl.ranks import is_main_process
     from fp16rl.runs import plan_run
 
     try:
         config = parse_train_args(ctx.args)
-        plan_run(config)  # every check that needs no model: refused in a second, before torch loads
+        if is_main_process():  # under torchrun rank 0 decides (the others would race its folder)
+            plan_run(config)  # every check that needs no model: refused in a second, before torch loads
     except USER_ERRORS as err:
         fail(str(err))
     _quiet_libraries()
@@ -50,14 +52,18 @@ def train(ctx: typer.Context) -> None:
 
     try:
         trainer = Trainer(config)
-        console.print(f"run folder: [bold]{trainer.run_dir}[/]  ({trainer.total_steps} steps, "
-                      f"sampler {config.sampler_dtype or config.dtype}, trainer {config.trainer_dtype or config.dtype})")
+        if is_main_process():
+            console.print(f"run folder: [bold]{trainer.run_dir}[/]  ({trainer.total_steps} steps, sampler "
+                          f"{config.sampler_dtype or config.dtype}, trainer {config.trainer_dtype or config.dtype})"
+                          + (f", {trainer.parallel.world_size} ranks" if trainer.parallel.enabled else ""))
         trainer.train(show_progress=True)
     except USER_ERRORS as err:
         fail(str(err))
     except KeyboardInterrupt:
         console.print("interrupted at once (second signal): the latest saved checkpoint is kept; continue with --resume")
         raise typer.Exit(130)
+    if not is_main_process():
+        return
     if trainer.status == "interrupted":
         console.print(f"interrupted after step {max(trainer.saved_steps)}: checkpoint saved in "
                       f"{trainer.run_dir / 'checkpoints'}; continue with --resume")
@@ -169,7 +175,7 @@ def compare(
     arms: list[str] = typer.Option(..., "--arms", help='Arm overrides, e.g. "dtype=bfloat16" "dtype=float16,is_correction=token_truncate".'),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds; the same seed pairs the arms."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Comparison folder (re-run to resume)."),
-    parallel: int = typer.Option(1, "--parallel", help="Runs at once."),
+    parallel: int = typer.Option(1, "--parallel", help="Runs at once; with GPUs each run gets one (round-robin when fewer GPUs than runs)."),
 ) -> None:
     """Run every arm x seed with paired randomness; finished runs are kept, interrupted ones resumed."""
     from fp16rl.experiments import run_comparison

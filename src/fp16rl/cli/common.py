@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fp16rl.errors import UserError
+from fp16rl.ranks import is_main_process
 
 console = Console(stderr=True)
 # Bad input of any kind ends in one line naming the problem and exit code 2.
@@ -21,7 +22,10 @@ def one_line(text: object) -> str:
 
 
 def fail(message: object) -> NoReturn:
-    """Print ``error: <message>`` as one line on stderr and exit with code 2 (bad input)."""
+    """Print ``error: <message>`` as one line on stderr and exit with code 2 (bad input). Under torchrun
+    only rank 0 prints it: the ranks fail together, and one line says why."""
+    if not is_main_process():
+        raise typer.Exit(2)
     console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 

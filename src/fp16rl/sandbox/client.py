@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
+from fp16rl.ranks import cpus_per_rank
 from fp16rl.sandbox.common import (
     DISABLE_ENV,
     EXIT_OK,
@@ -59,12 +60,12 @@ class Sandbox:
         *,
         disable: Iterable[str] | None = None,
     ) -> None:
-        """Start n_jobs workers (-1: one per CPU); disable optional layers by name.
+        """Start n_jobs workers (-1: one per CPU this rank may use); disable optional layers by name.
 
         ``disable=None`` reads the comma-separated ``FP16RL_SANDBOX_DISABLE`` variable.
         """
-        if n_jobs == -1:
-            n_jobs = os.cpu_count() or 1
+        if n_jobs == -1:  # the CPUs of this process, shared with the other ranks on the machine (torchrun)
+            n_jobs = cpus_per_rank()
         if n_jobs < 1:
             raise ValueError(f"n_jobs must be -1 or >= 1, got {n_jobs}")
         if disable is None:

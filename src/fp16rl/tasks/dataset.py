@@ -232,10 +232,10 @@ class PromptDatasetTask:
         shaped = [[{"role": "assistant", "content": c}] if self.conversational else c for c in completions]
         columns = {name: [records[row][name] for row in rows] for name in self.columns}
         ids = [list(t) for t in completion_ids] if completion_ids is not None else [[] for _ in completions]
-        rewards, metrics = self.rewards(prompts, shaped, ids, columns, rows)
+        scores = self.rewards(prompts, shaped, ids, columns, rows)
         skips = {item.uid: item.meta["skipped_long_prompts"] for item in items}
-        metrics["data/skipped_long_prompts"] = float(sum(skips.values()))
-        return Scores(rewards=rewards, metrics=metrics)
+        scores.counts["data/skipped_long_prompts"] = float(sum(skips.values()))
+        return scores
 
     def describe(self) -> dict[str, Any]:
         return {"dataset": self.source, "rows": len(self.dataset), "prompt_column": self.prompt_column,

@@ -1,7 +1,7 @@
 """Procedural reasoning data from ``reasoning-gym``, scored by its own verifiers (no downloads).
 
 ``--dataset-path reasoning-gym:<name>`` (e.g. ``basic_arithmetic``, ``chain_sum``, ``leg_counting``,
-``countdown``) generates ``--dataset-size`` problems from ``--dataset-seed``; each row holds the
+``countdown``), with the generator's options after ``?`` (``reasoning-gym:chain_sum?max_digits=1``), generates ``--dataset-size`` problems from ``--dataset-seed``; each row holds the
 conversation (``prompt``: the system prompt, then the question), the reference ``answer`` and the whole
 entry as JSON (``gym_entry``), so a file
 written from these rows (``fp16rl data perfectible``) is scored the same way later. The reward
@@ -22,20 +22,41 @@ PREFIX = "reasoning-gym:"
 DEFAULT_SIZE = 1000
 
 
-def gym_rows(name: str, size: int, seed: int, system_prompt: str | None = None) -> list[dict[str, Any]]:
-    """``size`` problems of reasoning-gym dataset ``name`` (deterministic in ``seed``), each prompt a
-    conversation: the system prompt (reasoning-gym's default unless given), then the question."""
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name?key=value&key=value`` -> (name, generator options); values read as YAML scalars
+    (``max_digits=1`` is an int, ``allow_negation=false`` a bool, ``operators=[+,-]`` a list)."""
+    import yaml
+
+    name, _, query = spec.partition("?")
+    options: dict[str, Any] = {}
+    for pair in filter(None, query.split("&")):
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise DatasetError(f"--dataset-path {PREFIX}{spec}: option {pair!r} is not key=value")
+        try:
+            options[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise DatasetError(f"--dataset-path {PREFIX}{spec}: option {key!r} has an unreadable value {text!r}") from None
+    return name, options
+
+
+def gym_rows(spec: str, size: int, seed: int, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """``size`` problems of the reasoning-gym dataset ``spec`` names (``name`` or ``name?key=value&...``
+    with the generator's own options, e.g. ``chain_sum?max_terms=2&max_digits=1``), deterministic in
+    ``seed``; each prompt a conversation: the system prompt (reasoning-gym's default unless given),
+    then the question."""
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
+    name, options = parse_spec(spec)
     if name not in DATASETS:
         close = sorted(n for n in DATASETS if name[:4] in n)[:8] or sorted(DATASETS)[:8]
         raise DatasetError(f"--dataset-path {PREFIX}{name}: no such reasoning-gym dataset (e.g. {', '.join(close)})")
     try:
-        data = reasoning_gym.create_dataset(name, size=size, seed=seed)
+        data = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
         entries = [data[i] for i in range(size)]
     except Exception as err:  # a generator's own validation
-        raise DatasetError(f"--dataset-path {PREFIX}{name}: reasoning-gym cannot generate it: {err}") from None
+        raise DatasetError(f"--dataset-path {PREFIX}{spec}: reasoning-gym cannot generate it: {err}") from None
     system = default_system_prompt() if system_prompt is None else system_prompt
     return [{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": entry["question"]}],
              "answer": str(entry["answer"]), "gym_entry": json.dumps(entry, default=str)}

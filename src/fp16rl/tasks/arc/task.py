@@ -178,12 +178,13 @@ class ArcTask:
         metrics = step_metrics(evaluations)
         # Items repeat once per generation; count each prompt's skips once.
         skips = {item.uid: item.meta["skipped_long_prompts"] for item in items}
-        metrics["data/skipped_long_prompts"] = float(sum(skips.values()))
+        counts = {"data/skipped_long_prompts": float(sum(skips.values()))}
         details = [
             {"uid": item.uid, "task_id": item.meta["task_id"], "reward": r, "truncated": bool(t), **e.to_dict()}
             for item, e, r, t in zip(items, evaluations, rewards, truncated)
         ]
-        return Scores(rewards=rewards, components={self.reward_name: rewards}, metrics=metrics, details=details)
+        return Scores(rewards=rewards, components={self.reward_name: rewards}, metrics=metrics, details=details,
+                      counts=counts)
 
     def close(self) -> None:
         """Shut the sandbox workers down; a later score() starts a new pool."""

@@ -1,0 +1,135 @@
+"""Data-parallel training on torch.distributed (gloo, CPU, 2 processes launched by torchrun): the same
+metrics as one process with the same global batch, ranks that stay identical, an overflow on one rank
+skipping the step on both, a signal on one rank stopping both, and an exact resume at 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fp16rl.checkpoint import checkpoint_dirs, read_trainer_state
+from fp16rl.distributed import DataParallel
+from fp16rl.tasks.base import Scores
+from fp16rl.tracking import read_metrics
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+BASE = dict(model_path="tiny", dataset_path="toy:digits", dtype="float32", learning_rate=2e-3, num_generations=4,
+            prompts_per_step=4, max_completion_length=16, max_seq_length=256, beta=0.0, max_grad_norm=1.0,
+            warmup_ratio=0.0, max_steps=3, save_steps=100, top_p=1.0, mask_truncated_completions=False, seed=0)
+
+
+def launch(tmp_path: Path, name: str, ranks: int, **spec) -> tuple[Path, list[dict]]:
+    """Run the worker with ``ranks`` processes (1: no torchrun); returns the run folder and rank reports."""
+    run = tmp_path / name
+    spec = {"report": str(tmp_path / f"{name}-report"), **spec}
+    spec["config"] = {**BASE, "output_dir": str(run), **spec.get("config", {})}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+                if ranks > 1 else [sys.executable])
+    done = subprocess.run([*launcher, str(WORKER), str(path)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = [json.loads((Path(spec["report"]) / f"rank-{r}.json").read_text()) for r in range(ranks)]
+    return run, reports
+
+
+def comparable(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+            for r in read_metrics(run / "metrics.jsonl")]
+
+
+def assert_same_metrics(one: list[dict], two: list[dict], rel: float = 1e-5) -> None:
+    assert len(one) == len(two) and one
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        differ = {k: (a[k], b[k]) for k in a if not math.isclose(a[k], b[k], rel_tol=rel, abs_tol=rel)}
+        assert not differ, f"step {a['step']}: {differ}"
+
+
+def assert_ranks_identical(reports: list[dict]) -> None:
+    for key in ("masters", "model", "adam", "scale", "skipped", "status"):
+        assert len({r[key] for r in reports}) == 1, (key, reports)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    # LoRA (DDP over the adapters), bnpo over the whole batch, the batch's reward std, 2 forwards per micro-batch.
+    dict(lora_r=8, lora_alpha=16, loss_type="bnpo", scale_rewards="batch", per_device_train_batch_size=4),
+    # Full fine-tuning, dapo with 2 micro-batches, 2 optimizer steps per batch (pi_old from the sampled weights).
+    dict(lora_r=0, loss_type="dapo", gradient_accumulation_steps=2, num_iterations=2),
+], ids=["lora-bnpo", "full-dapo-ga2"])
+def test_two_ranks_match_one_process(tmp_path, tiny_path, options):
+    single, _ = launch(tmp_path, "one", 1, config=options)
+    double, reports = launch(tmp_path, "two", 2, config=options)
+    assert_same_metrics(comparable(single), comparable(double))
+    assert_ranks_identical(reports)
+    assert reports[0]["world_size"] == 2 and reports[0]["status"] == "finished"
+    assert not (tmp_path / "two" / "rank-1").exists()
+    samples = sorted(p.name for p in (double / "samples").iterdir())
+    assert samples == sorted(p.name for p in (single / "samples").iterdir())  # rank 0 alone writes, once
+
+
+@pytest.mark.slow
+def test_fp16_overflow_on_one_rank_skips_the_step_on_both(tmp_path, tiny_path):
+    run, reports = launch(tmp_path, "overflow", 2, overflow_step=2,
+                          config=dict(lora_r=0, dtype="float16", loss_scale_growth_interval=1000))
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["optim/step_skipped"] for r in records] == [0.0, 1.0, 0.0]
+    assert records[1]["optim/loss_scale"] == records[0]["optim/loss_scale"] / 2
+    assert_ranks_identical(reports)
+    assert reports[0]["skipped"] == 1
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_both_and_resume_at_two_ranks_is_exact(tmp_path, tiny_path):
+    options = dict(lora_r=8, lora_alpha=16, max_steps=4, save_steps=1)
+    reference, _ = launch(tmp_path, "reference", 2, config=options)
+    run, reports = launch(tmp_path, "run", 2, config=options, signal_step=2)
+    assert [r["status"] for r in reports] == ["interrupted", "interrupted"]
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-1", "step-2"]  # both ranks finished step 2, then stopped
+    assert read_trainer_state(run / "checkpoints" / "step-2")["world_size"] == 2
+    _, resumed = launch(tmp_path, "run", 2, config={**options, "resume": True})
+    assert_ranks_identical(resumed)
+    assert comparable(run) == comparable(reference)  # bit-exact, not merely close
+
+
+@pytest.mark.slow
+def test_torchrun_cli_refusal_is_one_error_line(tmp_path, tiny_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "fp16rl", "train", "--model-path", "tiny", "--dataset-path", "toy:digits",
+                           "--prompts-per-step", "3", "--max-steps", "1", "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: --prompts-per-step 3 does not divide among 2 ranks; each rank owns whole prompt groups "
+                      "(use a multiple of the number of ranks)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_process_collectives_are_the_identity():
+    parallel = DataParallel()
+    assert parallel.shard(6) == range(6) and parallel.sum([1, 2.5]) == [1.0, 2.5] and not parallel.any(False)
+    scores = Scores(rewards=[1.0, 0.0], metrics={"code/ok_ratio": 0.5}, counts={"data/skipped_long_prompts": 1.0})
+    assert Scores.merge([scores]) is scores
+
+
+def test_scores_merge_exactly():
+    left = Scores(rewards=[1.0, 0.0, 1.0], components={"f": [1.0, math.nan, 1.0]}, metrics={"code/ok_ratio": 2 / 3},
+                  counts={"reward/f/errors": 1.0}, details=[{"i": 0}, {"i": 1}, {"i": 2}])
+    right = Scores(rewards=[0.0], components={"f": [0.0]}, metrics={"code/ok_ratio": 0.0},
+                   counts={"reward/f/errors": 2.0, "data/skipped_long_prompts": 1.0}, details=[{"i": 3}])
+    merged = Scores.merge([left, right])
+    assert merged.rewards == [1.0, 0.0, 1.0, 0.0] and [d["i"] for d in merged.details] == [0, 1, 2, 3]
+    assert merged.metrics == {"code/ok_ratio": 0.5}  # 2 of 4, not the mean of 2/3 and 0
+    assert merged.counts == {"reward/f/errors": 3.0, "data/skipped_long_prompts": 1.0}
+    assert merged.components["f"][3] == 0.0 and math.isnan(merged.components["f"][1])
