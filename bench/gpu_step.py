@@ -18,6 +18,7 @@ accelerator's dense peak (``--peak-tflops``; known for H100/H200).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import resource
@@ -75,9 +76,21 @@ def write_model(folder: Path, size: str, dtype: torch.dtype) -> None:
                          max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype)
+    # Built in ``dtype`` on the accelerator when there is one: an 8B model initialised in fp32 on the
+    # CPU takes 32 GB and minutes.
+    build_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with build_device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    del model
+    if build_device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def model_flops(params: int, layers: int, hidden: int, prompt: int, completion: int, rows: int, iterations: int) -> float:
@@ -98,18 +111,22 @@ def run(args: argparse.Namespace, dtype: str, folder: Path) -> dict[str, Any]:
     options = dict(model_path=str(folder), dtype=dtype, lora_r=args.lora_r, lora_alpha=max(args.lora_r, 1) * 2,
                    num_generations=args.generations, prompts_per_step=1, max_completion_length=args.completion_tokens,
                    max_seq_length=args.prompt_tokens + args.completion_tokens + 1, beta=0.0, top_p=1.0,
-                   mask_truncated_completions=False, max_steps=args.steps + 1, save_steps=10**9,
+                   mask_truncated_completions=False, max_steps=args.warmup_steps + args.steps, save_steps=10**9,
                    gradient_checkpointing=args.gradient_checkpointing, device=args.device,
                    per_device_train_batch_size=args.per_device_train_batch_size, report_to=["none"])
+    gc.collect()  # the previous dtype's trainer, so that its memory is not counted in this one's peak
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(output_dir=str(Path(out) / "run"), **options),
                           task=FixedLengthTask(args.prompt_tokens, "<|endoftext|>"))
         device = trainer.device
-        trainer.step(1)  # warm-up: kernels, allocator
+        for step in range(1, args.warmup_steps + 1):  # kernels, cuBLAS handles, the caching allocator
+            trainer.step(step)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, tokens = [], 0
-        for step in range(2, args.steps + 2):
+        times, tokens, phases = [], 0, {"rollout_s": 0.0, "train_s": 0.0}
+        for step in range(args.warmup_steps + 1, args.warmup_steps + args.steps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -118,6 +135,8 @@ def run(args: argparse.Namespace, dtype: str, folder: Path) -> dict[str, Any]:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
             tokens += metrics["completion/length_mean"] * args.generations
+            for phase in phases:
+                phases[phase] += metrics[f"time/{phase}"] / args.steps
         config = trainer.model.config if hasattr(trainer.model, "config") else trainer.model.get_base_model().config
         params = sum(p.numel() for p in trainer.model.parameters())
         flops = model_flops(params, config.num_hidden_layers, config.hidden_size, args.prompt_tokens,
@@ -129,7 +148,9 @@ def run(args: argparse.Namespace, dtype: str, folder: Path) -> dict[str, Any]:
         return {"dtype": dtype, "device": name, "params": params, "step_s": seconds,
                 "completion_tokens_per_s": tokens / sum(times), "peak_memory_gb": peak_memory(device),
                 "mfu": flops / seconds / (peak * 1e12) if peak else None,
-                "gradient_checkpointing": trainer.gradient_checkpointing}
+                "gradient_checkpointing": trainer.gradient_checkpointing, **phases,
+                "mismatch_logp_abs_diff_mean": metrics["mismatch/logp_abs_diff_mean"],
+                "mismatch_token_kl_k3": metrics["mismatch/token_kl_k3"]}
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -140,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first (0: the timed step pays "
+                        "for CUDA/cuBLAS start-up, about a second)")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--per-device-train-batch-size", type=int, default=None)
@@ -148,18 +171,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--output-json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.getLogger("fp16rl").setLevel(logging.ERROR)
+    print(f"{args.size}: prompt {args.prompt_tokens} + {args.generations} x {args.completion_tokens} tokens, "
+          f"LoRA r={args.lora_r}, {args.steps} timed step(s) after {args.warmup_steps} warm-up", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as folder:
         write_model(Path(folder), args.size, torch.bfloat16)
         for dtype in args.dtypes.split(","):
-            results.append(run(args, dtype, Path(folder)))
-    print(f"{args.size}: prompt {args.prompt_tokens} + {args.generations} x {args.completion_tokens} tokens, "
-          f"LoRA r={args.lora_r}, {args.steps} timed step(s)")
-    for r in results:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"  {r['dtype']:>8} on {r['device']}: {r['step_s']:.2f} s/step, {r['completion_tokens_per_s']:.0f} "
-              f"completion tokens/s, peak {r['peak_memory_gb']:.2f} GB, MFU {mfu}, "
-              f"gradient checkpointing {r['gradient_checkpointing']}")
+            results.append(r := run(args, dtype, Path(folder)))
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            print(f"  {r['dtype']:>8} on {r['device']}: {r['step_s']:.2f} s/step (rollout {r['rollout_s']:.2f}, train "
+                  f"{r['train_s']:.2f}), {r['completion_tokens_per_s']:.0f} completion tokens/s, peak "
+                  f"{r['peak_memory_gb']:.2f} GB, MFU {mfu}, gradient checkpointing {r['gradient_checkpointing']}, "
+                  f"|log pi - log mu| {r['mismatch_logp_abs_diff_mean']:.2e}", flush=True)
     if args.output_json:
         args.output_json.write_text(json.dumps(results, indent=2))
     return results

@@ -101,3 +101,46 @@ def test_save_total_limit_keeps_the_newest_and_the_resumed_one(tmp_path):
     resumed.train(show_progress=False)
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-4", "step-7"]  # step-4: resumed from
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))
+
+
+def test_cuda_devices_always_carry_their_index(monkeypatch):
+    """torch refuses an index-less CUDA device in set_per_process_memory_fraction (found on an H200):
+    ``cuda`` and ``auto`` resolve to ``cuda:<current>``, and an index past the last GPU is a clear error."""
+    import torch
+
+    from fp16rl.models import ModelError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ModelError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_the_sampler_kv_budget_counts_rows_in_whole_prompt_groups(tiny_path):
+    """--gpu-memory-utilization bounds the rows decoded at once on CUDA: 2 x layers x kv_heads x head_dim x
+    element size bytes per position per row, rounded down to whole groups, at least one group."""
+    import torch
+
+    from fp16rl.models import load_model
+    from fp16rl.sampler import Sampler
+
+    model = load_model(tiny_path, dtype=torch.float32)
+    sampler = Sampler(model, torch.float16, pad_token_id=0, eos_token_ids=[1])
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
+        config.hidden_size // config.num_attention_heads) * 2
+    assert sampler.kv_bytes_per_token() == per_token
+    row = per_token * 100
+    assert sampler.rows_within(row * 13, 100, 4) == 12  # 13 rows fit: 3 whole groups of 4
+    assert sampler.rows_within(row * 12, 100, 4) == 12
+    assert sampler.rows_within(row * 11.9, 100, 4) == 8
+    assert sampler.rows_within(0, 100, 4) == 4  # never less than one group

@@ -82,7 +82,7 @@ class TrainConfig:
     attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
     load_in_4bit: bool = opt(False, "QLoRA: quantise the frozen base's linear layers to NF4 with bitsandbytes, computing in --dtype; the sampler shares them (needs LoRA, CUDA and bitsandbytes).")
-    gpu_memory_utilization: float = opt(0.7, "Seed-script compatibility (vLLM memory fraction). Our in-process sampler allocates its KV cache on demand; on CUDA this caps the process's share of GPU memory via torch.cuda.set_per_process_memory_fraction.")
+    gpu_memory_utilization: float = opt(0.7, "The sampler's share of the GPU (vLLM's meaning): on CUDA, unless --generation-batch-size is given, the sampler decodes as many prompt groups at once as keep its KV cache within this fraction of the GPU's memory (the weights are shared with the trainer, not counted). Ignored on CPU.")
     # --- model / LoRA ------------------------------------------------------------------------
     lora_r: int = opt(16, "LoRA rank; 0 = full fine-tuning of all weights.")
     lora_alpha: int = opt(64, "LoRA alpha.")

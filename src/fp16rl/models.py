@@ -39,12 +39,24 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` = cuda when available, else cpu; asking for cuda without it is an error, not a silent cpu run."""
+    """``auto`` = cuda when available, else cpu; asking for cuda without it is an error, not a silent cpu run.
+
+    A CUDA device always comes back with its index (``cuda`` -> ``cuda:<current>``): torch calls such as
+    ``set_per_process_memory_fraction`` refuse an index-less device, and ``cuda != cuda:0`` in comparisons.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
         raise ModelError("--device cuda was requested but CUDA is not available on this machine")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    return device
 
 
 def load_tokenizer(model_path: str | os.PathLike) -> PreTrainedTokenizerBase:

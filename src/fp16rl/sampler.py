@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
-from fp16rl.logprobs import left_pad, prefill_forward
+from fp16rl.logprobs import causal_lm, left_pad, prefill_forward
 from fp16rl.models import set_4bit_compute_dtype
 from fp16rl.precision import DtypeRecorder
 from fp16rl.seeds import derived_seed
@@ -127,6 +127,21 @@ class Sampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one row holds per position: ``2 (K, V) x layers x kv_heads x head_dim x
+        element size`` (8B Llama in fp16: 2 x 32 x 8 x 128 x 2 B = 131 kB)."""
+        config = causal_lm(self.model).config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
+
+    def rows_within(self, kv_budget_bytes: float, tokens_per_row: int, num_generations: int) -> int:
+        """The most rows whose KV cache (``tokens_per_row`` positions each) fits ``kv_budget_bytes``, in
+        whole prompt groups and at least one group (a group's rows are decoded together)."""
+        rows = int(kv_budget_bytes // (self.kv_bytes_per_token() * tokens_per_row))
+        return max(num_generations, rows // num_generations * num_generations)
 
     @torch.no_grad()
     def sync_from(self, weights: dict[str, torch.Tensor]) -> None:

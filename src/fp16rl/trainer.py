@@ -95,8 +95,6 @@ class Trainer:
             require_4bit_support(self.device)
         self.policy = PrecisionPolicy.from_options(config.dtype, config.sampler_dtype, config.trainer_dtype,
                                                    config.loss_scale_growth_interval, config.trainer_compute)
-        if self.device.type == "cuda" and config.gpu_memory_utilization < 1.0:
-            torch.cuda.set_per_process_memory_fraction(config.gpu_memory_utilization, self.device)
         seed_everything(config.seed)
 
         model_path = model_folder(config.model_path)
@@ -265,11 +263,12 @@ class Trainer:
         all_items = self.task.batch(step - 1, cfg.prompts_per_step)
         slots = self.parallel.shard(len(all_items))
         items = all_items[slots.start: slots.stop]
+        prompt_ids = [encode_text(self.tokenizer, i.text) for i in items]
         measured = measure_rollouts(
-            self.sampler, self.model, self.head, self.policy, [encode_text(self.tokenizer, i.text) for i in items],
+            self.sampler, self.model, self.head, self.policy, prompt_ids,
             cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots, self._forward_rows(),
             cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
-            watch=stop.watching_layers, max_rows=cfg.generation_batch_size)
+            watch=stop.watching_layers, max_rows=self._generation_rows(prompt_ids))
         rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
         token_lists = rollouts.completion_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
@@ -334,6 +333,17 @@ class Trainer:
         (the generation batch in GA parts), each rank holding its share of every part."""
         cfg = self.config
         return cfg.prompts_per_step * cfg.num_generations // cfg.gradient_accumulation_steps // self.parallel.world_size
+
+    def _generation_rows(self, prompt_ids: list[list[int]]) -> int | None:
+        """Rows the sampler decodes at once: --generation-batch-size, else on CUDA as many as keep its KV
+        cache within --gpu-memory-utilization of the GPU (vLLM's meaning of the seed's option: the
+        engine's share of the card; the weights are the trainer's, shared). None: all at once."""
+        cfg = self.config
+        if cfg.generation_batch_size is not None or self.device.type != "cuda":
+            return cfg.generation_batch_size
+        budget = cfg.gpu_memory_utilization * torch.cuda.get_device_properties(self.device).total_memory
+        tokens = max(len(p) for p in prompt_ids) + cfg.max_completion_length
+        return self.sampler.rows_within(budget, tokens, cfg.num_generations)
 
     def _forward_rows(self) -> int:
         """Completions per trainer forward: --per-device-train-batch-size, at most the micro-batch."""
