@@ -20,15 +20,17 @@ from pathlib import Path
 import torch
 
 from fp16rl.config import TrainConfig
+from fp16rl.fsdp import full_tensor
 from fp16rl.trainer import Trainer
 
 
 def fingerprint(trainer: Trainer) -> dict:
-    masters = trainer.weights.masters
-    moments = [s["exp_avg"] for s in trainer.optimizer.state.values() if "exp_avg" in s]
+    """Sums over every weight and moment, whole (FSDP shards are gathered: a collective on every rank)."""
+    masters = [full_tensor(m) for m in trainer.weights.masters]
+    moments = [full_tensor(s["exp_avg"]) for s in trainer.optimizer.state.values() if "exp_avg" in s]
     return {
         "masters": sum(float(m.detach().double().abs().sum()) for m in masters),
-        "model": sum(float(p.detach().double().abs().sum()) for p in trainer.weights.params),
+        "model": sum(float(full_tensor(p).detach().double().abs().sum()) for p in trainer.weights.params),
         "adam": sum(float(m.double().abs().sum()) for m in moments),
         "scale": float(trainer.scaler.get_scale()) if trainer.scaler.is_enabled() else 1.0,
         "skipped": trainer.counters["skipped_steps_total"],
@@ -53,11 +55,14 @@ def main(spec_path: str) -> None:
     if rank == 1 and spec.get("overflow_step"):
         scale = trainer.scaler.scale
         trainer.scaler.scale = lambda loss: scale(loss) * (math.inf if current["step"] == spec["overflow_step"] else 1.0)
+    close, trainer.parallel.close = trainer.parallel.close, lambda: None  # the fingerprint gathers FSDP shards
     trainer.train(show_progress=False)
+    prints = fingerprint(trainer)
+    close()
     report = Path(spec["report"])
     report.mkdir(parents=True, exist_ok=True)
     (report / f"rank-{rank}.json").write_text(json.dumps({"status": trainer.status, "world_size":
-                                                          trainer.parallel.world_size, **fingerprint(trainer)}))
+                                                          trainer.parallel.world_size, **prints}))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def test_bad_yaml_named(tmp_path, content, match):
     (["--loss-type", "ppo"], "--loss-type must be one of grpo, bnpo, dapo, dr_grpo"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--lora-r", "0", "--load-in-4bit"], "needs LoRA"),
+    (["--share-prompt-kv", "--sampler-engine", "hf"], "--share-prompt-kv needs the fast sampler engine"),
 ])
 def test_bad_options_rejected(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -123,6 +124,7 @@ def test_cli_train_help_lists_both_spellings():
     result = _cli("train", "--help")
     assert result.returncode == 0
     assert "--lora-r" in result.stdout and "--lora_r" in result.stdout and "--mask-truncated-completions" in result.stdout
+    assert "--share-prompt-kv" in result.stdout
 
 
 def test_models_tiny_writes_loadable_folder(tmp_path):

@@ -66,7 +66,9 @@ def assert_ranks_identical(reports: list[dict]) -> None:
     dict(lora_r=8, lora_alpha=16, loss_type="bnpo", scale_rewards="batch", per_device_train_batch_size=4),
     # Full fine-tuning, dapo with 2 micro-batches, 2 optimizer steps per batch (pi_old from the sampled weights).
     dict(lora_r=0, loss_type="dapo", gradient_accumulation_steps=2, num_iterations=2),
-], ids=["lora-bnpo", "full-dapo-ga2"])
+    # The same sharded by FSDP2 (--fsdp; ignored by the one-process run), with the KL penalty's reference.
+    dict(lora_r=0, loss_type="dapo", gradient_accumulation_steps=2, num_iterations=2, fsdp=True, beta=0.04),
+], ids=["lora-bnpo", "full-dapo-ga2", "fsdp-dapo-ga2-kl"])
 def test_two_ranks_match_one_process(tmp_path, tiny_path, options):
     single, _ = launch(tmp_path, "one", 1, config=options)
     double, reports = launch(tmp_path, "two", 2, config=options)
@@ -79,10 +81,14 @@ def test_two_ranks_match_one_process(tmp_path, tiny_path, options):
 
 
 @pytest.mark.slow
-def test_fp16_overflow_on_one_rank_skips_the_step_on_both(tmp_path, tiny_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_fp16_overflow_on_one_rank_skips_the_step_on_both(tmp_path, tiny_path, fsdp):
+    """With FSDP each rank holds a shard of the gradient, so the overflow check itself is all-reduced
+    (ShardedGradScaler); the reference copy stores the fp16 weights FSDP gathers, so kl_ref starts at 0."""
     run, reports = launch(tmp_path, "overflow", 2, overflow_step=2,
-                          config=dict(lora_r=0, dtype="float16", loss_scale_growth_interval=1000))
+                          config=dict(lora_r=0, dtype="float16", loss_scale_growth_interval=1000, fsdp=fsdp, beta=0.04))
     records = read_metrics(run / "metrics.jsonl")
+    assert records[0]["policy/kl_ref"] == 0.0
     assert [r["optim/step_skipped"] for r in records] == [0.0, 1.0, 0.0]
     assert records[1]["optim/loss_scale"] == records[0]["optim/loss_scale"] / 2
     assert_ranks_identical(reports)
@@ -90,8 +96,11 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_both(tmp_path, tiny_path):
 
 
 @pytest.mark.slow
-def test_a_signal_on_one_rank_stops_both_and_resume_at_two_ranks_is_exact(tmp_path, tiny_path):
-    options = dict(lora_r=8, lora_alpha=16, max_steps=4, save_steps=1)
+@pytest.mark.parametrize("options", [dict(lora_r=8, lora_alpha=16), dict(lora_r=0, fsdp=True, dtype="float16")],
+                         ids=["lora-ddp", "full-fsdp-fp16"])
+def test_a_signal_on_one_rank_stops_both_and_resume_at_two_ranks_is_exact(tmp_path, tiny_path, options):
+    """FSDP's checkpoint holds whole tensors in the one-process format: resume re-shards masters and moments."""
+    options = dict(options, max_steps=4, save_steps=1)
     reference, _ = launch(tmp_path, "reference", 2, config=options)
     run, reports = launch(tmp_path, "run", 2, config=options, signal_step=2)
     assert [r["status"] for r in reports] == ["interrupted", "interrupted"]
@@ -133,3 +142,25 @@ def test_scores_merge_exactly():
     assert merged.metrics == {"code/ok_ratio": 0.5}  # 2 of 4, not the mean of 2/3 and 0
     assert merged.counts == {"reward/f/errors": 3.0, "data/skipped_long_prompts": 1.0}
     assert merged.components["f"][3] == 0.0 and math.isnan(merged.components["f"][1])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_two_ranks(tmp_path, tiny_path):
+    """``accelerate launch --multi_gpu`` starts the ranks as torchrun does (also on a CPU, with gloo): a 2-rank
+    CLI run logs what one process logs. (``--cpu --num_processes 2`` would start one process: accelerate's
+    CPU multi-process mode goes through MPI.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    args = ["train", "--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype", "float32",
+            "--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "16", "--max-steps", "2",
+            "--no-mask-truncated-completions", "--learning-rate", "2e-3", "--report-to", "none"]
+    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for name, launcher in (("one", [sys.executable, "-m", "fp16rl"]), ("two", [*accelerate, "-m", "fp16rl"])):
+        done = subprocess.run([*launcher, *args, "--output-dir", str(tmp_path / name)], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert_same_metrics(comparable(tmp_path / "one"), comparable(tmp_path / "two"))

@@ -1,6 +1,9 @@
 """The fast Llama-family decoder reproduces the Hugging Face cache path: the same logits at every
 step (left padding, prefix fan-out, rows leaving the batch, LoRA), the same sampled tokens through
-the Sampler, and sampler logprobs equal to the trainer's full forward pass."""
+the Sampler, and sampler logprobs equal to the trainer's full forward pass. Its opt-in shared prompt
+KV cache gives the same logits up to rounding, the same completions, and holds one prompt copy."""
+
+import math
 
 import pytest
 import torch
@@ -30,12 +33,17 @@ def _model(arch: str, lora: bool = False, attn: str = "sdpa") -> torch.nn.Module
 
 
 @torch.inference_mode()
-def _max_logit_diff(model: torch.nn.Module, prompts: list[list[int]], n: int = 3, steps: int = 12) -> float:
-    """Drive both decoders with the same random tokens; rows leave the batch twice; worst |logit diff|."""
+def _max_logit_diff(model: torch.nn.Module, prompts: list[list[int]], n: int = 3, steps: int = 12,
+                    shared: bool = False) -> tuple[float, float]:
+    """Drive two decoders with the same random tokens; rows leave the batch twice; (worst |logit diff|,
+    largest |logit|). The pair: HF vs fast, or with ``shared`` fast vs fast with a shared prompt KV."""
     input_ids, attention = left_pad(prompts, PAD)
-    decoders = [HFCacheDecoder(model, steps), LlamaFamilyDecoder(model, steps)]
+    if shared:
+        decoders = [LlamaFamilyDecoder(model, steps), LlamaFamilyDecoder(model, steps, share_prompt_kv=True)]
+    else:
+        decoders = [HFCacheDecoder(model, steps), LlamaFamilyDecoder(model, steps)]
     hf, fast = (decoder.prefill(input_ids, attention) for decoder in decoders)
-    worst = (hf.float() - fast.float()).abs().max().item()
+    worst, largest = (hf.float() - fast.float()).abs().max().item(), hf.float().abs().max().item()
     for decoder in decoders:
         decoder.repeat_interleave(n)
     rows = len(prompts) * n
@@ -52,7 +60,8 @@ def _max_logit_diff(model: torch.nn.Module, prompts: list[list[int]], n: int = 3
         hf, fast = (decoder.step(tokens) for decoder in decoders)
         assert hf.shape == fast.shape == (rows, hf.shape[-1])
         worst = max(worst, (hf.float() - fast.float()).abs().max().item())
-    return worst
+        largest = max(largest, hf.float().abs().max().item())
+    return worst, largest
 
 
 @pytest.mark.parametrize(
@@ -64,7 +73,7 @@ def test_fp32_logits_match_hf_decoder(arch, lora, attn):
     model = _model(arch, lora, attn)
     assert unsupported_reason(model) is None
     for prompts in (PADDED_PROMPTS, EQUAL_PROMPTS):  # masked SDPA path and mask-free path
-        assert _max_logit_diff(model, prompts) <= 1e-5
+        assert _max_logit_diff(model, prompts)[0] <= 1e-5
 
 
 def test_lora_adapters_apply_in_fast_path():
@@ -84,7 +93,7 @@ def test_half_precision_logits_within_rounding(dtype, tolerance):
     # Measured: bitwise equal (same kernels, same op order); tolerance = a few ulps at |logit| ~ 3.
     model = _model("qwen2", lora=True)
     cast_parameters(model, dtype)
-    assert _max_logit_diff(model, PADDED_PROMPTS) <= tolerance
+    assert _max_logit_diff(model, PADDED_PROMPTS)[0] <= tolerance
 
 
 def test_supports_and_engine_choice():
@@ -137,3 +146,90 @@ def test_fp32_fast_sampler_logprobs_match_full_forward(arch):
     mask = rollouts.completion_mask
     assert mask.sum() > 100
     assert (trainer_logprobs - rollouts.sampler_logprobs)[mask].abs().max() <= 1e-5
+
+
+# --- the shared prompt KV cache (share_prompt_kv) ------------------------------------------------
+
+
+def _mha_mistral() -> torch.nn.Module:
+    """Mistral without GQA (kv heads = query heads) and without a sliding window."""
+    config = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, sliding_window=None,
+                           attn_implementation="sdpa")
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "arch,lora,attn",
+    [("llama", False, "sdpa"), ("llama", True, "eager"), ("qwen2", True, "sdpa"), ("qwen2", False, "eager"),
+     ("mistral-mha", False, "sdpa")],
+)
+def test_shared_prompt_kv_fp32_logits_match_unshared(arch, lora, attn):
+    # Tiny llama/qwen2 have 4 query heads on 2 KV heads (GQA); the Mistral has none.
+    model = _mha_mistral() if arch == "mistral-mha" else _model(arch, lora, attn)
+    for prompts in (PADDED_PROMPTS, EQUAL_PROMPTS):
+        assert _max_logit_diff(model, prompts, shared=True)[0] <= 1e-5
+
+
+def _ulp(dtype: torch.dtype, magnitude: float) -> float:
+    """The spacing of ``dtype`` numbers at ``magnitude``."""
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_kv_half_precision_within_ulps(dtype, attn):
+    # The shared formula rounds scores, weights and the two partial products to the dtype where the
+    # default kernels accumulate in fp32. Measured (4 token seeds, llama and qwen2, both dtypes): 2-4
+    # ulps of the largest logit, the size of the half path's own error against fp32 (3-5 ulps), so 8
+    # leaves room for other kernels (AMX, AVX-512, AVX2). No LoRA here: its random B (std 0.3) raises
+    # the model's gain and both errors with it (~20 ulps); the fp32 tests cover LoRA with the cache.
+    model = _model("qwen2", attn=attn)
+    cast_parameters(model, dtype)
+    worst, largest = _max_logit_diff(model, PADDED_PROMPTS, shared=True)
+    assert worst <= 8 * _ulp(dtype, largest), (worst, largest)
+
+
+@torch.inference_mode()
+def test_shared_prompt_kv_holds_one_copy_of_each_prompt():
+    model = _model("qwen2")
+    prompts, n, max_new = PADDED_PROMPTS, 4, 16
+    input_ids, attention = left_pad(prompts, PAD)
+    rows, width = len(prompts) * n, input_ids.shape[1]
+    decoders = [LlamaFamilyDecoder(model, max_new, share_prompt_kv=share) for share in (False, True)]
+    for decoder in decoders:
+        decoder.prefill(input_ids, attention)
+        decoder.repeat_interleave(n)
+    unshared, shared = decoders
+    config = model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert shared.shared.keys[0].shape == (len(prompts), kv_heads, width, head_dim)
+    assert shared.keys[0].shape == (rows, kv_heads, max_new, head_dim)
+    per_token = 2 * layers * kv_heads * head_dim * 4  # K and V, every layer, fp32
+    assert shared.kv_bytes() == per_token * (len(prompts) * width + rows * max_new)
+    assert unshared.kv_bytes() == per_token * rows * (width + max_new)
+    assert shared.kv_bytes() < unshared.kv_bytes()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fp32_sampler_shared_prompt_kv_equals_unshared(arch):
+    model = _model(arch, lora=True)
+    params = SamplingParams(max_new_tokens=24)
+    unshared, shared = (
+        Sampler(model, torch.float32, PAD, MANY_EOS, share_prompt_kv=share).generate(PADDED_PROMPTS, 4, params, seed=3)
+        for share in (False, True)
+    )
+    assert len(set(shared.completion_mask.sum(1).tolist())) > 3 and "length" in shared.finish_reasons
+    assert torch.equal(unshared.completion_ids, shared.completion_ids)
+    assert torch.equal(unshared.completion_mask, shared.completion_mask)
+    assert unshared.finish_reasons == shared.finish_reasons
+    assert (unshared.sampler_logprobs - shared.sampler_logprobs).abs().max() <= 1e-5
+
+
+def test_shared_prompt_kv_needs_the_fast_engine():
+    with pytest.raises(ValueError, match="share_prompt_kv needs the fast sampler engine.*'hf' was asked for"):
+        Sampler(_model("llama"), torch.float32, PAD, [1], engine="hf", share_prompt_kv=True)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).eval()
+    with pytest.raises(ValueError, match="share_prompt_kv needs the fast sampler engine.*GPT2LMHeadModel"):
+        Sampler(gpt2, torch.float32, PAD, [1], share_prompt_kv=True)

@@ -127,7 +127,8 @@ def test_cuda_devices_always_carry_their_index(monkeypatch):
 
 def test_the_sampler_kv_budget_counts_rows_in_whole_prompt_groups(tiny_path):
     """--gpu-memory-utilization bounds the rows decoded at once on CUDA: 2 x layers x kv_heads x head_dim x
-    element size bytes per position per row, rounded down to whole groups, at least one group."""
+    element size bytes per position per row, rounded down to whole groups, at least one group; a shared
+    prompt (--share-prompt-kv) is counted once per group."""
     import torch
 
     from fp16rl.models import load_model
@@ -139,8 +140,10 @@ def test_the_sampler_kv_budget_counts_rows_in_whole_prompt_groups(tiny_path):
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
         config.hidden_size // config.num_attention_heads) * 2
     assert sampler.kv_bytes_per_token() == per_token
-    row = per_token * 100
-    assert sampler.rows_within(row * 13, 100, 4) == 12  # 13 rows fit: 3 whole groups of 4
-    assert sampler.rows_within(row * 12, 100, 4) == 12
-    assert sampler.rows_within(row * 11.9, 100, 4) == 8
-    assert sampler.rows_within(0, 100, 4) == 4  # never less than one group
+    group = per_token * 4 * (60 + 40)  # 4 rows of a 60-token prompt + 40 new tokens
+    assert sampler.rows_within(group * 3.5, 60, 40, 4) == 12  # 3 whole groups of 4
+    assert sampler.rows_within(group * 3, 60, 40, 4) == 12
+    assert sampler.rows_within(group * 2.99, 60, 40, 4) == 8
+    assert sampler.rows_within(0, 60, 40, 4) == 4  # never less than one group
+    shared = Sampler(model, torch.float16, pad_token_id=0, eos_token_ids=[1], share_prompt_kv=True)
+    assert shared.rows_within(per_token * (60 + 4 * 40) * 3, 60, 40, 4) == 12  # one prompt copy per group

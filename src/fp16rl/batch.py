@@ -51,16 +51,17 @@ def _apply(value: Any, fn: Callable[[Any], Any]) -> Any:
 
 def trainer_logprobs(
     model: torch.nn.Module, tokens: TokenBatch, policy: PrecisionPolicy, head: LogitHead, temperature: float,
-    micro_batch: int, chunk_tokens: int, with_entropy: bool = False,
+    micro_batch: int, chunk_tokens: int, with_entropy: bool = False, run_backbone: Callable[..., Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trainer's logprobs of a whole batch in micro-batches of ``micro_batch`` rows, in the
-    trainer's compute context (autocast or none), under the caller's grad mode."""
+    trainer's compute context (autocast or none), under the caller's grad mode. ``run_backbone``: the
+    data-parallel wrapper of ``model``'s backbone (FSDP's shards are only whole inside its forward)."""
     device_type = tokens.input_ids.device.type
     parts, entropies = [], []
     with policy.autocast(device_type):
         for begin in range(0, tokens.input_ids.shape[0], micro_batch):
             logp, entropy = completion_logprobs(model, tokens.select(slice(begin, begin + micro_batch)), temperature,
-                                                with_entropy, chunk_tokens, head)
+                                                with_entropy, chunk_tokens, head, run_backbone)
             parts.append(logp)
             entropies.append(entropy)
     return torch.cat(parts), (torch.cat(entropies) if with_entropy else None)
@@ -85,7 +86,7 @@ def measure_rollouts(
     prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int,
     slots: Sequence[int], micro_batch: int, chunk_tokens: int, pad_token_id: int, with_entropy: bool = False,
     should_stop: Callable[[], None] | None = None, watch: Callable[[torch.nn.Module], Any] | None = None,
-    max_rows: int | None = None,
+    max_rows: int | None = None, run_backbone: Callable[..., Any] | None = None,
 ) -> Measurement:
     """Sample ``num_generations`` completions per prompt with the sampler, then recompute their token
     logprobs with the trainer's ``model`` at the same weights; record what each engine computed in.
@@ -103,7 +104,7 @@ def measure_rollouts(
     recorder = DtypeRecorder()
     with recorder.watch(model), (watch(model) if watch else contextlib.nullcontext()):
         old_logprobs, entropy = trainer_logprobs(model, tokens, policy, head, params.temperature, micro_batch,
-                                                 chunk_tokens, with_entropy)
+                                                 chunk_tokens, with_entropy, run_backbone)
     return Measurement(rollouts, tokens, old_logprobs, entropy,
                        {"sampler": rollouts.observed_dtype, "trainer": recorder.report()},
                        sampled - start, time.perf_counter() - sampled)

@@ -95,12 +95,13 @@ def save_checkpoint(
     step: int,
     weights: dict[str, torch.Tensor],
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     state: dict[str, Any],
 ) -> Path:
-    """Write ``checkpoints/step-<step>/`` atomically and durably; ``weights`` are the FP32 masters."""
+    """Write ``checkpoints/step-<step>/`` atomically and durably; ``weights`` are the FP32 masters (whole)
+    and ``optimizer_state`` a one-process ``optimizer.state_dict()`` (``fp16rl.fsdp`` makes one whole)."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -112,7 +113,7 @@ def save_checkpoint(
             model.save_pretrained(tmp / "adapter")
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": {

@@ -81,6 +81,7 @@ class TrainConfig:
     loss_scale_growth_interval: int = opt(400, "fp16 dynamic loss scaling: grow the scale after this many overflow-free steps (the paper's VeRL patch uses 400).")
     attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
+    fsdp: bool = opt(False, "Full fine-tuning on several ranks (torchrun): shard the FP32 master weights, gradients and optimizer state with FSDP2 fully_shard instead of replicating them with DDP (16 bytes per parameter become 16/N per rank; the sampler keeps a full copy per rank). Needs --lora-r 0; ignored with one process.")
     load_in_4bit: bool = opt(False, "QLoRA: quantise the frozen base's linear layers to NF4 with bitsandbytes, computing in --dtype; the sampler shares them (needs LoRA, CUDA and bitsandbytes).")
     gpu_memory_utilization: float = opt(0.7, "The sampler's share of the GPU (vLLM's meaning): on CUDA, unless --generation-batch-size is given, the sampler decodes as many prompt groups at once as keep its KV cache within this fraction of the GPU's memory (the weights are shared with the trainer, not counted). Ignored on CPU.")
     # --- model / LoRA ------------------------------------------------------------------------
@@ -132,6 +133,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "The seed script's meaning: the generation batch (prompts_per_step x num_generations) is split into this many micro-batches, one optimizer step over all of them.")
     per_device_train_batch_size: int | None = opt(None, "Completions per trainer forward and backward (memory only: the loss is normalised per gradient-accumulation micro-batch, so the result does not depend on it; default: the whole micro-batch).")
     generation_batch_size: int | None = opt(None, "Completions the sampler decodes at once (bounds its KV cache), in whole prompt groups; the completions do not depend on it (default: all of a step's).")
+    share_prompt_kv: bool = opt(False, "Fast sampler engine: keep each prompt's KV cache once for its --num-generations completions instead of a copy per completion (saves (G-1) x prompt tokens x KV bytes per token; 7.9 GB at the seed's 8B shape). Its attention is fp16rl's own formula, not transformers' kernel, so the sampler's logprobs differ from the default path by rounding; needs --sampler-engine auto or fast.")
     gradient_checkpointing: bool | None = opt(None, "Recompute each decoder layer's activations in backward instead of keeping them (memory for time; same gradients). Default: on for models above 1B parameters.")
     epochs: float = opt(10, "Passes over the dataset; sets the number of steps unless --max-steps is given.")
     max_steps: int = opt(-1, "RL steps to run (-1 = from epochs).")
@@ -242,8 +244,12 @@ def _check_combinations(c: TrainConfig) -> None:
                           f"--max-seq-length ({c.max_seq_length}) to leave room for the prompt")
     if c.lora_r > 0 and not c.lora_target_modules:
         raise ConfigError("--lora-target-modules is empty; name the modules LoRA adapts (or --lora-r 0)")
+    if c.fsdp and c.lora_r > 0:
+        raise ConfigError("--fsdp shards full fine-tuning (--lora-r 0); LoRA's few trainable weights use DDP")
     if c.lora_r == 0 and c.load_in_4bit:
         raise ConfigError("--load-in-4bit needs LoRA (--lora-r > 0): 4-bit weights cannot be trained directly")
+    if c.share_prompt_kv and c.sampler_engine == "hf":
+        raise ConfigError("--share-prompt-kv needs the fast sampler engine (--sampler-engine auto or fast), not hf")
     _check_rewards_and_data(c)
     from fp16rl.tasks.arc.encoders import get_encoder  # light
 

@@ -7,8 +7,9 @@ them with the sampler's per-prompt seeds (so prompt i's completions do not depen
 size) and scores them. Whatever a metric or an advantage needs from the other ranks is *gathered*,
 not averaged: every rank then computes the metrics of the whole generation batch exactly as one
 process would (means of means never appear). The gradient is the sum over ranks of each rank's
-share of the globally normalised loss: DDP with a comm hook that sums instead of averaging, so
-``dapo``/``bnpo``/``grpo``/``dr_grpo`` normalise by the global token and row counts. An fp16
+share of the globally normalised loss: DDP with a comm hook that sums instead of averaging (or, with
+``--fsdp``, FSDP2's reduce-scatter as a sum: ``fp16rl.fsdp``), so ``dapo``/``bnpo``/``grpo``/``dr_grpo``
+normalise by the global token and row counts. An fp16
 overflow on any rank reaches every rank's gradient through that sum, so every rank's GradScaler
 skips the same step.
 
@@ -221,11 +222,18 @@ class DataParallel:
             if report is not None:
                 raise ConfigError(f"rank {rank} failed to start: {report}")
 
-    def wrap(self, model: nn.Module) -> nn.Module | None:
-        """DDP over ``model``'s decoder stack (None with one rank): call it in place of the backbone in
-        every forward whose backward should reduce gradients."""
+    def wrap(self, model: nn.Module, fsdp: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module | None:
+        """The module to call in place of ``model``'s backbone in every forward of the policy (None with
+        one rank): DDP over the decoder stack, or with ``fsdp`` the stack sharded by FSDP2
+        (``fp16rl.fsdp``; ``param_dtype`` is what the shards are gathered in for compute)."""
         if not self.enabled:
             return None
+        if fsdp:
+            from fp16rl.fsdp import shard_backbone
+            from fp16rl.logprobs import backbone
+
+            stacks = [child for child in backbone(model).children() if isinstance(child, nn.ModuleList)]
+            return shard_backbone(_Backbone(model), list(stacks[0]) if stacks else [], param_dtype)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.local_rank] if self._comm_device.type == "cuda" else None

@@ -16,6 +16,12 @@ Measured against ``HFCacheDecoder`` (transformers 5.23, torch 2.13 CPU; tiny Lla
 without LoRA, Mistral, llama3 rope scaling, SmolLM2-135M): logits bitwise equal at every step in
 float32, bfloat16 and float16. The tests require <= 1e-5 in fp32 and a few ulps in half precision,
 since other kernels or versions may round differently.
+
+Opt-in ``share_prompt_kv`` (``SharedPromptKV``): each prompt's K/V is kept once instead of being
+copied into each of its G rows, which saves ``(G - 1) x prompt tokens x KV bytes per token`` per
+prompt (7.9 GB at the seed's 8B shape), and reads each prompt's K/V once per step for all of its
+rows (faster decode at long prompts, bench/RESULTS.md). Its attention is this module's own formula,
+not transformers' kernel, so it is not bitwise equal to the default path (fp32: <= 1e-5 in tests).
 """
 
 from __future__ import annotations
@@ -50,20 +56,107 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+class SharedPromptKV:
+    """The prompts' K/V stored once per prompt, shared by the rows decoding from it (``share_prompt_kv``).
+
+    Why: fanning a prompt's K/V out to its G rows copies it G - 1 times, and at long prompts those
+    copies are most of the sampler's KV cache. Here each layer holds ``[P, kv_heads, prompt_width,
+    head_dim]`` once; the rows keep only their own completion K/V (in the decoder's buffers).
+    ``row_prompt`` maps each live row to its prompt and ``row_slot`` to its place among that prompt's
+    rows (its generation index), so the per-prompt products run on a ``[P, kv_heads, slots x groups]``
+    grid of queries: a prompt's keys and values are read once per step for all of its rows, which are
+    batched as a matrix (slots of rows that finished hold zeros and are never read back).
+
+    Attention of query head ``h`` (key/value head ``j = h // groups``, as transformers' GQA) of row
+    ``r`` with prompt ``p = row_prompt[r]``, one softmax over the union of the prompt's ``W`` columns
+    and the row's own ``F`` completion columns::
+
+        s_prompt = scaling * q K_prompt[p, j]^T + b[p]    b = 0 at real prompt tokens, -inf at padding
+        s_own    = scaling * q K_own[r, j]^T
+        w        = softmax_fp32([s_prompt, s_own]).to(dtype)     (scores in the model dtype, as eager)
+        out      = w[:W] @ V_prompt[p, j] + w[W:] @ V_own[r, j]
+
+    Equal to attention over the concatenated keys up to rounding; the two partial products are rounded
+    to the dtype before their sum, and transformers' SDPA kernels sum in another order, which is why
+    the mode is opt-in: the sampler's logprobs (mu) are what the project measures against the trainer.
+    The union is never empty (the row's newest token is always in it), so -inf padding cannot make NaN.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], attention_mask: torch.Tensor,
+                 groups: int):
+        self.keys = [k.contiguous() for k in keys]  # per layer [P, kv_heads, W, D]; contiguous for the matmuls
+        self.values = [v.contiguous() for v in values]
+        self.groups = groups
+        prompts = attention_mask.shape[0]
+        self.bias = torch.zeros(attention_mask.shape, dtype=self.keys[0].dtype, device=attention_mask.device)
+        self.bias.masked_fill_(attention_mask == 0, float("-inf"))
+        self.prompts = prompts  # live prompts: the first ``prompts`` entries of the buffers
+        self.slots = 1
+        self.row_prompt = torch.arange(prompts, device=attention_mask.device)
+        self.row_slot = torch.zeros(prompts, dtype=torch.long, device=attention_mask.device)
+
+    def fan_out(self, n: int) -> None:
+        """Each row becomes ``n`` consecutive rows of the same prompt (no K/V is copied)."""
+        fanned = torch.arange(n, device=self.row_slot.device)
+        self.row_slot = (self.row_slot[:, None] * n + fanned).reshape(-1)
+        self.row_prompt = self.row_prompt.repeat_interleave(n)
+        self.slots *= n
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep rows ``keep``; a prompt none of whose rows is left is dropped (buffers compacted in place)."""
+        self.row_slot = self.row_slot[keep]
+        alive, self.row_prompt = torch.unique(self.row_prompt[keep], return_inverse=True)
+        count = alive.numel()
+        if count < self.prompts:
+            for buffer in (*self.keys, *self.values, self.bias):
+                buffer[:count] = buffer[alive]
+            self.prompts = count
+
+    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Query ``[B, H, D]`` against its prompt's keys and its own ``keys``/``values`` ``[B, kv_heads,
+        F, D]`` -> ``[B, 1, H * D]`` (the formula in the class docstring)."""
+        rows, heads, dim = query.shape
+        prompts, slots, groups = self.prompts, self.slots, self.groups
+        kv_heads = heads // groups
+        prompt_keys, prompt_values = self.keys[layer][:prompts], self.values[layer][:prompts]
+        width = prompt_keys.shape[2]
+        query = query.view(rows, kv_heads, groups, dim)
+        # Advanced indices around a slice: the row dimension comes first, [B, kv_heads, groups, ...].
+        where = (self.row_prompt, slice(None), self.row_slot)
+        grid = query.new_zeros(prompts, kv_heads, slots, groups, dim)
+        grid[where] = query
+        prompt_scores = torch.matmul(grid.view(prompts, kv_heads, slots * groups, dim), prompt_keys.transpose(2, 3))
+        prompt_scores = prompt_scores * scaling + self.bias[:prompts, None, None]
+        prompt_scores = prompt_scores.view(prompts, kv_heads, slots, groups, width)[where]
+        own_scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+        weights = F.softmax(torch.cat((prompt_scores, own_scores), dim=-1), dim=-1, dtype=torch.float32)
+        weights = weights.to(query.dtype)
+        weight_grid = weights.new_zeros(prompts, kv_heads, slots, groups, width)
+        weight_grid[where] = weights[..., :width]
+        from_prompt = torch.matmul(weight_grid.view(prompts, kv_heads, slots * groups, width), prompt_values)
+        out = from_prompt.view(prompts, kv_heads, slots, groups, dim)[where] + torch.matmul(weights[..., width:], values)
+        return out.reshape(rows, 1, heads * dim)
+
+
 class LlamaFamilyDecoder:
     """Incremental decoding for one ``generate`` call; same interface as ``HFCacheDecoder``.
 
-    State: per layer K/V buffers ``[rows, kv_heads, prompt_width + max_new_tokens, head_dim]``
-    whose first ``length`` columns are filled, an additive key mask ``[rows, capacity]`` and each
-    row's position. ``select`` compacts rows to the front of the buffers in place.
+    State: per layer K/V buffers ``[rows, kv_heads, capacity, head_dim]`` whose first ``length``
+    columns are filled, and each row's position. By default the buffers hold prompt and completion
+    (capacity ``prompt_width + max_new_tokens``) with an additive key mask ``[rows, capacity]``; with
+    ``share_prompt_kv`` they hold the completion only (capacity ``max_new_tokens``) and ``shared`` the
+    prompts' K/V, once per prompt. ``select`` compacts rows to the front of the buffers in place.
     """
 
-    def __init__(self, model: torch.nn.Module, max_new_tokens: int):
+    def __init__(self, model: torch.nn.Module, max_new_tokens: int, share_prompt_kv: bool = False):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast decoder cannot run this model: {reason}")
         self.model = model
         self.max_new_tokens = max_new_tokens
+        self.share_prompt_kv = share_prompt_kv
+        self.shared: SharedPromptKV | None = None
         lm: PreTrainedModel = causal_lm(model)
         body = lm.model
         self.embed_tokens = body.embed_tokens
@@ -93,12 +186,22 @@ class LlamaFamilyDecoder:
         self.sin_sign = torch.tensor([-1.0] * self.half + [1.0] * self.half, dtype=weight.dtype, device=weight.device)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run the prompts through the Hugging Face model; copy its cache in; return last-position logits."""
+        """Run the prompts through the Hugging Face model; keep its cache; return last-position logits."""
         out = prefill_forward(self.model, input_ids, attention_mask)
         rows, width = input_ids.shape
+        layers = out.cache.layers[: len(self.layers)]
+        self.positions = attention_mask.sum(-1) - 1
+        self.rows = rows
+        if self.share_prompt_kv:
+            self.shared = SharedPromptKV([layer.keys for layer in layers], [layer.values for layer in layers],
+                                         attention_mask, self.groups)
+            self.keys = [k.new_empty(rows, k.shape[1], self.max_new_tokens, k.shape[3]) for k in self.shared.keys]
+            self.values = [v.new_empty(rows, v.shape[1], self.max_new_tokens, v.shape[3]) for v in self.shared.values]
+            self.length = 0
+            return out.logits[:, -1]
         capacity = width + self.max_new_tokens
         self.keys, self.values = [], []
-        for layer in out.cache.layers[: len(self.layers)]:
+        for layer in layers:
             for store, filled in ((self.keys, layer.keys), (self.values, layer.values)):
                 buffer = filled.new_empty(rows, filled.shape[1], capacity, filled.shape[3])
                 buffer[:, :, :width] = filled
@@ -109,11 +212,16 @@ class LlamaFamilyDecoder:
         hidden_fill = torch.finfo(dtype).min if self.eager else float("-inf")
         self.bias = torch.full((rows, capacity), hidden_fill, dtype=dtype, device=input_ids.device)
         self.bias[:, :width].masked_fill_(attention_mask.bool(), 0.0)
-        self.positions = attention_mask.sum(-1) - 1
         self.length = width
-        self.rows = rows
         self._update_padding()
         return out.logits[:, -1]
+
+    def kv_bytes(self) -> int:
+        """Bytes held by this call's K/V buffers (rows' buffers plus, when shared, the prompts' part)."""
+        tensors = [*self.keys, *self.values]
+        if self.shared is not None:
+            tensors += [*self.shared.keys, *self.shared.values]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def repeat_interleave(self, n: int) -> None:
         """Fan each prompt's state out to ``n`` rows; only the filled columns are copied."""
@@ -125,19 +233,25 @@ class LlamaFamilyDecoder:
                 fanned = buffer.new_empty(rows * n, heads, capacity, dim)
                 fanned.view(rows, n, heads, capacity, dim)[:, :, :, : self.length] = buffer[:, None, :, : self.length]
                 store[i] = fanned
-        self.bias = self.bias.repeat_interleave(n, dim=0)
         self.positions = self.positions.repeat_interleave(n, dim=0)
         self.rows *= n
+        if self.shared is not None:
+            self.shared.fan_out(n)
+        else:
+            self.bias = self.bias.repeat_interleave(n, dim=0)
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep rows ``keep``: move them to the front of the buffers (filled columns only)."""
         count = keep.numel()
         for buffer in (*self.keys, *self.values):
             buffer[:count, :, : self.length] = buffer[keep, :, : self.length]
-        self.bias[:count] = self.bias[keep]
         self.positions = self.positions[keep]
         self.rows = count
-        self._update_padding()
+        if self.shared is not None:
+            self.shared.select(keep)
+        else:
+            self.bias[:count] = self.bias[keep]
+            self._update_padding()
 
     def _update_padding(self) -> None:
         # transformers drops the SDPA mask when no live row has padding; mirror it (other kernel path).
@@ -146,10 +260,13 @@ class LlamaFamilyDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row; return the next-token logits ``[B, V]``."""
         rows, column = self.rows, self.length
-        self.bias[:rows, column] = 0.0
         self.length = length = column + 1
         self.positions = self.positions + 1
-        key_mask = self.bias[:rows, None, None, :length] if self.padded or self.eager else None
+        shared = self.shared
+        key_mask = None
+        if shared is None:
+            self.bias[:rows, column] = 0.0
+            key_mask = self.bias[:rows, None, None, :length] if self.padded or self.eager else None
 
         hidden = self.embed_tokens(tokens[:, None])
         cos, sin = self.rotary_emb(hidden, self.positions[:, None])  # [B, 1, head_dim]
@@ -158,7 +275,7 @@ class LlamaFamilyDecoder:
         sin = sin * self.sin_sign
         half = self.half
         heads = (rows, -1, self.head_dim)  # one token per row: [B, 1, H*D] -> [B, H, D] is a view
-        for layer, key_buffer, value_buffer in zip(self.layers, self.keys, self.values):
+        for index, (layer, key_buffer, value_buffer) in enumerate(zip(self.layers, self.keys, self.values)):
             input_norm, q_proj, k_proj, v_proj, o_proj, scaling, post_norm, mlp = layer
             residual = hidden
             hidden = input_norm(hidden)
@@ -167,7 +284,11 @@ class LlamaFamilyDecoder:
             query = query * cos + query.roll(half, -1) * sin
             torch.add(key * cos, key.roll(half, -1) * sin, out=key_buffer[:rows, :, column])
             value_buffer[:rows, :, column] = v_proj(hidden).view(heads)
-            out = self._attend(query, key_buffer[:rows, :, :length], value_buffer[:rows, :, :length], key_mask, scaling)
+            keys, values = key_buffer[:rows, :, :length], value_buffer[:rows, :, :length]
+            if shared is None:
+                out = self._attend(query, keys, values, key_mask, scaling)
+            else:
+                out = shared.attend(index, query, keys, values, scaling)
             hidden = residual + o_proj(out)
             residual = hidden
             hidden = residual + mlp(post_norm(hidden))

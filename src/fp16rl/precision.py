@@ -93,9 +93,14 @@ class PrecisionPolicy:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.trainer_dtype)
 
-    def grad_scaler(self, device_type: str) -> torch.amp.GradScaler:
-        """Dynamic loss scaler; disabled (a pass-through) unless the trainer computes in fp16."""
-        return torch.amp.GradScaler(
+    def grad_scaler(self, device_type: str, sharded: bool = False) -> torch.amp.GradScaler:
+        """Dynamic loss scaler; disabled (a pass-through) unless the trainer computes in fp16. ``sharded``
+        (FSDP): ``ShardedGradScaler``, whose overflow check is all-reduced over the ranks, since each
+        rank sees only its shard of the gradient."""
+        scaler_class = torch.amp.GradScaler
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as scaler_class
+        return scaler_class(
             device_type,
             init_scale=self.loss_scale_init,
             growth_interval=self.loss_scale_growth_interval,

@@ -9,7 +9,9 @@ Speed over ``model.generate()`` comes from prefilling each prompt once and fanni
 out to the ``n`` samples, from dropping finished rows out of the batch, and from a lean loop. Two
 decoding engines share that loop: ``HFCacheDecoder`` (any HF causal LM, DynamicCache) and, for
 Llama/Qwen2/Mistral, ``fast_decode.LlamaFamilyDecoder`` (preallocated cache, no per-step HF
-overhead; bitwise equal to the HF path in tests).
+overhead; bitwise equal to the HF path in tests). Opt-in ``share_prompt_kv`` makes the fast engine
+keep each prompt's K/V once for its ``n`` rows instead of copying it into each (memory at long
+prompts; its own attention formula, so not bitwise equal to the HF path).
 """
 
 from __future__ import annotations
@@ -99,11 +101,15 @@ class Sampler:
         pad_token_id: int,
         eos_token_ids: Sequence[int],
         engine: str = "auto",
+        share_prompt_kv: bool = False,
     ):
         """Build the sampler's copy of ``model`` (the trainer's); frozen weights already in ``dtype`` are shared.
 
         ``engine``: "fast" = ``LlamaFamilyDecoder`` (Llama/Qwen2/Mistral, error if the model is not
         one it reproduces), "hf" = ``HFCacheDecoder`` (any causal LM), "auto" = fast where supported.
+        ``share_prompt_kv``: the fast engine keeps each prompt's K/V once for its rows instead of a copy
+        per row (``fast_decode.SharedPromptKV``: less memory, not bitwise equal to the default path);
+        an error where the engine is (or resolves to) "hf", which has no such mode.
         """
         # Frozen weights already in ``dtype`` and quantised (integer) storage are shared, not copied.
         shared = {id(p): p for p in model.parameters()
@@ -123,6 +129,10 @@ class Sampler:
         if engine == "fast" and reason is not None:
             raise ValueError(f"sampler engine 'fast' cannot run this model: {reason}")
         self.engine = "hf" if engine == "hf" or reason is not None else "fast"
+        if share_prompt_kv and self.engine == "hf":
+            why = "engine 'hf' was asked for" if engine == "hf" else f"the fast engine cannot run this model: {reason}"
+            raise ValueError(f"share_prompt_kv needs the fast sampler engine (Llama/Qwen2/Mistral), but {why}")
+        self.share_prompt_kv = share_prompt_kv
 
     @property
     def device(self) -> torch.device:
@@ -137,11 +147,16 @@ class Sampler:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return 2 * config.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
 
-    def rows_within(self, kv_budget_bytes: float, tokens_per_row: int, num_generations: int) -> int:
-        """The most rows whose KV cache (``tokens_per_row`` positions each) fits ``kv_budget_bytes``, in
-        whole prompt groups and at least one group (a group's rows are decoded together)."""
-        rows = int(kv_budget_bytes // (self.kv_bytes_per_token() * tokens_per_row))
-        return max(num_generations, rows // num_generations * num_generations)
+    def rows_within(self, kv_budget_bytes: float, prompt_tokens: int, new_tokens: int, num_generations: int) -> int:
+        """The most rows whose KV cache fits ``kv_budget_bytes``, in whole prompt groups and at least one
+        group (a group's rows are decoded together). A group of G rows holds ``G x (prompt + new)``
+        positions, or with ``share_prompt_kv`` ``prompt + G x new`` (one copy of the prompt)."""
+        if self.share_prompt_kv:
+            group_tokens = prompt_tokens + num_generations * new_tokens
+        else:
+            group_tokens = num_generations * (prompt_tokens + new_tokens)
+        groups = int(kv_budget_bytes // (self.kv_bytes_per_token() * group_tokens))
+        return max(1, groups) * num_generations
 
     @torch.no_grad()
     def sync_from(self, weights: dict[str, torch.Tensor]) -> None:
@@ -252,7 +267,7 @@ class Sampler:
     def make_decoder(self, max_new_tokens: int) -> "HFCacheDecoder | LlamaFamilyDecoder":
         """The decoding engine for one ``generate`` call (``self.engine``, resolved at construction)."""
         if self.engine == "fast":
-            return LlamaFamilyDecoder(self.model, max_new_tokens)
+            return LlamaFamilyDecoder(self.model, max_new_tokens, self.share_prompt_kv)
         return HFCacheDecoder(self.model, max_new_tokens)
 
     @staticmethod

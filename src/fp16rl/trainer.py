@@ -39,6 +39,7 @@ from fp16rl.seeds import seed_everything, step_seed
 from fp16rl.tasks import make_task
 from fp16rl.tasks.base import PromptItem, Scores, Task, encode_text
 from fp16rl.tracking import ProgressDisplay, RunTracker, library_versions, read_metrics
+from fp16rl.fsdp import full_optimizer_state, full_tensor, shard_optimizer_state
 from fp16rl.weights import MasterWeights, make_optimizer, make_scheduler
 
 logger = logging.getLogger("fp16rl")
@@ -63,9 +64,12 @@ class Trainer:
         except Exception as err:  # every rank learns of a failed set-up, so none waits in a collective
             failure = err
         self.parallel.agree(failure)
-        self.ddp = self.parallel.wrap(self.model)
         if plan.resume_from is not None:
             self._resumed(self.parallel.broadcast(state))
+        # Every rank now holds the same full weights (and optimizer state): replicate or shard them.
+        self.wrapped = self.parallel.wrap(self.model, self.sharded, self.policy.weights_dtype)
+        if self.sharded:
+            self._shard_training_state()
         self.status = "running"
         self.saved_steps: set[int] = set()
         self.resumed_from = plan.resume_from
@@ -96,6 +100,7 @@ class Trainer:
         self.policy = PrecisionPolicy.from_options(config.dtype, config.sampler_dtype, config.trainer_dtype,
                                                    config.loss_scale_growth_interval, config.trainer_compute)
         seed_everything(config.seed)
+        self.sharded = config.fsdp and self.parallel.enabled
 
         model_path = model_folder(config.model_path)
         self.tokenizer = load_tokenizer(model_path)
@@ -106,12 +111,17 @@ class Trainer:
         self.model = load_trainer_model(model_path, self.policy.trainer_dtype, lora, config.attn_implementation,
                                         self.device, config.load_in_4bit)
         self.gradient_checkpointing = enable_gradient_checkpointing(self.model, config.gradient_checkpointing)
-        self.weights = MasterWeights(self.model, self.policy)
+        self.weights = MasterWeights(self.model, self.policy, sharded=self.sharded)
         self.head = LogitHead.of(self.model)
         self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
-        self.reference = None if config.beta == 0.0 else ReferencePolicy(self.model, adapters=lora is not None)
-        self.sampler = Sampler(self.model, self.policy.sampler_dtype, self.tokenizer.pad_token_id,
-                               stop_token_ids(self.model, self.tokenizer), engine=config.sampler_engine)
+        self.reference = None if config.beta == 0.0 else ReferencePolicy(
+            self.model, adapters=lora is not None, dtype=self.policy.weights_dtype if self.sharded else None)
+        try:
+            self.sampler = Sampler(self.model, self.policy.sampler_dtype, self.tokenizer.pad_token_id,
+                                   stop_token_ids(self.model, self.tokenizer), engine=config.sampler_engine,
+                                   share_prompt_kv=config.share_prompt_kv)
+        except ValueError as err:  # an engine or mode this model cannot run: one error line
+            raise ConfigError(f"--sampler-engine / --share-prompt-kv: {err}") from None
         self.sampler.sync_from(self.weights.named_masters())  # an ablation's sampler starts from the FP32 masters
         self.sampling = SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature,
                                        top_p=config.top_p, top_k=config.top_k,
@@ -125,7 +135,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.weights, self.model, config.learning_rate, config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, config.lr_scheduler_type,
                                         self.total_steps * config.num_iterations, config.warmup_ratio)
-        self.scaler = self.policy.grad_scaler(self.device.type)
+        self.scaler = self.policy.grad_scaler(self.device.type, sharded=self.sharded)
         self.start_step = plan.resume_step
         self.counters = {"skipped_steps_total": 0, "empty_loss_steps_total": 0}
         self.precision_report: dict[str, Any] | None = None  # observed afresh at the first step, resumed or not
@@ -151,6 +161,19 @@ class Trainer:
         self.counters.update({k: shared.get(k, 0) for k in self.counters})
         self.sampler.sync_from(self.weights.named_masters())
 
+    def _shard_training_state(self) -> None:
+        """FSDP replaced the model's parameters by FP32 shards: rebuild the masters' view, the optimizer
+        and the schedule over them, carrying their state (a resume's) over, split as the parameters are."""
+        cfg = self.config
+        optimizer_state, schedule_state = self.optimizer.state_dict(), self.scheduler.state_dict()
+        self.weights = MasterWeights(self.model, self.policy, sharded=True)
+        self.optimizer = make_optimizer(self.weights, self.model, cfg.learning_rate, cfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler_type, self.total_steps * cfg.num_iterations,
+                                        cfg.warmup_ratio)
+        in_groups = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state's numbering
+        self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, in_groups))
+        self.scheduler.load_state_dict(schedule_state)
+
     # --- set-up --------------------------------------------------------------------------------
 
     def _notes(self) -> list[str]:
@@ -160,6 +183,8 @@ class Trainer:
             notes.append(f"--importance-sampling-level sequence with --loss-type {self.config.loss_type} weights each "
                          "sequence by its length instead of optimising GSPO's per-sequence objective; GSPO uses "
                          "--loss-type grpo")
+        if self.config.fsdp and not self.parallel.enabled:
+            notes.append("--fsdp shards over the ranks of a torchrun launch; in one process it changes nothing")
         return notes
 
     def _check_resumed_precision(self, stored: dict[str, Any] | None, checkpoint: Any) -> None:
@@ -268,7 +293,7 @@ class Trainer:
             self.sampler, self.model, self.head, self.policy, prompt_ids,
             cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots, self._forward_rows(),
             cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
-            watch=stop.watching_layers, max_rows=self._generation_rows(prompt_ids))
+            watch=stop.watching_layers, max_rows=self._generation_rows(prompt_ids), run_backbone=self.wrapped)
         rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
         token_lists = rollouts.completion_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
@@ -302,7 +327,7 @@ class Trainer:
 
         # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
         optim_metrics = self._optimize(batch, stop, step)
-        self.sampler.sync_from(self.weights.named_masters())
+        self.sampler.sync_from(self.weights.full_masters())
         t_train = time.perf_counter()
 
         # 5. Metrics (of the whole batch; times are this rank's).
@@ -342,8 +367,8 @@ class Trainer:
         if cfg.generation_batch_size is not None or self.device.type != "cuda":
             return cfg.generation_batch_size
         budget = cfg.gpu_memory_utilization * torch.cuda.get_device_properties(self.device).total_memory
-        tokens = max(len(p) for p in prompt_ids) + cfg.max_completion_length
-        return self.sampler.rows_within(budget, tokens, cfg.num_generations)
+        return self.sampler.rows_within(budget, max(len(p) for p in prompt_ids), cfg.max_completion_length,
+                                        cfg.num_generations)
 
     def _forward_rows(self) -> int:
         """Completions per trainer forward: --per-device-train-batch-size, at most the micro-batch."""
@@ -386,12 +411,13 @@ class Trainer:
                     part = micro.select(slice(part_begin, part_begin + rows))
                     stop.check()  # a no-op once this step has changed the weights (stop.armed is False then)
                     done += 1
-                    reduce = self.ddp is None or done == backwards
-                    with contextlib.nullcontext() if reduce else self.ddp.no_sync():
+                    # FSDP reduce-scatters every backward: its gradients accumulate as shards.
+                    reduce = self.wrapped is None or self.sharded or done == backwards
+                    with contextlib.nullcontext() if reduce else self.wrapped.no_sync():
                         with self.policy.autocast(self.device.type), stop.watching_layers(self.model):
                             logprobs, _ = completion_logprobs(self.model, part.tokens, cfg.temperature,
                                                               chunk_tokens=cfg.logprob_chunk_tokens, head=self.head,
-                                                              run_backbone=self.ddp)
+                                                              run_backbone=self.wrapped)
                         # With one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL).
                         old = logprobs.detach() if cfg.num_iterations == 1 else part.old_logprobs
                         loss, stats = policy_loss(logprobs, old, part, self.loss_settings, accum, batch_tokens, group)
@@ -437,7 +463,7 @@ class Trainer:
         """
         self.weights.grads_to_masters()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.weights.masters, self.config.max_grad_norm))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.weights.masters, self.config.max_grad_norm)))
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -474,12 +500,16 @@ class Trainer:
     def save(self, step: int) -> Any:
         """Write the checkpoint of ``step`` (rank 0; every rank holds the same weights and optimizer state)."""
         self.saved_steps.add(step)
+        masters = self.weights.full_masters()  # collectives: every rank joins, rank 0 writes
+        optimizer_state = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer_state = full_optimizer_state(optimizer_state)
         if not self.parallel.is_main:
             return None
         state = {**self.counters, "data_position": step, "precision": self.precision_report,
                  "world_size": self.parallel.world_size}
-        path = save_checkpoint(self.run_dir, step, self.weights.named_masters(), self.model, self.optimizer,
-                               self.scheduler, self.scaler, state)
+        path = save_checkpoint(self.run_dir, step, masters, self.model, optimizer_state, self.scheduler, self.scaler,
+                               state)
         if self.config.save_total_limit is not None:
             prune_checkpoints(self.run_dir, self.config.save_total_limit, keep=self.resumed_from)
         return path
@@ -490,9 +520,14 @@ class ReferencePolicy:
     full fine-tuning, a frozen copy of the initial policy that computes exactly as the policy did at
     step 1 (same stored dtypes, same compute context), so ``policy/kl_ref`` starts at 0."""
 
-    def __init__(self, model: torch.nn.Module, adapters: bool):
+    def __init__(self, model: torch.nn.Module, adapters: bool, dtype: torch.dtype | None = None):
+        """``dtype``: cast the copy's weights to it (under FSDP the policy's FP32 shards are gathered in the
+        trainer dtype to compute, so the copy stores what the policy computes with)."""
         self.adapters = adapters
         self.model = model if adapters else copy.deepcopy(model).requires_grad_(False).eval()
+        if dtype is not None and not adapters:
+            for param in self.model.parameters():
+                param.data = param.data.to(dtype)
 
     @torch.no_grad()
     def logprobs(self, trainer: Trainer, tokens: TokenBatch) -> torch.Tensor:

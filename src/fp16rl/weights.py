@@ -22,11 +22,13 @@ from fp16rl.precision import PrecisionPolicy
 class MasterWeights:
     """The trainable parameters of ``model`` and their FP32 masters (the same tensors when no copy is kept)."""
 
-    def __init__(self, model: nn.Module, policy: PrecisionPolicy):
+    def __init__(self, model: nn.Module, policy: PrecisionPolicy, sharded: bool = False):
+        """``sharded``: the model's parameters are FSDP2 shards kept in FP32 (``fp16rl.fsdp``), gathered in
+        the compute dtype by FSDP itself; then they are the masters and no copy is kept here."""
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
-        self.is_copy = policy.weights_dtype != torch.float32
+        self.is_copy = policy.weights_dtype != torch.float32 and not sharded
         with torch.no_grad():
             if self.is_copy:
                 self.masters = [nn.Parameter(p.detach().float().clone()) for p in self.params]
@@ -34,12 +36,19 @@ class MasterWeights:
                     p.data = p.data.to(policy.weights_dtype)
             else:
                 for p in self.params:
-                    p.data = p.data.float()
+                    if p.dtype != torch.float32:
+                        p.data = p.data.float()
                 self.masters = list(self.params)
 
     def named_masters(self) -> dict[str, torch.Tensor]:
         """Name -> FP32 master (what checkpoints store and the sampler is synced from)."""
         return dict(zip(self.names, self.masters))
+
+    def full_masters(self) -> dict[str, torch.Tensor]:
+        """``named_masters`` with sharded tensors made whole: every rank must call it (an all-gather)."""
+        from fp16rl.fsdp import full_tensors
+
+        return full_tensors(self.named_masters())
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups as HF Trainer builds them: no weight decay on biases and norm weights."""
