@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fp16rl.mismatch import effective_sample_size, mismatch_metrics, pearson
+from fp16rl.mismatch import effective_sample_size, mismatch_metrics, pearson, sampling_metrics
 
 DOC_NAMES = {
     "mismatch/token_kl_k1", "mismatch/token_kl_k3", "mismatch/seq_kl", "mismatch/logp_abs_diff_mean",
@@ -69,3 +69,17 @@ def test_huge_sequence_ratio_stays_finite():
     lpi = torch.zeros(1, 200)
     m = mismatch_metrics(lmu, lpi, torch.ones(1, 200, dtype=torch.bool))
     assert all(math.isfinite(v) for v in m.values())
+
+
+def test_sampling_metrics_by_hand():
+    """Two real tokens (a third masked): kept masses 0.8 and 0.9; lpi - lmu_b = log 0.8 and log 1.8."""
+    mask = torch.tensor([[True, True, False]])
+    kept = torch.tensor([[0.8, 0.9, 1.0]])
+    behaviour = torch.tensor([[-1.0, -2.0, 0.0]])
+    trainer = torch.tensor([[-1.0 + math.log(0.8), -2.0 + math.log(1.8), 5.0]])
+    m = sampling_metrics(behaviour, kept, trainer, mask)
+    assert m["sampling/kept_mass_mean"] == pytest.approx(0.85) and m["sampling/kept_mass_min"] == pytest.approx(0.8)
+    assert m["sampling/behaviour_is_ratio_token_min"] == pytest.approx(0.8, rel=1e-6)
+    assert m["sampling/behaviour_is_ratio_token_max"] == pytest.approx(1.8, rel=1e-6)
+    assert m["sampling/behaviour_is_ratio_token_mean"] == pytest.approx(1.3, rel=1e-6)
+    assert sampling_metrics(behaviour, kept, trainer, torch.zeros_like(mask)) == {}

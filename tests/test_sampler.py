@@ -1,6 +1,8 @@
 """The sampler: logprobs equal the trainer's in fp32, the bf16 mismatch is clearly larger than fp16,
 sampling is seeded, and processing (top-p/top-k/penalty) shapes the draw but not the logprobs."""
 
+import math
+
 import pytest
 import torch
 
@@ -206,3 +208,37 @@ def test_token_noise_is_exponential_and_the_race_draws_from_p():
     # Neighbouring positions and rows are uncorrelated.
     a, b = noise.exponential(torch.arange(4096), 0)[:, 0], noise.exponential(torch.arange(4096), 1)[:, 0]
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05
+
+
+def test_behaviour_logprobs_are_the_processed_distribution_by_hand():
+    """Top-p 0.8 on p = softmax([2, 1, 0, -1]) = [.644, .237, .087, .032]: the prefix reaching 0.8 is the
+    first two tokens (0.644 < 0.8 <= 0.881), renormalised; the kept mass is their unprocessed sum."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    processed = Sampler._process(logits, None, SamplingParams(max_new_tokens=1, top_p=0.8))
+    p = torch.softmax(logits, -1)[0]
+    kept = (p[0] + p[1]).item()
+    assert torch.isinf(processed[0, 2:]).all() and torch.isfinite(processed[0, :2]).all()
+    behaviour = torch.log_softmax(processed, -1)[0]
+    assert behaviour[0].item() == pytest.approx(math.log(p[0].item() / kept), abs=1e-6)
+    assert behaviour[1].item() == pytest.approx(math.log(p[1].item() / kept), abs=1e-6)
+    plain = SamplingParams(max_new_tokens=1)
+    assert Sampler._process(logits, None, plain) is logits  # nothing active: the same tensor, no copy
+
+
+@pytest.mark.parametrize("params", [dict(top_p=0.8), dict(top_k=3), dict(top_p=0.9, top_k=5)], ids=str)
+def test_behaviour_logprob_is_mu_minus_log_kept_mass(tiny_path, tiny_tokenizer, params):
+    """Truncation renormalises: for every sampled token lmu_b = lmu - log(kept mass) (fp32), the kept mass
+    is at most 1 (at least top_p under top-p), and without processing lmu_b == lmu and the mass is 1."""
+    model = load_model(tiny_path)
+    sampler = Sampler(model, torch.float32, tiny_tokenizer.pad_token_id, [tiny_tokenizer.eos_token_id])
+    out = sampler.generate(_prompts(tiny_tokenizer), 4, SamplingParams(max_new_tokens=24, **params), seed=0)
+    mask = out.completion_mask
+    kept = out.kept_mass[mask]
+    assert (kept <= 1 + 1e-6).all() and (kept < 1 - 1e-3).any()
+    if "top_k" not in params:
+        assert (kept >= params["top_p"] - 1e-5).all()
+    expected = out.sampler_logprobs - torch.log(out.kept_mass)
+    assert torch.allclose(out.behaviour_logprobs[mask], expected[mask], atol=1e-5)
+    plain = sampler.generate(_prompts(tiny_tokenizer), 4, SamplingParams(max_new_tokens=24), seed=0)
+    assert torch.equal(plain.behaviour_logprobs, plain.sampler_logprobs)
+    assert (plain.kept_mass == 1).all()

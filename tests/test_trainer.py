@@ -163,3 +163,25 @@ def test_algorithm_variants_run(tmp_path, overrides):
     trainer = Trainer(toy_config(tmp_path / "run", max_steps=2, **overrides))
     last = trainer.train(show_progress=False)
     assert math.isfinite(last["optim/loss"]) and last["optim/step_skipped"] == 0.0
+
+
+def test_is_reference_behaviour_corrects_against_the_distribution_sampled(tmp_path):
+    """With top_p 0.8 the tokens are drawn from mu renormalised over the kept tokens. The mismatch metrics
+    still compare the unprocessed mu (fp32: ~1e-7); sampling/* shows the processing: the ratio against the
+    distribution sampled is the kept mass (pi_old = mu here). --is-reference behaviour feeds that ratio to
+    the IS correction, which changes the loss but not the tokens or rewards."""
+    runs = {}
+    for reference in ("unprocessed", "behaviour"):
+        trainer = Trainer(toy_config(tmp_path / reference, top_p=0.8, is_correction="token_truncate", is_clip_max=10.0,
+                                     is_reference=reference, max_steps=1))
+        runs[reference] = trainer.step(1)
+        trainer.tracker.close()
+    plain, corrected = runs["unprocessed"], runs["behaviour"]
+    for metrics in (plain, corrected):
+        assert metrics["mismatch/logp_abs_diff_mean"] < 1e-5
+        assert 0.8 - 1e-5 <= metrics["sampling/kept_mass_min"] <= metrics["sampling/kept_mass_mean"] < 1.0
+        assert metrics["sampling/behaviour_is_ratio_token_mean"] == pytest.approx(metrics["sampling/kept_mass_mean"],
+                                                                                  abs=1e-4)
+    assert plain["reward/mean"] == corrected["reward/mean"]
+    assert plain["sampling/kept_mass_mean"] == corrected["sampling/kept_mass_mean"]  # the same tokens
+    assert plain["optim/loss"] != pytest.approx(corrected["optim/loss"], rel=1e-3)

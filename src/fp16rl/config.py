@@ -33,6 +33,7 @@ IS_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 TRAINER_COMPUTE = ("half_copy", "autocast")
+IS_REFERENCES = ("unprocessed", "behaviour")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Options a resumed run cannot change: its checkpoint, data position and pairing depend on them.
@@ -124,6 +125,7 @@ class TrainConfig:
     is_correction: str = opt("none", "Correction of the sampler/trainer mismatch on rho = pi_old/mu.", choices=IS_CORRECTIONS)
     is_clip_max: float = opt(2.0, "C for the IS correction: the cap of *_truncate, the upper bound of the band *_mask keeps.")
     is_clip_min: float = opt(0.0, "Lower bound of the IS weight: *_truncate clamps from below at it, *_mask zeroes ratios below it (TRL semantics).")
+    is_reference: str = opt("unprocessed", "The mu of the IS correction's rho = pi_old/mu: unprocessed = the sampler's full-vocabulary distribution (the one the mismatch metrics compare, precision against precision); behaviour = the distribution actually sampled after --repetition-penalty, --top-k and --top-p (what importance sampling corrects for; the same when none is active). Both are logged: mismatch/* and sampling/*.", choices=IS_REFERENCES)
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = opt(1e-5, "AdamW learning rate.")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norm weights, as in HF Trainer).")

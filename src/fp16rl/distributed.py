@@ -64,6 +64,8 @@ class WholeBatch:
 
     scores: Scores
     sampler_logprobs: torch.Tensor  # [N, C] mu
+    behaviour_logprobs: torch.Tensor  # [N, C] the processed distribution sampled (top-p, top-k, penalty)
+    kept_mass: torch.Tensor  # [N, C] the unprocessed mass the processing kept
     old_logprobs: torch.Tensor  # [N, C] pi_old
     completion_mask: torch.Tensor  # [N, C] bool
     entropy: torch.Tensor  # [N, C]
@@ -177,18 +179,19 @@ class DataParallel:
         dist.broadcast_object_list(box, src=0, device=self._comm_device if self._comm_device.type == "cuda" else None)
         return box[0]
 
-    def whole_batch(self, scores: Scores, sampler_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                    completion_mask: torch.Tensor, entropy: torch.Tensor, truncated: Sequence[bool],
-                    token_lists: Sequence[list[int]]) -> WholeBatch:
+    def whole_batch(self, scores: Scores, sampler_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                    kept_mass: torch.Tensor, old_logprobs: torch.Tensor, completion_mask: torch.Tensor,
+                    entropy: torch.Tensor, truncated: Sequence[bool], token_lists: Sequence[list[int]]) -> WholeBatch:
         """Gather this rank's part of the step's batch with every other rank's."""
         rows = len(scores.rewards)
         if not self.enabled:
-            return WholeBatch(scores, sampler_logprobs, old_logprobs, completion_mask, entropy, list(truncated),
-                              list(token_lists), slice(0, rows))
+            return WholeBatch(scores, sampler_logprobs, behaviour_logprobs, kept_mass, old_logprobs, completion_mask,
+                              entropy, list(truncated), list(token_lists), slice(0, rows))
         parts = self.gather_objects((scores, list(truncated), [list(t) for t in token_lists]))
         return WholeBatch(
             scores=Scores.merge([p[0] for p in parts]),
-            sampler_logprobs=self.gather_rows(sampler_logprobs), old_logprobs=self.gather_rows(old_logprobs),
+            sampler_logprobs=self.gather_rows(sampler_logprobs), behaviour_logprobs=self.gather_rows(behaviour_logprobs),
+            kept_mass=self.gather_rows(kept_mass), old_logprobs=self.gather_rows(old_logprobs),
             completion_mask=self.gather_rows(completion_mask), entropy=self.gather_rows(entropy),
             truncated=[t for p in parts for t in p[1]], token_lists=[t for p in parts for t in p[2]],
             rows=slice(self.rank * rows, (self.rank + 1) * rows))

@@ -64,3 +64,28 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     if denom == 0:
         return 1.0 if torch.equal(x, y) else 0.0
     return ((x * y).sum() / denom).item()
+
+
+def sampling_metrics(behaviour_logprobs: torch.Tensor, kept_mass: torch.Tensor, trainer_logprobs: torch.Tensor,
+                     mask: torch.Tensor) -> dict[str, float]:
+    """``sampling/*``: what the sampler's processing (top-p, top-k, repetition penalty) did to the tokens.
+
+    The mismatch metrics compare mu, the full-vocabulary distribution, on both sides (precision against
+    precision); the tokens were drawn from ``mu_b``, mu after processing. Per real token: the unprocessed
+    mass the processing kept, and the importance ratio against the distribution sampled, ``r_b = exp(lpi -
+    lmu_b)``. Top-p/top-k renormalise the kept tokens, so ``r_b ~ kept mass < 1`` on a matched pair:
+    ``--is-reference behaviour`` corrects for that bias, ``unprocessed`` (the default) ignores it.
+    """
+    mask = mask.bool()
+    kept = kept_mass.float()[mask]
+    if kept.numel() == 0:
+        return {}
+    d = (trainer_logprobs.float() - behaviour_logprobs.float())[mask]
+    r = torch.exp(d.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    return {
+        "sampling/kept_mass_mean": kept.mean().item(),
+        "sampling/kept_mass_min": kept.min().item(),
+        "sampling/behaviour_is_ratio_token_min": r.min().item(),
+        "sampling/behaviour_is_ratio_token_mean": r.mean().item(),
+        "sampling/behaviour_is_ratio_token_max": r.max().item(),
+    }

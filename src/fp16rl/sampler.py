@@ -59,6 +59,10 @@ class Rollouts:
     finish_reasons: list[str]  # "eos" | "length"
     num_generations: int
     observed_dtype: dict[str, str] = field(default_factory=dict)
+    # The distribution actually sampled, after repetition penalty, top-k and top-p (equal to mu without
+    # them): its logprob of each token, and the unprocessed mass the processing kept. [N, C]; 0 / 1 masked.
+    behaviour_logprobs: torch.Tensor | None = None
+    kept_mass: torch.Tensor | None = None
 
     @classmethod
     def concatenate(cls, parts: list["Rollouts"], pad_token_id: int) -> "Rollouts":
@@ -74,7 +78,8 @@ class Rollouts:
         return cls(prompt_ids=[q for p in parts for q in p.prompt_ids], completion_ids=padded("completion_ids", pad_token_id),
                    completion_mask=padded("completion_mask", False), sampler_logprobs=padded("sampler_logprobs", 0.0),
                    finish_reasons=[r for p in parts for r in p.finish_reasons], num_generations=parts[0].num_generations,
-                   observed_dtype=observed)
+                   observed_dtype=observed, behaviour_logprobs=padded("behaviour_logprobs", 0.0),
+                   kept_mass=padded("kept_mass", 1.0))
 
     @property
     def truncated(self) -> list[bool]:
@@ -193,7 +198,7 @@ class Sampler:
                      for i in range(0, len(prompt_ids), per_call)]
             rollouts = parts[0] if len(parts) == 1 else Rollouts.concatenate(parts, self.pad_token_id)
         # Inference-mode tensors cannot enter autograd later (the trainer indexes with the mask).
-        for name in ("completion_ids", "completion_mask", "sampler_logprobs"):
+        for name in ("completion_ids", "completion_mask", "sampler_logprobs", "behaviour_logprobs", "kept_mass"):
             setattr(rollouts, name, getattr(rollouts, name).clone())
         return rollouts
 
@@ -222,6 +227,8 @@ class Sampler:
 
         tokens = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+        behaviour = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+        kept_mass = torch.ones(batch, max_new, dtype=torch.float32, device=device)
         lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
         finished_eos = torch.zeros(batch, dtype=torch.bool, device=device)
         active = torch.arange(batch, device=device)  # original row of each row still in the batch
@@ -233,9 +240,16 @@ class Sampler:
             scaled = logits.float()
             if params.temperature != 1.0:
                 scaled = scaled / params.temperature
-            next_tokens = self._draw(scaled, seen, params, noise.exponential(active, step))
+            processed = self._process(scaled, seen, params)
+            next_tokens = self._draw(processed, noise.exponential(active, step))
             tokens[active, step] = next_tokens
-            logprobs[active, step] = torch.log_softmax(scaled, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+            unprocessed_logp = torch.log_softmax(scaled, dim=-1)
+            logprobs[active, step] = unprocessed_logp.gather(1, next_tokens[:, None]).squeeze(1)
+            if processed is not scaled:
+                behaviour[active, step] = torch.log_softmax(processed, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+                kept_mass[active, step] = unprocessed_logp.exp().masked_fill(processed == float("-inf"), 0.0).sum(-1)
+            else:
+                behaviour[active, step] = logprobs[active, step]
             done = torch.isin(next_tokens, eos)
             finished_eos[active[done]] = True
             lengths[active[done]] = step + 1
@@ -262,6 +276,8 @@ class Sampler:
             finish_reasons=["eos" if f else "length" for f in finished_eos.tolist()],
             num_generations=n,
             observed_dtype=recorder.report(),
+            behaviour_logprobs=behaviour[:, :width].masked_fill(~completion_mask, 0.0).cpu(),
+            kept_mass=kept_mass[:, :width].masked_fill(~completion_mask, 1.0).cpu(),
         )
 
     def make_decoder(self, max_new_tokens: int) -> "HFCacheDecoder | LlamaFamilyDecoder":
@@ -271,17 +287,9 @@ class Sampler:
         return HFCacheDecoder(self.model, max_new_tokens)
 
     @staticmethod
-    def _draw(
-        scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams, exponential: torch.Tensor
-    ) -> torch.Tensor:
-        """Sample one token per row from the processed distribution (penalty, top-k, top-p).
-
-        Exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` independent draws token ``v``
-        with probability ``p_v`` exactly (the Gumbel-max trick in another form), and is much cheaper
-        on CPU than ``torch.multinomial``. Tokens the processing removed have ``p = 0`` and never win.
-        With the same ``E`` and nearly the same ``p`` (bf16 vs fp16 arms) the same token wins unless
-        two candidates are nearly tied: that is what keeps paired arms' completions identical.
-        """
+    def _process(scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
+        """The logits of the distribution actually sampled: repetition penalty, then top-k, then top-p
+        (``scaled`` itself, not a copy, when none is active). Removed tokens are ``-inf``."""
         logits = scaled
         if seen is not None:
             penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
@@ -296,7 +304,19 @@ class Sampler:
             drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        return logits
+
+    @staticmethod
+    def _draw(processed: torch.Tensor, exponential: torch.Tensor) -> torch.Tensor:
+        """Sample one token per row from the processed distribution (``_process``).
+
+        Exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` independent draws token ``v``
+        with probability ``p_v`` exactly (the Gumbel-max trick in another form), and is much cheaper
+        on CPU than ``torch.multinomial``. Tokens the processing removed have ``p = 0`` and never win.
+        With the same ``E`` and nearly the same ``p`` (bf16 vs fp16 arms) the same token wins unless
+        two candidates are nearly tied: that is what keeps paired arms' completions identical.
+        """
+        probs = torch.softmax(processed, dim=-1)
         return (probs / exponential).argmax(dim=-1)
 
 

@@ -27,7 +27,7 @@ from fp16rl.distributed import DataParallel
 from fp16rl.hardware import emulation_notes
 from fp16rl.interrupt import RunInterrupted, StopRequest
 from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
-from fp16rl.mismatch import mismatch_metrics
+from fp16rl.mismatch import mismatch_metrics, sampling_metrics
 from fp16rl.models import (LoraSettings, enable_gradient_checkpointing, load_tokenizer, load_trainer_model,
                            model_folder, require_4bit_support, resolve_device, stop_token_ids)
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
@@ -307,16 +307,20 @@ class Trainer:
         grouped_items = [item for item in items for _ in range(cfg.num_generations)]
         scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists)
         mu = rollouts.sampler_logprobs.to(self.device)
-        whole = self.parallel.whole_batch(scores, mu, old_logprobs, tokens.completion_mask, measured.entropy,
-                                          rollouts.truncated, token_lists)
+        whole = self.parallel.whole_batch(scores, mu, rollouts.behaviour_logprobs.to(self.device),
+                                          rollouts.kept_mass.to(self.device), old_logprobs, tokens.completion_mask,
+                                          measured.entropy, rollouts.truncated, token_lists)
         advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
         stop.check()
         t_scored = time.perf_counter()
 
         # 3. The mismatch on every sampled token, the IS weights, the reference, the tokens of the loss.
         metrics = mismatch_metrics(whole.sampler_logprobs, whole.old_logprobs, whole.completion_mask)
+        metrics.update(sampling_metrics(whole.behaviour_logprobs, whole.kept_mass, whole.old_logprobs,
+                                        whole.completion_mask))
+        is_mu = whole.behaviour_logprobs if cfg.is_reference == "behaviour" else whole.sampler_logprobs
         is_weights, metrics["mismatch/is_masked_ratio"] = self.correction.weights(
-            whole.old_logprobs, whole.sampler_logprobs, whole.completion_mask)
+            whole.old_logprobs, is_mu, whole.completion_mask)
         loss_mask = tokens.completion_mask.clone()
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
