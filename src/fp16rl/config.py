@@ -35,6 +35,8 @@ IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "
 TRAINER_COMPUTE = ("half_copy", "autocast")
 IS_REFERENCES = ("unprocessed", "behaviour")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
+ALGORITHMS = ("grpo", "online_dpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Options a resumed run cannot change: its checkpoint, data position and pairing depend on them.
 RESUME_FIXED = ("model_path", "dataset_path", "seed", "dtype", "sampler_dtype", "trainer_dtype", "trainer_compute",
@@ -106,7 +108,8 @@ class TrainConfig:
     code_timeout: float = opt(1.0, "Seconds of wall clock for one program on all of a task's grids.")
     code_memory_limit_mb: int = opt(4096, "Address-space limit of a program, in MB.", aliases=("--code-execution-memory-limit-mb",))
     # --- RL ----------------------------------------------------------------------------------
-    num_generations: int = opt(4, "Completions sampled per prompt (the GRPO group size G).")
+    algorithm: str = opt("grpo", "grpo: the GRPO family (group advantages, clipped surrogate; --loss-type, --epsilon, --beta, --scale-rewards, --is-correction, --num-iterations) | online_dpo: online DPO as TRL's OnlineDPOTrainer (per prompt the highest- and the lowest-reward completion of its group are chosen and rejected, the DPO loss against the reference; --dpo-beta, --dpo-loss-type; the GRPO-only options are ignored). Both log the same mismatch and reward metrics every step.", choices=ALGORITHMS)
+    num_generations: int = opt(4, "Completions sampled per prompt (the GRPO group size G; online DPO picks its pair among them).")
     prompts_per_step: int = opt(1, "Prompts per optimizer step (the seed workload uses one task per step).")
     max_seq_length: int = opt(2048, "Longest prompt + completion in tokens; longer prompts are skipped.")
     max_completion_length: int = opt(1024, "Most tokens generated per completion.")
@@ -114,18 +117,20 @@ class TrainConfig:
     top_p: float = opt(0.95, "Nucleus sampling threshold in (0, 1] (shapes the draw only, not the recorded logprobs).")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
     repetition_penalty: float = opt(1.0, "HF-style repetition penalty on the draw (> 0; 1.0 = off).")
-    beta: float = opt(0.001, "Weight of the k3 KL penalty to the reference model (LoRA: adapters disabled; full: a frozen copy).")
-    loss_type: str = opt("bnpo", "Loss normalisation: grpo | bnpo | dapo | dr_grpo.", choices=LOSS_TYPES)
-    importance_sampling_level: str = opt("token", "Ratio level: token (GRPO) or sequence (GSPO; pair it with --loss-type grpo).", choices=IS_LEVELS)
-    epsilon: float = opt(0.2, "Lower clip range of the ratio, in [0, 1).")
-    epsilon_high: float | None = opt(None, "Upper clip range (default: epsilon; DAPO uses 0.28).")
-    scale_rewards: str = opt("group", "Advantage scaling: group std | batch std | none.", choices=SCALE_REWARDS)
+    beta: float = opt(0.001, "GRPO: weight of the k3 KL penalty to the reference model (LoRA: adapters disabled; full: a frozen copy).")
+    loss_type: str = opt("bnpo", "GRPO: loss normalisation: grpo | bnpo | dapo | dr_grpo.", choices=LOSS_TYPES)
+    importance_sampling_level: str = opt("token", "GRPO: ratio level: token (GRPO) or sequence (GSPO; pair it with --loss-type grpo).", choices=IS_LEVELS)
+    epsilon: float = opt(0.2, "GRPO: lower clip range of the ratio, in [0, 1).")
+    epsilon_high: float | None = opt(None, "GRPO: upper clip range (default: epsilon; DAPO uses 0.28).")
+    scale_rewards: str = opt("group", "GRPO: advantage scaling: group std | batch std | none.", choices=SCALE_REWARDS)
     mask_truncated_completions: bool = opt(True, "Completions that hit the length limit contribute no loss.")
-    num_iterations: int = opt(1, "Optimizer passes over each generation batch (mu in GRPO); >1 makes pi_old != pi_theta.")
-    is_correction: str = opt("none", "Correction of the sampler/trainer mismatch on rho = pi_old/mu.", choices=IS_CORRECTIONS)
+    num_iterations: int = opt(1, "GRPO: optimizer passes over each generation batch (mu in GRPO); >1 makes pi_old != pi_theta.")
+    is_correction: str = opt("none", "GRPO: correction of the sampler/trainer mismatch on rho = pi_old/mu (the mismatch metrics are logged under every algorithm).", choices=IS_CORRECTIONS)
     is_clip_max: float = opt(2.0, "C for the IS correction: the cap of *_truncate, the upper bound of the band *_mask keeps.")
     is_clip_min: float = opt(0.0, "Lower bound of the IS weight: *_truncate clamps from below at it, *_mask zeroes ratios below it (TRL semantics).")
-    is_reference: str = opt("unprocessed", "The mu of the IS correction's rho = pi_old/mu: unprocessed = the sampler's full-vocabulary distribution (the one the mismatch metrics compare, precision against precision); behaviour = the distribution actually sampled after --repetition-penalty, --top-k and --top-p (what importance sampling corrects for; the same when none is active). Both are logged: mismatch/* and sampling/*.", choices=IS_REFERENCES)
+    is_reference: str = opt("unprocessed", "GRPO: the mu of the IS correction's rho = pi_old/mu: unprocessed = the sampler's full-vocabulary distribution (the one the mismatch metrics compare, precision against precision); behaviour = the distribution actually sampled after --repetition-penalty, --top-k and --top-p (what importance sampling corrects for; the same when none is active). Both are logged: mismatch/* and sampling/*.", choices=IS_REFERENCES)
+    dpo_beta: float = opt(0.1, "online_dpo: beta of the DPO loss, the strength of the implicit KL to the reference (TRL's default).")
+    dpo_loss_type: str = opt("sigmoid", "online_dpo: sigmoid (DPO, -log sigmoid(beta h)) | ipo ((h - 1/(2 beta))^2), h the chosen-minus-rejected log-ratio to the reference of the summed completion logprobs (as TRL's OnlineDPOTrainer).", choices=DPO_LOSS_TYPES)
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = opt(1e-5, "AdamW learning rate.")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norm weights, as in HF Trainer).")
@@ -203,6 +208,7 @@ def _check_ranges(c: TrainConfig) -> None:
         ("top_p", 0 < c.top_p <= 1, "in (0, 1]"),
         ("repetition_penalty", c.repetition_penalty > 0, "> 0"),
         ("beta", c.beta >= 0, ">= 0"),
+        ("dpo_beta", c.dpo_beta > 0, "> 0"),
         ("epsilon", 0 <= c.epsilon < 1, "in [0, 1)"),
         ("epsilon_high", c.epsilon_high is None or c.epsilon_high >= 0, ">= 0"),
         ("is_clip_max", c.is_clip_max > 0, "> 0"),
@@ -235,6 +241,9 @@ def _check_combinations(c: TrainConfig) -> None:
         raise ConfigError("--model-path is empty")
     if not c.output_dir.strip():
         raise ConfigError("--output-dir is empty")
+    if c.algorithm == "online_dpo" and c.num_iterations != 1:
+        raise ConfigError(f"--algorithm online_dpo takes one optimizer step per generation batch (as TRL's "
+                          f"OnlineDPOTrainer); --num-iterations must be 1, got {c.num_iterations}")
     if c.is_clip_min >= c.is_clip_max:
         raise ConfigError(f"--is-clip-min ({c.is_clip_min}) must be smaller than --is-clip-max ({c.is_clip_max})")
     batch = c.num_generations * c.prompts_per_step
@@ -422,7 +431,7 @@ class _JoinLists(argparse.Action):
 
 def build_parser(prog: str = "fp16rl train") -> argparse.ArgumentParser:
     """An argparse parser with one flag per ``TrainConfig`` field, in both spellings."""
-    parser = _ErrorRaisingParser(prog=prog, description="GRPO-family RL fine-tuning with one verified precision.",
+    parser = _ErrorRaisingParser(prog=prog, description="RL fine-tuning (GRPO family or online DPO) with one verified precision.",
                                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata

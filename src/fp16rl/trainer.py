@@ -1,7 +1,8 @@
 """The RL loop: sample -> reward -> advantages -> pi_old + mismatch -> loss -> (scaled) step -> sync.
 
-Readable top to bottom on purpose (nanoGPT style): ``Trainer.step`` is one GRPO step; set-up,
-checkpoints and logging are around it. The README's "One step" section draws the same flow.
+Readable top to bottom on purpose (nanoGPT style): ``Trainer.step`` is one GRPO step (or online DPO's:
+pairs and the DPO loss, ``dpo.py``); set-up, checkpoints and logging are around it. The README's "One
+step" section draws the same flow.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from fp16rl.atomic import atomic_write_text
 from fp16rl.batch import RolloutBatch, measure_rollouts, trainer_logprobs
 from fp16rl.checkpoint import load_checkpoint, prune_checkpoints, remove_torn_saves, save_checkpoint
 from fp16rl.config import ConfigError, TrainConfig
-from fp16rl.distributed import DataParallel
+from fp16rl.distributed import DataParallel, WholeBatch
+from fp16rl.dpo import DpoBatch, dpo_batch, dpo_part_loss, select_pairs
 from fp16rl.hardware import emulation_notes
 from fp16rl.interrupt import RunInterrupted, StopRequest
 from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
@@ -114,7 +116,8 @@ class Trainer:
         self.weights = MasterWeights(self.model, self.policy, sharded=self.sharded)
         self.head = LogitHead.of(self.model)
         self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
-        self.reference = None if config.beta == 0.0 else ReferencePolicy(
+        self.dpo = config.algorithm == "online_dpo"
+        self.reference = None if config.beta == 0.0 and not self.dpo else ReferencePolicy(
             self.model, adapters=lora is not None, dtype=self.policy.weights_dtype if self.sharded else None)
         try:
             self.sampler = Sampler(self.model, self.policy.sampler_dtype, self.tokenizer.pad_token_id,
@@ -183,6 +186,9 @@ class Trainer:
             notes.append(f"--importance-sampling-level sequence with --loss-type {self.config.loss_type} weights each "
                          "sequence by its length instead of optimising GSPO's per-sequence objective; GSPO uses "
                          "--loss-type grpo")
+        if self.dpo and self.config.is_correction != "none":
+            notes.append(f"--is-correction {self.config.is_correction} is ignored by --algorithm online_dpo "
+                         "(mismatch/is_masked_ratio still reports what it would mask)")
         if self.config.fsdp and not self.parallel.enabled:
             notes.append("--fsdp shards over the ranks of a torchrun launch; in one process it changes nothing")
         return notes
@@ -278,7 +284,7 @@ class Trainer:
                           total_steps=self.total_steps, arm=self.config.arm, seed=self.config.seed), indent=2))
 
     def step(self, step: int, stop: StopRequest | None = None) -> dict[str, float]:
-        """One GRPO step (1-based ``step``); returns its metrics. ``stop`` is polled at safe points."""
+        """One GRPO or online DPO step (1-based ``step``); returns its metrics. ``stop`` is polled at safe points."""
         cfg, t0 = self.config, time.perf_counter()
         stop = stop or StopRequest()
 
@@ -310,11 +316,11 @@ class Trainer:
         whole = self.parallel.whole_batch(scores, mu, rollouts.behaviour_logprobs.to(self.device),
                                           rollouts.kept_mass.to(self.device), old_logprobs, tokens.completion_mask,
                                           measured.entropy, rollouts.truncated, token_lists)
-        advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
         stop.check()
         t_scored = time.perf_counter()
 
-        # 3. The mismatch on every sampled token, the IS weights, the reference, the tokens of the loss.
+        # 3. The mismatch on every sampled token (whatever the algorithm), the IS weights, the tokens of the
+        #    loss; GRPO: group advantages and the reference; online DPO: the pairs and their loss weights.
         metrics = mismatch_metrics(whole.sampler_logprobs, whole.old_logprobs, whole.completion_mask)
         metrics.update(sampling_metrics(whole.behaviour_logprobs, whole.kept_mass, whole.old_logprobs,
                                         whole.completion_mask))
@@ -324,13 +330,21 @@ class Trainer:
         loss_mask = tokens.completion_mask.clone()
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
-        batch = RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
-                             old_logprobs=old_logprobs, sampler_logprobs=mu,
-                             is_weights=is_weights[whole.rows, :loss_mask.shape[1]],
-                             ref_logprobs=self.reference.logprobs(self, tokens) if self.reference else None)
+        if self.dpo:
+            dpo = self._dpo_batch(whole, tokens, old_logprobs, loss_mask)
+            batch = dpo.batch
+            metrics.update(dpo.metrics)
+        else:
+            advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
+            batch = RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
+                                 old_logprobs=old_logprobs, sampler_logprobs=mu,
+                                 is_weights=is_weights[whole.rows, :loss_mask.shape[1]],
+                                 ref_logprobs=self.reference.logprobs(self, tokens) if self.reference else None)
 
         # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
         optim_metrics = self._optimize(batch, stop, step)
+        if self.dpo:  # what was backpropagated has the DPO loss's gradient, not its value
+            optim_metrics["optim/loss"] = metrics["dpo/loss"]
         self.sampler.sync_from(self.weights.full_masters())
         t_train = time.perf_counter()
 
@@ -351,6 +365,20 @@ class Trainer:
         if self.tracker is not None and (step % cfg.save_samples_steps == 0 or step == 1):
             self.tracker.log_samples(step, self._samples(grouped_items, completions, rollouts, scores))
         return metrics
+
+    def _dpo_batch(self, whole: WholeBatch, tokens: TokenBatch, old_logprobs: torch.Tensor,
+                   loss_mask: torch.Tensor) -> DpoBatch:
+        """Online DPO's pairs of the whole batch (truncated completions are no candidates when masked) and
+        this rank's rows of them, weighted by their share of the loss's gradient (``fp16rl.dpo``)."""
+        cfg = self.config
+        candidates = whole.completion_mask.any(dim=1).tolist()
+        if cfg.mask_truncated_completions:
+            candidates = [c and not t for c, t in zip(candidates, whole.truncated)]
+        rewards = whole.rewards.tolist()
+        pairs = select_pairs(rewards, cfg.num_generations, candidates)
+        return dpo_batch(pairs, whole.rows, tokens, old_logprobs, loss_mask, rewards,
+                         lambda selected: self.reference.logprobs(self, selected), cfg.dpo_beta, cfg.dpo_loss_type,
+                         self.parallel.sum, lambda rows: int(max(self.parallel.gather_objects(rows))))
 
     def logprobs(self, model: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
         """Trainer-side logprobs of a whole batch (no entropy), in micro-batches and the compute context."""
@@ -395,7 +423,11 @@ class Trainer:
         metrics = {"optim/loss_tokens": float(batch_tokens), "optim/lr": self.optimizer.param_groups[0]["lr"]}
         if batch_tokens == 0:
             self.counters["empty_loss_steps_total"] += 1
-            if self.counters["empty_loss_steps_total"] == 1:
+            if self.counters["empty_loss_steps_total"] == 1 and self.dpo:
+                logger.warning(f"step {step}: no prompt gave a pair (every group's rewards tied, or fewer than "
+                               "two untruncated completions), so the step trained on nothing (counted in "
+                               "optim/empty_loss_steps_total; dpo/tied_fraction and dpo/unpaired_fraction say why)")
+            elif self.counters["empty_loss_steps_total"] == 1:
                 logger.warning(f"step {step}: no completion token is in the loss (all truncated and "
                                "--mask-truncated-completions is on), so the step trained on nothing; raise "
                                "--max-completion-length (counted in optim/empty_loss_steps_total)")
@@ -403,7 +435,8 @@ class Trainer:
         totals: dict[str, float] = {"loss": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "kl_ref": 0.0}
         skipped, norms, rates = 0, [], []
         rows = self._forward_rows()
-        backwards = len(starts) * math.ceil(size / rows)  # DDP reduces gradients in the last one only
+        total_rows = batch.advantages.shape[0]  # DDP reduces gradients in the last backward only
+        backwards = sum(math.ceil(min(size, total_rows - begin) / rows) for begin in starts)
         for _ in range(cfg.num_iterations):
             done = 0
             for begin, tokens in zip(starts, micro_tokens):
@@ -422,9 +455,12 @@ class Trainer:
                             logprobs, _ = completion_logprobs(self.model, part.tokens, cfg.temperature,
                                                               chunk_tokens=cfg.logprob_chunk_tokens, head=self.head,
                                                               run_backbone=self.wrapped)
-                        # With one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL).
-                        old = logprobs.detach() if cfg.num_iterations == 1 else part.old_logprobs
-                        loss, stats = policy_loss(logprobs, old, part, self.loss_settings, accum, batch_tokens, group)
+                        if self.dpo:
+                            loss, stats = dpo_part_loss(logprobs, part), {}
+                        else:  # with one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL)
+                            old = logprobs.detach() if cfg.num_iterations == 1 else part.old_logprobs
+                            loss, stats = policy_loss(logprobs, old, part, self.loss_settings, accum, batch_tokens,
+                                                      group)
                         self.scaler.scale(loss).backward()
                     totals["loss"] += loss.item()
                     for key, value in stats.items():
@@ -520,9 +556,10 @@ class Trainer:
 
 
 class ReferencePolicy:
-    """The KL penalty's reference (only when beta != 0): the LoRA base with the adapters disabled, or, in
-    full fine-tuning, a frozen copy of the initial policy that computes exactly as the policy did at
-    step 1 (same stored dtypes, same compute context), so ``policy/kl_ref`` starts at 0."""
+    """The reference of GRPO's KL penalty (when beta != 0) and of online DPO: the LoRA base with the
+    adapters disabled, or, in full fine-tuning, a frozen copy of the initial policy that computes exactly
+    as the policy did at step 1 (same stored dtypes, same compute context), so ``policy/kl_ref`` starts
+    at 0 (and DPO's implicit rewards ``dpo/rewards_*`` too)."""
 
     def __init__(self, model: torch.nn.Module, adapters: bool, dtype: torch.dtype | None = None):
         """``dtype``: cast the copy's weights to it (under FSDP the policy's FP32 shards are gathered in the
