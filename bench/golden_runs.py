@@ -46,6 +46,22 @@ def comparable(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in records]
 
 
+def compare(golden: list[dict], records: list[dict]) -> str:
+    """``identical`` when every recorded metric of every step is equal; metrics added since the recording
+    are named but do not count (a feature may log more), a missing or changed one does."""
+    if golden == records:
+        return f"identical ({len(records)} steps, {len(records[0])} metrics each)"
+    if len(golden) != len(records):
+        return f"DIFFERENT: {len(records)} steps, {len(golden)} recorded"
+    for old, new in zip(golden, records):
+        missing = sorted(set(old) - set(new))
+        changed = [k for k in old if k in new and old[k] != new[k]]
+        if missing or changed:
+            return f"DIFFERENT at step {old.get('step')}: missing {missing[:3]}, changed {changed[:3]}"
+    added = sorted(set(records[0]) - set(golden[0]))
+    return f"identical on the {len(golden[0])} recorded metrics ({len(records)} steps); new metrics: {', '.join(added)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("record", "check"))
@@ -63,11 +79,11 @@ def main() -> None:
             args.folder.mkdir(parents=True, exist_ok=True)
             golden.write_text(json.dumps(records, indent=1))
             print(f"{name}: recorded {len(records)} steps")
-        elif json.loads(golden.read_text()) == records:
-            print(f"{name}: identical ({len(records)} steps, {len(records[0])} metrics each)")
         else:
-            failures.append(name)
-            print(f"{name}: DIFFERENT")
+            verdict = compare(json.loads(golden.read_text()), records)
+            print(f"{name}: {verdict}")
+            if verdict.startswith("DIFFERENT"):
+                failures.append(name)
     sys.exit(1 if failures else 0)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -158,8 +159,12 @@ def test_accelerate_launch_runs_the_same_two_ranks(tmp_path, tiny_path):
     args = ["train", "--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype", "float32",
             "--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "16", "--max-steps", "2",
             "--no-mask-truncated-completions", "--learning-rate", "2e-3", "--report-to", "none"]
+    with socket.socket() as probe:  # accelerate's default port 29500 may be taken by a concurrent run
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(port)]
     for name, launcher in (("one", [sys.executable, "-m", "fp16rl"]), ("two", [*accelerate, "-m", "fp16rl"])):
         done = subprocess.run([*launcher, *args, "--output-dir", str(tmp_path / name)], capture_output=True,
                               text=True, timeout=600, env=env)

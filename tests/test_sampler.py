@@ -242,3 +242,17 @@ def test_behaviour_logprob_is_mu_minus_log_kept_mass(tiny_path, tiny_tokenizer, 
     plain = sampler.generate(_prompts(tiny_tokenizer), 4, SamplingParams(max_new_tokens=24), seed=0)
     assert torch.equal(plain.behaviour_logprobs, plain.sampler_logprobs)
     assert (plain.kept_mass == 1).all()
+
+
+def test_exponential_noise_is_positive_at_the_top_bit_pattern():
+    """The largest 24-bit pattern once gave u = 1 in fp32, E = -0 and a NaN in the race that drew a token
+    top-p had removed; every E is now finite and > 0, and the race keeps to the processed support."""
+    from fp16rl.sampler import exponential_from_bits
+
+    bits = torch.tensor([0, 1, 2**23, 2**24 - 2, 2**24 - 1], dtype=torch.int64)
+    e = exponential_from_bits(bits)
+    assert torch.isfinite(e).all() and (e > 0).all()
+    assert e[-1].item() == pytest.approx(2**-24, rel=1e-3)  # -log(1 - 2^-24)
+    processed = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    winner = Sampler._draw(processed, e[None, [4, 4, 4]])
+    assert winner.item() == 0

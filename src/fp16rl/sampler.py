@@ -364,9 +364,19 @@ class TokenNoise:
         """``[len(rows), vocab]`` fp32 noise for rows ``rows`` (indices into the keys) at ``position``."""
         position_hash = mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32)  # a Python int: no tensor per step
         base = mix32(self.keys[rows] ^ position_hash)
-        bits = mix32(base[:, None] ^ self.token_hash[None, :]) >> 8
-        uniform = (bits.to(torch.float32) + 0.5) * (1.0 / 2**24)
-        return -torch.log(uniform)
+        return exponential_from_bits(mix32(base[:, None] ^ self.token_hash[None, :]) >> 8)
+
+
+def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Exp(1) draws ``-log u`` from 24 uniform bits, ``u = (bits + 0.5) / 2^24``, always > 0.
+
+    In fp32 the top value ``(2^24 - 0.5) / 2^24`` rounds to exactly 1, and ``-log 1 = -0`` would make
+    the race divide by zero: ``0 / -0`` is NaN, which ``argmax`` picks, so a token that top-p/top-k had
+    removed would be drawn (seen on SmolLM2: once in a few hundred row-steps of a 49k vocabulary). ``u``
+    is capped at the largest fp32 below 1; every other value is unchanged.
+    """
+    uniform = ((bits.to(torch.float32) + 0.5) * (1.0 / 2**24)).clamp_(max=1.0 - 2**-24)
+    return -torch.log(uniform)
 
 
 class HFCacheDecoder:
