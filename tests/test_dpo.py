@@ -134,7 +134,7 @@ def test_options_and_refusals(tmp_path):
     config = TrainConfig(algorithm="online_dpo")
     config.validate()
     assert (config.dpo_beta, config.dpo_loss_type) == (0.1, "sigmoid")
-    for bad, match in [(dict(algorithm="ppo"), "--algorithm must be one of grpo, online_dpo"),
+    for bad, match in [(dict(algorithm="reinforce"), "--algorithm must be one of grpo, ppo, online_dpo"),
                        (dict(algorithm="online_dpo", num_iterations=2), "--num-iterations must be 1"),
                        (dict(algorithm="online_dpo", dpo_beta=0.0), "--dpo-beta must be > 0"),
                        (dict(algorithm="online_dpo", dpo_loss_type="hinge"), "--dpo-loss-type must be one of")]:

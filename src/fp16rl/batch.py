@@ -26,12 +26,14 @@ class RolloutBatch:
     """The per-token tensors of one generation batch that the loss needs, ``[N, C]`` unless noted."""
 
     tokens: TokenBatch | None  # model inputs; None where only the loss is computed (formula tests)
-    advantages: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N] (PPO: [N, C], per token)
     loss_mask: torch.Tensor  # bool: completion tokens that count in the loss
     old_logprobs: torch.Tensor  # pi_old, fp32
     sampler_logprobs: torch.Tensor | None = None  # mu, fp32
     is_weights: torch.Tensor | None = None  # detached IS-correction weights (None = 1)
     ref_logprobs: torch.Tensor | None = None  # reference policy, for the KL penalty
+    old_values: torch.Tensor | None = None  # PPO: the critic's values before the step, V_old
+    returns: torch.Tensor | None = None  # PPO: GAE's returns, the value loss's targets
 
     def select(self, rows: slice | torch.Tensor) -> "RolloutBatch":
         return replace(self, **{f.name: _apply(getattr(self, f.name), lambda t: t.select(rows) if

@@ -99,9 +99,12 @@ def save_checkpoint(
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     state: dict[str, Any],
+    more_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-<step>/`` atomically and durably; ``weights`` are the FP32 masters (whole)
-    and ``optimizer_state`` a one-process ``optimizer.state_dict()`` (``fp16rl.fsdp`` makes one whole)."""
+    and ``optimizer_state`` a one-process ``optimizer.state_dict()`` (``fp16rl.fsdp`` makes one whole).
+    ``more_weights``: other trainable models' FP32 masters by name, written to ``<name>.safetensors``
+    (PPO's critic: ``critic.safetensors``; its optimizer state is in the one optimizer's)."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -109,6 +112,8 @@ def save_checkpoint(
     path = Path(run_dir) / "checkpoints" / f"step-{step}"
     with atomic_directory(path) as tmp:
         save_file({name: t.detach().contiguous() for name, t in weights.items()}, str(tmp / "trainable.safetensors"))
+        for key, tensors in (more_weights or {}).items():
+            save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(tmp / f"{key}.safetensors"))
         if hasattr(model, "peft_config"):  # a standard peft adapter folder too, loadable by PeftModel
             model.save_pretrained(tmp / "adapter")
         torch.save(
@@ -146,10 +151,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
+    load_more: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...).
 
-    ``load_weights(tensors, source)`` puts the FP32 masters in place. Any failure is a
+    ``load_weights(tensors, source)`` puts the FP32 masters in place, ``load_more[name]`` those of
+    ``<name>.safetensors`` (a checkpoint without that file is refused: it was written by another algorithm). Any failure is a
     ``ConfigError`` naming the checkpoint: resume refuses a checkpoint it cannot fully restore.
     """
     import numpy as np
@@ -162,6 +169,11 @@ def load_checkpoint(
     state = read_trainer_state(path)
     try:
         load_weights(load_file(str(path / "trainable.safetensors")), f"checkpoint {path}")
+        for key, load in (load_more or {}).items():
+            if not (path / f"{key}.safetensors").is_file():
+                raise ConfigError(f"checkpoint {path} has no {key}.safetensors (written by a run without a {key}); "
+                                  "it cannot resume this run")
+            load(load_file(str(path / f"{key}.safetensors")), f"checkpoint {path}")
         # numpy/python RNG states hold non-tensor objects; this file is our own, written by save_checkpoint.
         blob = torch.load(path / "training_state.pt", weights_only=False)
         optimizer.load_state_dict(blob["optimizer"])

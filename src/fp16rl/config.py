@@ -35,7 +35,7 @@ IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "
 TRAINER_COMPUTE = ("half_copy", "autocast")
 IS_REFERENCES = ("unprocessed", "behaviour")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
-ALGORITHMS = ("grpo", "online_dpo")
+ALGORITHMS = ("grpo", "ppo", "online_dpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Options a resumed run cannot change: its checkpoint, data position and pairing depend on them.
@@ -108,7 +108,7 @@ class TrainConfig:
     code_timeout: float = opt(1.0, "Seconds of wall clock for one program on all of a task's grids.")
     code_memory_limit_mb: int = opt(4096, "Address-space limit of a program, in MB.", aliases=("--code-execution-memory-limit-mb",))
     # --- RL ----------------------------------------------------------------------------------
-    algorithm: str = opt("grpo", "grpo: the GRPO family (group advantages, clipped surrogate; --loss-type, --epsilon, --beta, --scale-rewards, --is-correction, --num-iterations) | online_dpo: online DPO as TRL's OnlineDPOTrainer (per prompt the highest- and the lowest-reward completion of its group are chosen and rejected, the DPO loss against the reference; --dpo-beta, --dpo-loss-type; the GRPO-only options are ignored). Both log the same mismatch and reward metrics every step.", choices=ALGORITHMS)
+    algorithm: str = opt("grpo", "grpo: the GRPO family (group advantages, clipped surrogate; --loss-type, --epsilon, --beta, --scale-rewards, --is-correction, --num-iterations) | ppo: PPO with a critic as TRL's PPOTrainer (a value head on the policy's backbone with its own LoRA adapter, or a copy of the backbone in full fine-tuning; token-level rewards, GAE, clipped policy and value losses; --gamma, --lam, --cliprange-value, --vf-coef, --ppo-epochs, --epsilon, --beta as a per-token KL penalty in the reward, --is-correction; one rank) | online_dpo: online DPO as TRL's OnlineDPOTrainer (per prompt the highest- and the lowest-reward completion of its group are chosen and rejected, the DPO loss against the reference; --dpo-beta, --dpo-loss-type; the GRPO-only options are ignored). All log the same mismatch and reward metrics every step.", choices=ALGORITHMS)
     num_generations: int = opt(4, "Completions sampled per prompt (the GRPO group size G; online DPO picks its pair among them).")
     prompts_per_step: int = opt(1, "Prompts per optimizer step (the seed workload uses one task per step).")
     max_seq_length: int = opt(2048, "Longest prompt + completion in tokens; longer prompts are skipped.")
@@ -117,11 +117,11 @@ class TrainConfig:
     top_p: float = opt(0.95, "Nucleus sampling threshold in (0, 1] (shapes the draw only, not the recorded logprobs).")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
     repetition_penalty: float = opt(1.0, "HF-style repetition penalty on the draw (> 0; 1.0 = off).")
-    beta: float = opt(0.001, "GRPO: weight of the k3 KL penalty to the reference model (LoRA: adapters disabled; full: a frozen copy).")
+    beta: float = opt(0.001, "GRPO: weight of the k3 KL penalty to the reference model (LoRA: adapters disabled; full: a frozen copy). PPO: coefficient of the per-token k1 KL penalty in the reward, -beta (logpi_old - logref) (TRL's kl_coef).")
     loss_type: str = opt("bnpo", "GRPO: loss normalisation: grpo | bnpo | dapo | dr_grpo.", choices=LOSS_TYPES)
     importance_sampling_level: str = opt("token", "GRPO: ratio level: token (GRPO) or sequence (GSPO; pair it with --loss-type grpo).", choices=IS_LEVELS)
-    epsilon: float = opt(0.2, "GRPO: lower clip range of the ratio, in [0, 1).")
-    epsilon_high: float | None = opt(None, "GRPO: upper clip range (default: epsilon; DAPO uses 0.28).")
+    epsilon: float = opt(0.2, "GRPO and PPO: lower clip range of the ratio, in [0, 1).")
+    epsilon_high: float | None = opt(None, "GRPO and PPO: upper clip range (default: epsilon; DAPO uses 0.28).")
     scale_rewards: str = opt("group", "GRPO: advantage scaling: group std | batch std | none.", choices=SCALE_REWARDS)
     mask_truncated_completions: bool = opt(True, "Completions that hit the length limit contribute no loss.")
     num_iterations: int = opt(1, "GRPO: optimizer passes over each generation batch (mu in GRPO); >1 makes pi_old != pi_theta.")
@@ -129,6 +129,11 @@ class TrainConfig:
     is_clip_max: float = opt(2.0, "C for the IS correction: the cap of *_truncate, the upper bound of the band *_mask keeps.")
     is_clip_min: float = opt(0.0, "Lower bound of the IS weight: *_truncate clamps from below at it, *_mask zeroes ratios below it (TRL semantics).")
     is_reference: str = opt("unprocessed", "GRPO: the mu of the IS correction's rho = pi_old/mu: unprocessed = the sampler's full-vocabulary distribution (the one the mismatch metrics compare, precision against precision); behaviour = the distribution actually sampled after --repetition-penalty, --top-k and --top-p (what importance sampling corrects for; the same when none is active). Both are logged: mismatch/* and sampling/*.", choices=IS_REFERENCES)
+    gamma: float = opt(1.0, "ppo: discount of GAE, in [0, 1] (TRL's default 1: the episode is one completion).")
+    lam: float = opt(0.95, "ppo: lambda of GAE, in [0, 1] (TRL's default).")
+    cliprange_value: float = opt(0.2, "ppo: clip range of the value loss around the rollout's values (> 0; TRL's default).")
+    vf_coef: float = opt(0.1, "ppo: weight of the value loss in the summed loss (>= 0; TRL's default).")
+    ppo_epochs: int = opt(1, "ppo: passes over each generation batch, each one optimizer step over its --gradient-accumulation-steps micro-batches (TRL uses 4 epochs; 1 costs what a GRPO step costs, and leaves both clips inactive).")
     dpo_beta: float = opt(0.1, "online_dpo: beta of the DPO loss, the strength of the implicit KL to the reference (TRL's default).")
     dpo_loss_type: str = opt("sigmoid", "online_dpo: sigmoid (DPO, -log sigmoid(beta h)) | ipo ((h - 1/(2 beta))^2), h the chosen-minus-rejected log-ratio to the reference of the summed completion logprobs (as TRL's OnlineDPOTrainer).", choices=DPO_LOSS_TYPES)
     # --- optimisation ------------------------------------------------------------------------
@@ -173,8 +178,9 @@ class TrainConfig:
             raise ConfigError(str(err)) from None
         for name, minimum in (("num_generations", 2), ("prompts_per_step", 1), ("gradient_accumulation_steps", 1),
                               ("max_completion_length", 1), ("max_seq_length", 2), ("num_iterations", 1),
-                              ("save_samples_steps", 1), ("save_steps", 1), ("loss_scale_growth_interval", 1),
-                              ("logprob_chunk_tokens", 1), ("lora_r", 0), ("lora_alpha", 1), ("top_k", 0),
+                              ("ppo_epochs", 1), ("save_samples_steps", 1), ("save_steps", 1),
+                              ("loss_scale_growth_interval", 1), ("logprob_chunk_tokens", 1), ("lora_r", 0),
+                              ("lora_alpha", 1), ("top_k", 0),
                               ("seed", 0), ("code_memory_limit_mb", 64)):
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{flag(name)} must be >= {minimum}, got {getattr(self, name)}")
@@ -209,6 +215,10 @@ def _check_ranges(c: TrainConfig) -> None:
         ("repetition_penalty", c.repetition_penalty > 0, "> 0"),
         ("beta", c.beta >= 0, ">= 0"),
         ("dpo_beta", c.dpo_beta > 0, "> 0"),
+        ("gamma", 0 <= c.gamma <= 1, "in [0, 1]"),
+        ("lam", 0 <= c.lam <= 1, "in [0, 1]"),
+        ("cliprange_value", c.cliprange_value > 0, "> 0"),
+        ("vf_coef", c.vf_coef >= 0, ">= 0"),
         ("epsilon", 0 <= c.epsilon < 1, "in [0, 1)"),
         ("epsilon_high", c.epsilon_high is None or c.epsilon_high >= 0, ">= 0"),
         ("is_clip_max", c.is_clip_max > 0, "> 0"),
@@ -241,6 +251,12 @@ def _check_combinations(c: TrainConfig) -> None:
         raise ConfigError("--model-path is empty")
     if not c.output_dir.strip():
         raise ConfigError("--output-dir is empty")
+    if c.algorithm == "ppo" and c.num_iterations != 1:
+        raise ConfigError(f"--algorithm ppo passes over a generation batch --ppo-epochs times; --num-iterations "
+                          f"must be 1, got {c.num_iterations}")
+    if c.algorithm == "ppo" and c.fsdp:
+        raise ConfigError("--algorithm ppo does not support --fsdp (its critic is not sharded); train PPO in one "
+                          "process, or use --algorithm grpo with --fsdp")
     if c.algorithm == "online_dpo" and c.num_iterations != 1:
         raise ConfigError(f"--algorithm online_dpo takes one optimizer step per generation batch (as TRL's "
                           f"OnlineDPOTrainer); --num-iterations must be 1, got {c.num_iterations}")

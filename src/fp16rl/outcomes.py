@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fp16rl.tasks.base import Scores
+from fp16rl.tasks.base import PromptItem, Scores
 
 
 def reward_means(scores: Scores) -> dict[str, float]:
@@ -49,3 +49,19 @@ def outcome_metrics(scores: Scores, completion_mask: torch.Tensor, truncated: Se
         "completion/truncated_ratio": float(np.mean(truncated)),
         "completion/unique_ngram_ratio_4": float(np.mean([unique_ngram_ratio(t) for t in token_lists])),
     }
+
+
+def sample_records(items: Sequence[PromptItem], completions: Sequence[str], finish_reasons: Sequence[str],
+                   scores: Scores, num_generations: int) -> list[dict]:
+    """The first prompt's whole group (``samples/``): enough to read what the model writes and how it scored."""
+    return [
+        {
+            "uid": items[i].uid,
+            "prompt": items[i].text,
+            "completion": completions[i],
+            "reward": scores.rewards[i],
+            "finish_reason": finish_reasons[i],
+            **({"details": scores.details[i]} if scores.details else {}),
+        }
+        for i in range(min(num_generations, len(completions)))
+    ]

@@ -1,14 +1,14 @@
 """The RL loop: sample -> reward -> advantages -> pi_old + mismatch -> loss -> (scaled) step -> sync.
 
 Readable top to bottom on purpose (nanoGPT style): ``Trainer.step`` is one GRPO step (or online DPO's:
-pairs and the DPO loss, ``dpo.py``); set-up, checkpoints and logging are around it. The README's "One
+pairs and the DPO loss, ``dpo.py``; or PPO's: the critic's values, GAE and the two clipped losses,
+``ppo.py`` and ``critic.py``); set-up, checkpoints and logging are around it. The README's "One
 step" section draws the same flow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -24,6 +24,7 @@ from fp16rl.atomic import atomic_write_text
 from fp16rl.batch import RolloutBatch, measure_rollouts, trainer_logprobs
 from fp16rl.checkpoint import load_checkpoint, prune_checkpoints, remove_torn_saves, save_checkpoint
 from fp16rl.config import ConfigError, TrainConfig
+from fp16rl.critic import Critic, copy_backbone
 from fp16rl.distributed import DataParallel, WholeBatch
 from fp16rl.dpo import DpoBatch, dpo_batch, dpo_part_loss, select_pairs
 from fp16rl.hardware import emulation_notes
@@ -33,13 +34,15 @@ from fp16rl.mismatch import mismatch_metrics, sampling_metrics
 from fp16rl.models import (LoraSettings, enable_gradient_checkpointing, load_tokenizer, load_trainer_model,
                            model_folder, require_4bit_support, resolve_device, stop_token_ids)
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
-from fp16rl.outcomes import outcome_metrics
+from fp16rl.outcomes import outcome_metrics, sample_records
+from fp16rl.ppo import ppo_advantages, ppo_policy_loss, ppo_value_loss
 from fp16rl.precision import PrecisionPolicy, check_observed
+from fp16rl.reference import ReferencePolicy
 from fp16rl.runs import plan_run, summarize_run
-from fp16rl.sampler import Rollouts, Sampler, SamplingParams
+from fp16rl.sampler import Sampler, SamplingParams
 from fp16rl.seeds import seed_everything, step_seed
 from fp16rl.tasks import make_task
-from fp16rl.tasks.base import PromptItem, Scores, Task, encode_text
+from fp16rl.tasks.base import Task, encode_text
 from fp16rl.tracking import ProgressDisplay, RunTracker, library_versions, read_metrics
 from fp16rl.fsdp import full_optimizer_state, full_tensor, shard_optimizer_state
 from fp16rl.weights import MasterWeights, make_optimizer, make_scheduler
@@ -57,6 +60,9 @@ class Trainer:
         config.validate()
         self.config = config
         self.parallel = DataParallel.from_environment(resolve_device(config.device).type)
+        if config.algorithm == "ppo" and self.parallel.enabled:  # every rank refuses alike
+            raise ConfigError("--algorithm ppo trains in one process (its critic's gradients are not reduced across "
+                              "ranks); launch it without torchrun, or use --algorithm grpo with several ranks")
         self.parallel.check_batch(config.prompts_per_step, config.num_generations, config.gradient_accumulation_steps)
         # Refuses a bad folder, resume, model path or dataset before anything is loaded (rank 0 decides).
         plan = self.parallel.on_main(lambda: plan_run(config, check_data=task is None and dataset is None))
@@ -113,6 +119,8 @@ class Trainer:
         self.model = load_trainer_model(model_path, self.policy.trainer_dtype, lora, config.attn_implementation,
                                         self.device, config.load_in_4bit)
         self.gradient_checkpointing = enable_gradient_checkpointing(self.model, config.gradient_checkpointing)
+        ppo = config.algorithm == "ppo"
+        copied = copy_backbone(self.model) if ppo and lora is None else None  # FP32, before the compute copy
         self.weights = MasterWeights(self.model, self.policy, sharded=self.sharded)
         self.head = LogitHead.of(self.model)
         self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
@@ -126,6 +134,8 @@ class Trainer:
         except ValueError as err:  # an engine or mode this model cannot run: one error line
             raise ConfigError(f"--sampler-engine / --share-prompt-kv: {err}") from None
         self.sampler.sync_from(self.weights.named_masters())  # an ablation's sampler starts from the FP32 masters
+        self.critic = Critic(self.model, copied, self.policy, self.device) if ppo else None  # after the sampler's copy
+        self.passes = config.ppo_epochs if ppo else config.num_iterations  # optimizer steps per RL step
         self.sampling = SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature,
                                        top_p=config.top_p, top_k=config.top_k,
                                        repetition_penalty=config.repetition_penalty)
@@ -135,16 +145,18 @@ class Trainer:
                                           max_completion_length=config.max_completion_length)
         self.correction = Correction(config.is_correction, config.is_clip_max, config.is_clip_min)
         self.total_steps = self._total_steps()
-        self.optimizer = make_optimizer(self.weights, self.model, config.learning_rate, config.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, config.lr_scheduler_type,
-                                        self.total_steps * config.num_iterations, config.warmup_ratio)
+        self.optimizer = make_optimizer(self.weights, self.model, config.learning_rate, config.weight_decay,
+                                        (self.critic.weights, self.critic.module) if self.critic else None)
+        self.scheduler = make_scheduler(self.optimizer, config.lr_scheduler_type, self.total_steps * self.passes,
+                                        config.warmup_ratio)
         self.scaler = self.policy.grad_scaler(self.device.type, sharded=self.sharded)
         self.start_step = plan.resume_step
         self.counters = {"skipped_steps_total": 0, "empty_loss_steps_total": 0}
         self.precision_report: dict[str, Any] | None = None  # observed afresh at the first step, resumed or not
         if plan.resume_from is None or not self.parallel.is_main:
             return None
-        state = load_checkpoint(plan.resume_from, self.weights.load, self.optimizer, self.scheduler, self.scaler)
+        state = load_checkpoint(plan.resume_from, self.weights.load, self.optimizer, self.scheduler, self.scaler,
+                                {"critic": self.critic.weights.load} if self.critic else None)
         self._check_resumed_precision(state.get("precision"), plan.resume_from)
         if not self.parallel.enabled:
             return state
@@ -171,7 +183,7 @@ class Trainer:
         optimizer_state, schedule_state = self.optimizer.state_dict(), self.scheduler.state_dict()
         self.weights = MasterWeights(self.model, self.policy, sharded=True)
         self.optimizer = make_optimizer(self.weights, self.model, cfg.learning_rate, cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler_type, self.total_steps * cfg.num_iterations,
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler_type, self.total_steps * self.passes,
                                         cfg.warmup_ratio)
         in_groups = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state's numbering
         self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, in_groups))
@@ -258,7 +270,8 @@ class Trainer:
                     self.status = "finished"
         except RunInterrupted:
             self.status = "interrupted"
-            self.weights.zero_grad()
+            for weights in [self.weights] + ([self.critic.weights] if self.critic else []):
+                weights.zero_grad()
             if last_done not in self.saved_steps:
                 self.save(last_done)
         except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint, but say what happened
@@ -334,6 +347,16 @@ class Trainer:
             dpo = self._dpo_batch(whole, tokens, old_logprobs, loss_mask)
             batch = dpo.batch
             metrics.update(dpo.metrics)
+        elif self.critic is not None:  # one rank: this batch is the whole batch
+            ref = self.reference.logprobs(self, tokens) if self.reference else None
+            values = self.critic.rollout_values(tokens, self.policy, self._forward_rows())
+            advantages, returns, value_metrics = ppo_advantages(whole.rewards.to(self.device), loss_mask,
+                                                                tokens.completion_mask, old_logprobs, ref, values,
+                                                                cfg.beta, cfg.gamma, cfg.lam)
+            metrics.update(value_metrics)
+            batch = RolloutBatch(tokens=tokens, advantages=advantages, loss_mask=loss_mask, old_logprobs=old_logprobs,
+                                 sampler_logprobs=mu, is_weights=is_weights[:, :loss_mask.shape[1]],
+                                 old_values=values, returns=returns)
         else:
             advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
             batch = RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
@@ -360,10 +383,11 @@ class Trainer:
             "time/train_s": train_s,
             "time/step_s": time.perf_counter() - t0,
             "throughput/rollout_tokens_per_s": num_tokens / max(measured.sample_s, 1e-9),
-            "throughput/train_tokens_per_s": num_tokens * cfg.num_iterations / max(train_s, 1e-9),
+            "throughput/train_tokens_per_s": num_tokens * self.passes / max(train_s, 1e-9),
         })
         if self.tracker is not None and (step % cfg.save_samples_steps == 0 or step == 1):
-            self.tracker.log_samples(step, self._samples(grouped_items, completions, rollouts, scores))
+            self.tracker.log_samples(step, sample_records(grouped_items, completions, rollouts.finish_reasons, scores,
+                                                          cfg.num_generations))
         return metrics
 
     def _dpo_batch(self, whole: WholeBatch, tokens: TokenBatch, old_logprobs: torch.Tensor,
@@ -407,7 +431,8 @@ class Trainer:
         return min(self.config.per_device_train_batch_size or self._micro_batch_size(), self._micro_batch_size())
 
     def _optimize(self, batch: RolloutBatch, stop: StopRequest, step: int) -> dict[str, float]:
-        """``num_iterations`` optimizer steps over the generation batch, each over GA micro-batches.
+        """``num_iterations`` (PPO: ``ppo_epochs``) optimizer steps over the generation batch, each over GA
+        micro-batches. PPO backpropagates the policy loss, then the critic's (``critic.py`` says why).
 
         The loss is normalised by the counts of the whole generation batch and micro-batch (every rank's
         part: ``parallel.sum``), so the ranks' losses, and through DDP's sum their gradients, add up to
@@ -432,12 +457,13 @@ class Trainer:
                                "--mask-truncated-completions is on), so the step trained on nothing; raise "
                                "--max-completion-length (counted in optim/empty_loss_steps_total)")
             return {**metrics, **self._optim_summary(0.0, [], [], 0, {}, batch.ref_logprobs)}
-        totals: dict[str, float] = {"loss": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "kl_ref": 0.0}
+        totals = dict.fromkeys(("loss", "clip_ratio_low", "clip_ratio_high", "kl_ref", "value_loss",
+                                "value_clip_fraction"), 0.0)
         skipped, norms, rates = 0, [], []
         rows = self._forward_rows()
         total_rows = batch.advantages.shape[0]  # DDP reduces gradients in the last backward only
         backwards = sum(math.ceil(min(size, total_rows - begin) / rows) for begin in starts)
-        for _ in range(cfg.num_iterations):
+        for _ in range(self.passes):
             done = 0
             for begin, tokens in zip(starts, micro_tokens):
                 micro = batch.select(slice(begin, begin + size))
@@ -455,13 +481,18 @@ class Trainer:
                             logprobs, _ = completion_logprobs(self.model, part.tokens, cfg.temperature,
                                                               chunk_tokens=cfg.logprob_chunk_tokens, head=self.head,
                                                               run_backbone=self.wrapped)
+                        old = logprobs.detach() if self.passes == 1 else part.old_logprobs  # ratio 1, as in TRL
                         if self.dpo:
                             loss, stats = dpo_part_loss(logprobs, part), {}
-                        else:  # with one iteration pi_old is pi_theta itself (ratio exactly 1, as in TRL)
-                            old = logprobs.detach() if cfg.num_iterations == 1 else part.old_logprobs
+                        elif self.critic is not None:
+                            loss, stats = ppo_policy_loss(logprobs, old, part, self.loss_settings, accum,
+                                                          batch_tokens, group)
+                        else:
                             loss, stats = policy_loss(logprobs, old, part, self.loss_settings, accum, batch_tokens,
                                                       group)
                         self.scaler.scale(loss).backward()
+                        if self.critic is not None:
+                            loss, stats = self._value_backward(part, accum, batch_tokens, group, loss, stats)
                     totals["loss"] += loss.item()
                     for key, value in stats.items():
                         totals[key] += value.item()
@@ -472,12 +503,26 @@ class Trainer:
             norms.append(grad_norm)
         self.counters["skipped_steps_total"] += skipped
         totals = dict(zip(totals, self.parallel.sum(list(totals.values()))))
-        return {**metrics, **self._optim_summary(totals["loss"] / cfg.num_iterations, norms, rates, skipped, totals,
+        return {**metrics, **self._optim_summary(totals["loss"] / self.passes, norms, rates, skipped, totals,
                                                  batch.ref_logprobs)}
+
+    def _value_backward(self, part: RolloutBatch, accum: int, batch_tokens: int, group: tuple[int, int] | None,
+                        policy_loss_value: torch.Tensor, stats: dict[str, torch.Tensor]
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """PPO: the critic's forward and the backward of ``vf_coef *`` its clipped value loss (``ppo.py``),
+        under the critic's adapter; returns the summed loss's value and both losses' statistics."""
+        cfg = self.config
+        with self.critic.active():
+            with self.policy.autocast(self.device.type):
+                values = self.critic.module(part.tokens)
+            value_loss, value_stats = ppo_value_loss(values, part, cfg.cliprange_value, cfg.vf_coef, accum,
+                                                     batch_tokens, group)
+            self.scaler.scale(value_loss).backward()
+        return policy_loss_value.detach() + value_loss.detach(), {**stats, **value_stats}
 
     def _optim_summary(self, loss: float, norms: list[float], rates: list[float], skipped: int,
                        totals: dict[str, float], ref_logprobs: torch.Tensor | None) -> dict[str, float]:
-        iters = self.config.num_iterations
+        iters = self.passes
         metrics = {
             "optim/loss": loss,
             "optim/grad_norm": float(np.mean(norms)) if norms else 0.0,
@@ -493,6 +538,9 @@ class Trainer:
             metrics["optim/lr"] = float(np.mean(rates))
         if ref_logprobs is not None:
             metrics["policy/kl_ref"] = totals.get("kl_ref", 0.0) / iters
+        if self.critic is not None:
+            metrics["value/loss"] = totals.get("value_loss", 0.0) / iters
+            metrics["value/clip_fraction"] = totals.get("value_clip_fraction", 0.0) / iters
         return metrics
 
     def _optimizer_step(self) -> tuple[int, float]:
@@ -501,9 +549,12 @@ class Trainer:
         In fp16 the GradScaler finds inf/NaN, skips and lowers the scale; in bf16/fp32 a non-finite
         gradient norm skips the step the same way. Only a step taken advances the LR schedule.
         """
-        self.weights.grads_to_masters()
+        trainables = [self.weights] + ([self.critic.weights] if self.critic else [])  # PPO: one norm over both
+        for weights in trainables:
+            weights.grads_to_masters()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.weights.masters, self.config.max_grad_norm)))
+        masters = [m for weights in trainables for m in weights.masters]
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(masters, self.config.max_grad_norm)))
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -514,28 +565,15 @@ class Trainer:
             skipped = 0
         else:
             skipped = 1
-        self.weights.zero_grad()
+        for weights in trainables:
+            weights.zero_grad()
+            if not skipped:
+                weights.masters_to_model()
         if not skipped:
-            self.weights.masters_to_model()
             self.scheduler.step()
         return skipped, grad_norm
 
     # --- outputs -------------------------------------------------------------------------------
-
-    def _samples(self, items: list[PromptItem], completions: list[str], rollouts: Rollouts, scores: Scores) -> list[dict]:
-        """The first prompt's whole group: enough to read what the model writes and how it scored."""
-        group = range(min(self.config.num_generations, len(completions)))
-        return [
-            {
-                "uid": items[i].uid,
-                "prompt": items[i].text,
-                "completion": completions[i],
-                "reward": scores.rewards[i],
-                "finish_reason": rollouts.finish_reasons[i],
-                **({"details": scores.details[i]} if scores.details else {}),
-            }
-            for i in group
-        ]
 
     def save(self, step: int) -> Any:
         """Write the checkpoint of ``step`` (rank 0; every rank holds the same weights and optimizer state)."""
@@ -549,28 +587,7 @@ class Trainer:
         state = {**self.counters, "data_position": step, "precision": self.precision_report,
                  "world_size": self.parallel.world_size}
         path = save_checkpoint(self.run_dir, step, masters, self.model, optimizer_state, self.scheduler, self.scaler,
-                               state)
+                               state, {"critic": self.critic.weights.named_masters()} if self.critic else None)
         if self.config.save_total_limit is not None:
             prune_checkpoints(self.run_dir, self.config.save_total_limit, keep=self.resumed_from)
         return path
-
-
-class ReferencePolicy:
-    """The reference of GRPO's KL penalty (when beta != 0) and of online DPO: the LoRA base with the
-    adapters disabled, or, in full fine-tuning, a frozen copy of the initial policy that computes exactly
-    as the policy did at step 1 (same stored dtypes, same compute context), so ``policy/kl_ref`` starts
-    at 0 (and DPO's implicit rewards ``dpo/rewards_*`` too)."""
-
-    def __init__(self, model: torch.nn.Module, adapters: bool, dtype: torch.dtype | None = None):
-        """``dtype``: cast the copy's weights to it (under FSDP the policy's FP32 shards are gathered in the
-        trainer dtype to compute, so the copy stores what the policy computes with)."""
-        self.adapters = adapters
-        self.model = model if adapters else copy.deepcopy(model).requires_grad_(False).eval()
-        if dtype is not None and not adapters:
-            for param in self.model.parameters():
-                param.data = param.data.to(dtype)
-
-    @torch.no_grad()
-    def logprobs(self, trainer: Trainer, tokens: TokenBatch) -> torch.Tensor:
-        with self.model.disable_adapter() if self.adapters else contextlib.nullcontext():
-            return trainer.logprobs(self.model, tokens)

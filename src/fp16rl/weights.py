@@ -11,7 +11,7 @@ does it. Otherwise (FP32 training, or ``autocast``) the masters *are* the model'
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,10 +22,13 @@ from fp16rl.precision import PrecisionPolicy
 class MasterWeights:
     """The trainable parameters of ``model`` and their FP32 masters (the same tensors when no copy is kept)."""
 
-    def __init__(self, model: nn.Module, policy: PrecisionPolicy, sharded: bool = False):
+    def __init__(self, model: nn.Module, policy: PrecisionPolicy, sharded: bool = False,
+                 only: Callable[[str], bool] | None = None):
         """``sharded``: the model's parameters are FSDP2 shards kept in FP32 (``fp16rl.fsdp``), gathered in
-        the compute dtype by FSDP itself; then they are the masters and no copy is kept here."""
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        the compute dtype by FSDP itself; then they are the masters and no copy is kept here. ``only``: the
+        names of the trainable parameters that are these weights' (PPO's critic shares its model with the
+        policy's trainable adapter)."""
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and (only is None or only(name))]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.is_copy = policy.weights_dtype != torch.float32 and not sharded
@@ -97,9 +100,13 @@ class MasterWeights:
             tensor.grad = None
 
 
-def make_optimizer(weights: MasterWeights, model: nn.Module, learning_rate: float,
-                   weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(weights.param_groups(model, weight_decay), lr=learning_rate)
+def make_optimizer(weights: MasterWeights, model: nn.Module, learning_rate: float, weight_decay: float,
+                   more: tuple[MasterWeights, nn.Module] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``weights`` (and ``more``'s, PPO's critic: its groups follow, one optimizer and schedule)."""
+    groups = weights.param_groups(model, weight_decay)
+    if more is not None:
+        groups += more[0].param_groups(more[1], weight_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, optimizer_steps: int, warmup_ratio: float) -> Any:
