@@ -1,6 +1,7 @@
 """Helpers shared by test modules (importable: pyproject puts tests/ on the path)."""
 
 from pathlib import Path
+from typing import Callable
 
 from fp16rl.config import TrainConfig
 
@@ -14,3 +15,23 @@ def toy_config(out: Path, **overrides) -> TrainConfig:
     )
     options.update(overrides)
     return TrainConfig(**options)
+
+
+def assert_resume_is_exact(tmp_path: Path, make_config: Callable[..., TrainConfig], **options) -> None:
+    """3 steps straight == 2 steps, then a resumed third: every logged metric but timings, bit for bit."""
+    from fp16rl.tracking import read_metrics
+    from fp16rl.trainer import Trainer
+
+    Trainer(make_config(tmp_path / "straight", max_steps=3, **options)).train(show_progress=False)
+    Trainer(make_config(tmp_path / "split", max_steps=2, **options)).train(show_progress=False)
+    resumed = Trainer(make_config(tmp_path / "split", max_steps=3, resume=True, **options))
+    assert resumed.start_step == 2
+    resumed.train(show_progress=False)
+
+    def comparable(run: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+                for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+
+    straight, split = comparable("straight"), comparable("split")
+    assert [r["step"] for r in split] == [1, 2, 3]
+    assert straight == split

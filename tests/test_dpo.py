@@ -18,7 +18,7 @@ from fp16rl.tasks.base import Scores
 from fp16rl.tracking import read_metrics
 from fp16rl.trainer import Trainer
 
-from support import toy_config
+from support import assert_resume_is_exact, toy_config
 
 
 def dpo_config(out, **overrides) -> TrainConfig:
@@ -240,19 +240,7 @@ def test_short_run_logs_dpo_and_mismatch_metrics_every_step(tmp_path, dtype):
 
 
 def test_resume_is_exact(tmp_path):
-    Trainer(dpo_config(tmp_path / "straight", max_steps=3)).train(show_progress=False)
-    Trainer(dpo_config(tmp_path / "split", max_steps=2)).train(show_progress=False)
-    resumed = Trainer(dpo_config(tmp_path / "split", max_steps=3, resume=True))
-    assert resumed.start_step == 2
-    resumed.train(show_progress=False)
-
-    def comparable(run):
-        return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
-                for r in read_metrics(tmp_path / run / "metrics.jsonl")]
-
-    straight, split = comparable("straight"), comparable("split")
-    assert [r["step"] for r in split] == [1, 2, 3]
-    assert straight == split
+    assert_resume_is_exact(tmp_path, dpo_config)
 
 
 def test_a_step_without_pairs_trains_nothing_and_is_counted(tmp_path, caplog):

@@ -18,7 +18,7 @@ from fp16rl.ppo import (clipped_value_loss, explained_variance, gae, masked_whit
 from fp16rl.tracking import read_metrics
 from fp16rl.trainer import Trainer
 
-from support import toy_config
+from support import assert_resume_is_exact, toy_config
 
 
 def ppo_config(out, **overrides) -> TrainConfig:
@@ -196,20 +196,7 @@ def test_short_run_logs_value_and_mismatch_metrics_every_step(tmp_path, dtype, l
 @pytest.mark.parametrize("overrides", [dict(dtype="float32", lora_r=0, ppo_epochs=2, beta=0.05),
                                        dict(dtype="bfloat16", lora_r=8, gradient_accumulation_steps=2)])
 def test_resume_is_exact(tmp_path, overrides):
-    common = dict(num_generations=4, prompts_per_step=2, **overrides)
-    Trainer(ppo_config(tmp_path / "straight", max_steps=3, **common)).train(show_progress=False)
-    Trainer(ppo_config(tmp_path / "split", max_steps=2, **common)).train(show_progress=False)
-    resumed = Trainer(ppo_config(tmp_path / "split", max_steps=3, resume=True, **common))
-    assert resumed.start_step == 2
-    resumed.train(show_progress=False)
-
-    def comparable(run):
-        return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
-                for r in read_metrics(tmp_path / run / "metrics.jsonl")]
-
-    straight, split = comparable("straight"), comparable("split")
-    assert [r["step"] for r in split] == [1, 2, 3]
-    assert straight == split
+    assert_resume_is_exact(tmp_path, ppo_config, num_generations=4, prompts_per_step=2, **overrides)
 
 
 def test_micro_batches_do_not_change_the_step(tmp_path):
