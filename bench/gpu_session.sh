@@ -8,8 +8,13 @@
 #   2. bench/gpu_step.py at the seed's shape (prompt 8,600 + 8 x 1,024 tokens, LoRA r=1) on a
 #      1B-shaped and an 8B-shaped random Llama, fp16 and bf16.
 #
-# Runs from the repository root with the image's torch/transformers; packages the image lacks come
-# as wheels in .whl/ (see bench/RESULTS.md, "GPU"). Results go to $OUT (or /tmp/gpu_out). On a CPU:
+# Runs from the repository root with the image's torch/transformers; packages the image lacks (or has
+# too old: transformers >= 5.24) come as wheels in .whl/ (git-ignored via .git/info/exclude), fetched
+# on the dev machine with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+#     -d .whl transformers==5.24.0 peft==0.21.2 datasets==5.2.0 bitsandbytes==0.50.2 dill multiprocess
+# (56 MB). Results go to $OUT (or /tmp/gpu_out). On a CPU:
 # WHEELS=0 DEVICE=cpu SEED_SHAPE=0 bash bench/gpu_session.sh (the 4-bit runs are refused there).
 set -u
 OUT=${OUT:-/tmp/gpu_out}

@@ -334,9 +334,11 @@ class Trainer:
 
         # 3. The mismatch on every sampled token (whatever the algorithm), the IS weights, the tokens of the
         #    loss; GRPO: group advantages and the reference; online DPO: the pairs and their loss weights.
+        t_metrics = time.perf_counter()
         metrics = mismatch_metrics(whole.sampler_logprobs, whole.old_logprobs, whole.completion_mask)
         metrics.update(sampling_metrics(whole.behaviour_logprobs, whole.kept_mass, whole.old_logprobs,
                                         whole.completion_mask))
+        mismatch_s = measured.recompute_s + time.perf_counter() - t_metrics
         is_mu = whole.behaviour_logprobs if cfg.is_reference == "behaviour" else whole.sampler_logprobs
         is_weights, metrics["mismatch/is_masked_ratio"] = self.correction.weights(
             whole.old_logprobs, is_mu, whole.completion_mask)
@@ -381,6 +383,9 @@ class Trainer:
             "time/rollout_s": measured.sample_s,
             "time/reward_s": t_scored - t_reward,
             "time/train_s": train_s,
+            # The telemetry's cost: the no-grad recompute of pi_old on the sampled tokens (with one
+            # iteration and no IS correction only the metrics use it) and the metrics themselves.
+            "time/mismatch_s": mismatch_s,
             "time/step_s": time.perf_counter() - t0,
             "throughput/rollout_tokens_per_s": num_tokens / max(measured.sample_s, 1e-9),
             "throughput/train_tokens_per_s": num_tokens * self.passes / max(train_s, 1e-9),

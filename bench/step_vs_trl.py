@@ -1,0 +1,139 @@
+"""A GRPO step of TRL's GRPOTrainer and of fp16rl, side by side in one invocation.
+
+Same model, prompts (toy:digits, rendered with the model's chat template), reward (the share of digit
+characters), group size, completion length and sampling (temperature 1, top_p 0.95), beta 0, one
+prompt per step, full fine-tuning or LoRA (r=16 on the same modules), learning rate 1e-5. The two
+engines alternate per configuration; each runs one untimed warm-up step, then ``--steps`` timed ones.
+Prints the median s/step, completion tokens/s, fp16rl's rollout/train split, the share of its step
+that the mismatch telemetry costs (``time/mismatch_s``: the no-grad recompute of pi_old and the
+metrics) and the ratio of completion tokens/s. TRL computes no such telemetry.
+
+    python bench/step_vs_trl.py --model smollm2-135m --dtypes float32 --modes full,lora --steps 4
+
+TRL on a CPU runs fp32 and bf16 (``bf16=True``: autocast); fp16 mixed precision needs a GPU there,
+so fp16 rows show fp16rl alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fp16rl.config import DEFAULT_LORA_TARGETS, TrainConfig
+from fp16rl.models import load_tokenizer, model_folder
+from fp16rl.tasks.toy import DigitsTask, digit_share
+from fp16rl.trainer import Trainer
+
+LEARNING_RATE, LORA_R, TOP_P = 1e-5, 16, 0.95
+
+
+def fp16rl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
+    config = TrainConfig(model_path=model, dataset_path="toy:digits", output_dir=str(out), dtype=dtype,
+                         lora_r=LORA_R if lora else 0, lora_alpha=2 * LORA_R, num_generations=args.generations,
+                         prompts_per_step=1, max_completion_length=args.completion_tokens, beta=0.0, top_p=TOP_P,
+                         learning_rate=LEARNING_RATE, mask_truncated_completions=False,
+                         max_steps=args.steps + 1, save_steps=10**6, report_to=["none"], seed=0)
+    trainer = Trainer(config)
+    records = []
+    for step in range(1, args.steps + 2):
+        start = time.perf_counter()
+        metrics = trainer.step(step)
+        records.append({"s": time.perf_counter() - start, "tokens": metrics["completion/length_mean"] * args.generations,
+                        "rollout": metrics["time/rollout_s"], "train": metrics["time/train_s"],
+                        "telemetry": metrics["time/mismatch_s"] / metrics["time/step_s"]})
+    trainer.tracker.close()
+    return records[1:]
+
+
+def trl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = load_tokenizer(model)
+    task = DigitsTask(tokenizer)
+    prompts = [item.text for step in range(args.steps + 1) for item in task.batch(step, 1)]
+
+    def digits(completions: list[str], **_: Any) -> list[float]:
+        return [digit_share(c) for c in completions]
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    config = GRPOConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=args.generations,
+                        num_generations=args.generations, max_completion_length=args.completion_tokens,
+                        learning_rate=LEARNING_RATE, beta=0.0, top_p=TOP_P, temperature=1.0, max_steps=args.steps + 1,
+                        logging_steps=1, report_to="none", save_strategy="no", bf16=dtype == "bfloat16",
+                        model_init_kwargs={"dtype": torch.float32}, seed=0, disable_tqdm=True)
+    peft = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=list(DEFAULT_LORA_TARGETS)) if lora else None
+    trainer = GRPOTrainer(model=str(model), reward_funcs=digits, args=config, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), peft_config=peft,
+                          callbacks=[StepTimer()])
+    trainer.remove_callback(PrinterCallback)  # one log dict per step on stdout otherwise
+    trainer.train()
+    lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
+    return [{"s": s, "tokens": n * args.generations} for s, n in zip(times, lengths)][1:]
+
+
+def summary(records: list[dict[str, float]]) -> dict[str, float]:
+    seconds = statistics.median(r["s"] for r in records)
+    tokens = sum(r["tokens"] for r in records) / sum(r["s"] for r in records)
+    return {"s": seconds, "tps": tokens, **{k: statistics.median(r[k] for r in records)
+                                            for k in ("rollout", "train", "telemetry") if k in records[0]}}
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float], dict[str, float] | None]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="tiny, or a prepared model (fp16rl models list)")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--modes", default="full,lora")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per engine, after one warm-up step")
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--completion-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in ("fp16rl", "transformers", "trl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    model = model_folder(args.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in args.dtypes.split(","):
+            for mode in args.modes.split(","):
+                ours = summary(fp16rl_steps(str(model), dtype, mode == "lora", args, Path(folder) / f"ours-{dtype}-{mode}"))
+                theirs = None
+                if dtype != "float16":
+                    theirs = summary(trl_steps(str(model), dtype, mode == "lora", args,
+                                               Path(folder) / f"trl-{dtype}-{mode}"))
+                rows.append((dtype, mode, ours, theirs))
+                print(f"{dtype} {mode}: fp16rl {ours['s']:.2f} s/step, TRL "
+                      + (f"{theirs['s']:.2f} s/step" if theirs else "n/a"), flush=True)
+    print(f"\n{args.model}, {args.generations} x {args.completion_tokens} tokens, {args.threads} thread(s), "
+          f"median of {args.steps} steps after a warm-up\n")
+    print("| dtype | mode | TRL s/step | TRL tok/s | fp16rl s/step | fp16rl tok/s | rollout s | train s | "
+          "telemetry share | tok/s ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype, mode, ours, theirs in rows:
+        trl_cells = f"{theirs['s']:.2f} | {theirs['tps']:.1f}" if theirs else "n/a | n/a"
+        ratio = f"{ours['tps'] / theirs['tps']:.2f}x" if theirs else "n/a"
+        print(f"| {dtype} | {mode} | {trl_cells} | {ours['s']:.2f} | {ours['tps']:.1f} | {ours['rollout']:.2f} | "
+              f"{ours['train']:.2f} | {ours['telemetry']:.1%} | {ratio} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
