@@ -145,5 +145,7 @@ def test_the_sampler_kv_budget_counts_rows_in_whole_prompt_groups(tiny_path):
     assert sampler.rows_within(group * 3, 60, 40, 4) == 12
     assert sampler.rows_within(group * 2.99, 60, 40, 4) == 8
     assert sampler.rows_within(0, 60, 40, 4) == 4  # never less than one group
+    assert sampler.rows_per_call(8, 0.3, [[1] * 60], 40, 4) == 8  # --generation-batch-size wins
+    assert sampler.rows_per_call(None, 0.3, [[1] * 60], 40, 4) is None  # on a CPU: every row at once
     shared = Sampler(model, torch.float16, pad_token_id=0, eos_token_ids=[1], share_prompt_kv=True)
     assert shared.rows_within(per_token * (60 + 4 * 40) * 3, 60, 40, 4) == 12  # one prompt copy per group

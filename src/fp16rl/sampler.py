@@ -163,6 +163,16 @@ class Sampler:
         groups = int(kv_budget_bytes // (self.kv_bytes_per_token() * group_tokens))
         return max(1, groups) * num_generations
 
+    def rows_per_call(self, generation_batch_size: int | None, gpu_memory_utilization: float,
+                      prompt_ids: Sequence[Sequence[int]], new_tokens: int, num_generations: int) -> int | None:
+        """Rows decoded at once: ``generation_batch_size`` when given, else on CUDA as many as keep the KV
+        cache within ``gpu_memory_utilization`` of the GPU (vLLM's meaning of the seed's option: the
+        engine's share of the card; the weights are the trainer's, shared). None: all at once."""
+        if generation_batch_size is not None or self.device.type != "cuda":
+            return generation_batch_size
+        budget = gpu_memory_utilization * torch.cuda.get_device_properties(self.device).total_memory
+        return self.rows_within(budget, max(len(p) for p in prompt_ids), new_tokens, num_generations)
+
     @torch.no_grad()
     def sync_from(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy the trainer's trainable weights (LoRA: adapters only), given as FP32 masters, cast to our dtype."""

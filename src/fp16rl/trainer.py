@@ -297,7 +297,8 @@ class Trainer:
                           total_steps=self.total_steps, arm=self.config.arm, seed=self.config.seed), indent=2))
 
     def step(self, step: int, stop: StopRequest | None = None) -> dict[str, float]:
-        """One GRPO or online DPO step (1-based ``step``); returns its metrics. ``stop`` is polled at safe points."""
+        """One RL step (1-based ``step``) of GRPO, PPO or online DPO; returns its metrics. ``stop`` is polled at
+        safe points."""
         cfg, t0 = self.config, time.perf_counter()
         stop = stop or StopRequest()
 
@@ -312,7 +313,9 @@ class Trainer:
             self.sampler, self.model, self.head, self.policy, prompt_ids,
             cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots, self._forward_rows(),
             cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
-            watch=stop.watching_layers, max_rows=self._generation_rows(prompt_ids), run_backbone=self.wrapped)
+            watch=stop.watching_layers, run_backbone=self.wrapped,
+            max_rows=self.sampler.rows_per_call(cfg.generation_batch_size, cfg.gpu_memory_utilization, prompt_ids,
+                                                cfg.max_completion_length, cfg.num_generations))
         rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
         token_lists = rollouts.completion_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
@@ -345,26 +348,7 @@ class Trainer:
         loss_mask = tokens.completion_mask.clone()
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
-        if self.dpo:
-            dpo = self._dpo_batch(whole, tokens, old_logprobs, loss_mask)
-            batch = dpo.batch
-            metrics.update(dpo.metrics)
-        elif self.critic is not None:  # one rank: this batch is the whole batch
-            ref = self.reference.logprobs(self, tokens) if self.reference else None
-            values = self.critic.rollout_values(tokens, self.policy, self._forward_rows())
-            advantages, returns, value_metrics = ppo_advantages(whole.rewards.to(self.device), loss_mask,
-                                                                tokens.completion_mask, old_logprobs, ref, values,
-                                                                cfg.beta, cfg.gamma, cfg.lam)
-            metrics.update(value_metrics)
-            batch = RolloutBatch(tokens=tokens, advantages=advantages, loss_mask=loss_mask, old_logprobs=old_logprobs,
-                                 sampler_logprobs=mu, is_weights=is_weights[:, :loss_mask.shape[1]],
-                                 old_values=values, returns=returns)
-        else:
-            advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
-            batch = RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
-                                 old_logprobs=old_logprobs, sampler_logprobs=mu,
-                                 is_weights=is_weights[whole.rows, :loss_mask.shape[1]],
-                                 ref_logprobs=self.reference.logprobs(self, tokens) if self.reference else None)
+        batch = self._loss_batch(whole, tokens, old_logprobs, mu, is_weights, loss_mask, metrics)
 
         # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
         optim_metrics = self._optimize(batch, stop, step)
@@ -395,6 +379,32 @@ class Trainer:
                                                           cfg.num_generations))
         return metrics
 
+    def _loss_batch(self, whole: WholeBatch, tokens: TokenBatch, old_logprobs: torch.Tensor, mu: torch.Tensor,
+                    is_weights: torch.Tensor, loss_mask: torch.Tensor, metrics: dict[str, float]) -> RolloutBatch:
+        """This rank's rows as the algorithm's loss needs them (its metrics go into ``metrics``): GRPO's
+        group advantages and reference logprobs; PPO's values, GAE advantages and returns; online DPO's
+        pairs and per-row loss weights."""
+        cfg = self.config
+        if self.dpo:
+            dpo = self._dpo_batch(whole, tokens, old_logprobs, loss_mask)
+            metrics.update(dpo.metrics)
+            return dpo.batch
+        if self.critic is not None:  # one rank: this batch is the whole batch
+            ref = self.reference.logprobs(self, tokens) if self.reference else None
+            values = self.critic.rollout_values(tokens, self.policy, self._forward_rows())
+            advantages, returns, value_metrics = ppo_advantages(whole.rewards.to(self.device), loss_mask,
+                                                                tokens.completion_mask, old_logprobs, ref, values,
+                                                                cfg.beta, cfg.gamma, cfg.lam)
+            metrics.update(value_metrics)
+            return RolloutBatch(tokens=tokens, advantages=advantages, loss_mask=loss_mask, old_logprobs=old_logprobs,
+                                sampler_logprobs=mu, is_weights=is_weights[:, :loss_mask.shape[1]],
+                                old_values=values, returns=returns)
+        advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
+        return RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
+                            old_logprobs=old_logprobs, sampler_logprobs=mu,
+                            is_weights=is_weights[whole.rows, :loss_mask.shape[1]],
+                            ref_logprobs=self.reference.logprobs(self, tokens) if self.reference else None)
+
     def _dpo_batch(self, whole: WholeBatch, tokens: TokenBatch, old_logprobs: torch.Tensor,
                    loss_mask: torch.Tensor) -> DpoBatch:
         """Online DPO's pairs of the whole batch (truncated completions are no candidates when masked) and
@@ -419,17 +429,6 @@ class Trainer:
         (the generation batch in GA parts), each rank holding its share of every part."""
         cfg = self.config
         return cfg.prompts_per_step * cfg.num_generations // cfg.gradient_accumulation_steps // self.parallel.world_size
-
-    def _generation_rows(self, prompt_ids: list[list[int]]) -> int | None:
-        """Rows the sampler decodes at once: --generation-batch-size, else on CUDA as many as keep its KV
-        cache within --gpu-memory-utilization of the GPU (vLLM's meaning of the seed's option: the
-        engine's share of the card; the weights are the trainer's, shared). None: all at once."""
-        cfg = self.config
-        if cfg.generation_batch_size is not None or self.device.type != "cuda":
-            return cfg.generation_batch_size
-        budget = cfg.gpu_memory_utilization * torch.cuda.get_device_properties(self.device).total_memory
-        return self.sampler.rows_within(budget, max(len(p) for p in prompt_ids), cfg.max_completion_length,
-                                        cfg.num_generations)
 
     def _forward_rows(self) -> int:
         """Completions per trainer forward: --per-device-train-batch-size, at most the micro-batch."""
