@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -165,7 +166,12 @@ class _Trackio:
     def __init__(self, run_dir: Path, resume_step: int | None, config: dict[str, Any]):
         os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))
         import trackio
+        from trackio import utils
 
+        if Path(utils.TRACKIO_DIR) != Path(os.environ["TRACKIO_DIR"]):  # read once, when trackio was imported
+            logging.getLogger("fp16rl").warning(
+                f"trackio was imported before this run (by TRL, say), so its database is in {utils.TRACKIO_DIR}, "
+                f"not {os.environ['TRACKIO_DIR']}; set TRACKIO_DIR before starting Python to choose")
         self.trackio = trackio
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "fp16rl"), name=run_dir.name,
                                 config=config, resume="allow", embed=False, auto_log_gpu=False, auto_log_cpu=False)
