@@ -35,3 +35,16 @@ def assert_resume_is_exact(tmp_path: Path, make_config: Callable[..., TrainConfi
     straight, split = comparable("straight"), comparable("split")
     assert [r["step"] for r in split] == [1, 2, 3]
     assert straight == split
+
+
+def assert_toy_reward_rises(run_dir: Path) -> list[dict]:
+    """The toy task's learning check shared by the algorithms' slow tests (the thresholds of GRPO's
+    tests/test_trainer.py::test_toy_reward_rises): the mean reward of the last 5 of 25 steps is above 0.4
+    and 3x the first 5's, which are below 0.15. Returns the step records."""
+    from fp16rl.tracking import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rewards = [r["reward/mean"] for r in records]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.15 and last > 0.4 and last > 3 * first, rewards
+    return records

@@ -18,7 +18,7 @@ from fp16rl.ppo import (clipped_value_loss, explained_variance, gae, masked_whit
 from fp16rl.tracking import read_metrics
 from fp16rl.trainer import Trainer
 
-from support import assert_resume_is_exact, toy_config
+from support import assert_resume_is_exact, assert_toy_reward_rises, toy_config
 
 
 def ppo_config(out, **overrides) -> TrainConfig:
@@ -220,10 +220,7 @@ def test_toy_reward_rises_with_ppo(tmp_path, dtype):
     dtypes, and with TRL's lam 0.95 more slowly (~0.05 -> ~0.6 fp16, ~0.36 bf16)."""
     trainer = Trainer(ppo_config(tmp_path / "run", dtype=dtype, max_steps=25, lam=1.0))
     trainer.train(show_progress=False)
-    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    rewards = [r["reward/mean"] for r in records]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert first < 0.15 and last > 0.4 and last > 3 * first, rewards
+    records = assert_toy_reward_rises(tmp_path / "run")
     assert all("mismatch/token_kl_k3" in r and "value/loss" in r for r in records)
     assert trainer.precision_report["engines_agree"] is True
 
