@@ -239,6 +239,7 @@ class Sampler:
         logprobs = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
         behaviour = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
         kept_mass = torch.ones(batch, max_new, dtype=torch.float32, device=device)
+        processing = False
         lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
         finished_eos = torch.zeros(batch, dtype=torch.bool, device=device)
         active = torch.arange(batch, device=device)  # original row of each row still in the batch
@@ -255,11 +256,10 @@ class Sampler:
             tokens[active, step] = next_tokens
             unprocessed_logp = torch.log_softmax(scaled, dim=-1)
             logprobs[active, step] = unprocessed_logp.gather(1, next_tokens[:, None]).squeeze(1)
-            if processed is not scaled:
+            if processed is not scaled:  # else the distribution sampled is mu itself (no copy per step)
+                processing = True
                 behaviour[active, step] = torch.log_softmax(processed, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
                 kept_mass[active, step] = unprocessed_logp.exp().masked_fill(processed == float("-inf"), 0.0).sum(-1)
-            else:
-                behaviour[active, step] = logprobs[active, step]
             done = torch.isin(next_tokens, eos)
             finished_eos[active[done]] = True
             lengths[active[done]] = step + 1
@@ -286,7 +286,7 @@ class Sampler:
             finish_reasons=["eos" if f else "length" for f in finished_eos.tolist()],
             num_generations=n,
             observed_dtype=recorder.report(),
-            behaviour_logprobs=behaviour[:, :width].masked_fill(~completion_mask, 0.0).cpu(),
+            behaviour_logprobs=(behaviour if processing else logprobs)[:, :width].masked_fill(~completion_mask, 0.0).cpu(),
             kept_mass=kept_mass[:, :width].masked_fill(~completion_mask, 1.0).cpu(),
         )
 
