@@ -15,9 +15,11 @@ import math
 import os
 import signal
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from fp16rl.config import TrainConfig
 from fp16rl.fsdp import full_tensor
@@ -56,9 +58,12 @@ def main(spec_path: str) -> None:
         scale = trainer.scaler.scale
         trainer.scaler.scale = lambda loss: scale(loss) * (math.inf if current["step"] == spec["overflow_step"] else 1.0)
     close, trainer.parallel.close = trainer.parallel.close, lambda: None  # the fingerprint gathers FSDP shards
+    ddp = weakref.ref(trainer.wrapped) if isinstance(trainer.wrapped, DistributedDataParallel) else None
     trainer.train(show_progress=False)
     prints = fingerprint(trainer)
     close()
+    # DDP's Reducer freed after the group hangs gloo's teardown: it must be gone once the group is left.
+    prints["wrapper_alive"] = ddp is not None and ddp() is not None
     report = Path(spec["report"])
     report.mkdir(parents=True, exist_ok=True)
     (report / f"rank-{rank}.json").write_text(json.dumps({"status": trainer.status, "world_size":

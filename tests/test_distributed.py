@@ -59,6 +59,7 @@ def assert_same_metrics(one: list[dict], two: list[dict], rel: float = 1e-5) -> 
 def assert_ranks_identical(reports: list[dict]) -> None:
     for key in ("masters", "model", "adam", "scale", "skipped", "status"):
         assert len({r[key] for r in reports}) == 1, (key, reports)
+    assert not any(r["wrapper_alive"] for r in reports), "DDP outlived the process group (gloo's teardown can hang)"
 
 
 @pytest.mark.slow
@@ -167,7 +168,7 @@ def test_accelerate_launch_runs_the_same_two_ranks(tmp_path, tiny_path):
                   "--main_process_port", str(port)]
     for name, launcher in (("one", [sys.executable, "-m", "fp16rl"]), ("two", [*accelerate, "-m", "fp16rl"])):
         done = subprocess.run([*launcher, *args, "--output-dir", str(tmp_path / name)], capture_output=True,
-                              text=True, timeout=600, env=env)
+                              text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2

@@ -19,6 +19,7 @@ checkpoint when resuming (then broadcasts it): the output folder need exist only
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
@@ -245,6 +246,13 @@ class DataParallel:
         return wrapped
 
     def close(self) -> None:
-        """Leave the process group this object joined (a launcher-made group is left to its owner)."""
+        """Leave the process group this object joined (a launcher-made group is left to its owner).
+
+        Drop the module ``wrap`` returned first: DDP's Reducer holds the group, and a gloo group freed
+        by the Reducer's destructor joins its worker threads with the GIL held, a deadlock whenever one
+        of them is still releasing a finished collective's tensors (which needs the GIL). Freed here, by
+        ``destroy_process_group``, its destructor releases the GIL. (``gc.collect``: DDP's hooks make
+        reference cycles.)"""
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()

@@ -282,6 +282,7 @@ class Trainer:
                 self.tracker.close()
             self.task.close()
             self._write_summary(self.status)
+            self.wrapped = None  # DDP must not outlive the process group (DataParallel.close says why)
             self.parallel.close()
         return metrics
 
