@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from fp16rl.config import ConfigError, TrainConfig, build_parser
 from fp16rl.dpo import dpo_batch, dpo_losses, select_pairs
+from fp16rl import loss_batches
 from fp16rl.experiments import parse_arm, plan_comparison
 from fp16rl.logprobs import TokenBatch, completion_logprobs
 from fp16rl.tasks.base import Scores
@@ -167,7 +169,7 @@ def _first_step(tmp_path, name, check_direct=False, **overrides):
     trainer = Trainer(dpo_config(tmp_path / name, max_steps=1, prompts_per_step=2, num_generations=4,
                                  max_completion_length=12, **overrides))
     captured = {}
-    build, step = trainer._dpo_batch, trainer._optimizer_step
+    build, step = loss_batches._dpo_batch, trainer._optimizer_step
 
     def keep(*args):
         captured["dpo"] = build(*args)
@@ -179,8 +181,9 @@ def _first_step(tmp_path, name, check_direct=False, **overrides):
             captured["direct"] = _direct_gradients(trainer, captured["dpo"])
         return step()
 
-    trainer._dpo_batch, trainer._optimizer_step = keep, capture
-    metrics = trainer.step(1)
+    trainer._optimizer_step = capture
+    with mock.patch.object(loss_batches, "_dpo_batch", keep):
+        metrics = trainer.step(1)
     return metrics, captured
 
 

@@ -91,6 +91,21 @@ def test_full_finetune_reference_starts_equal_to_the_policy(tmp_path, dtype, com
     assert trainer.step(1)["policy/kl_ref"] == 0.0
 
 
+def test_full_finetune_reference_stays_the_initial_policy(tmp_path):
+    """The frozen copy computes with its own lm_head, not the policy's trained one (tied to the
+    embeddings here): after training, its logprobs are the initial model's."""
+    from fp16rl.logprobs import build_token_batch
+
+    trainer = Trainer(toy_config(tmp_path / "run", beta=0.05, max_steps=2, learning_rate=5e-2))
+    trainer.train(show_progress=False)
+    initial = Trainer(toy_config(tmp_path / "initial", beta=0.05, max_steps=1))
+    completions = torch.tensor([[5, 9, 11, 3], [7, 7, 2, 40]])
+    tokens = build_token_batch([[1, 17, 23]], 2, completions, torch.ones_like(completions, dtype=torch.bool), 0)
+    expected = initial.logprobs(initial.model, tokens)
+    assert (trainer.logprobs(trainer.model, tokens) - expected).abs().max() > 1e-3  # the policy moved
+    torch.testing.assert_close(trainer.reference.logprobs(trainer, tokens), expected, rtol=0, atol=1e-6)
+
+
 def test_half_copy_trainer_computes_what_the_sampler_computes(tmp_path):
     """Full fine-tuning fp16: half_copy has no fp32 residual stream and a smaller mismatch than autocast."""
     results = {}

@@ -75,7 +75,7 @@ class Measurement:
 
     rollouts: Rollouts
     tokens: TokenBatch  # on the trainer's device
-    old_logprobs: torch.Tensor  # [N, C] fp32, 0 where masked
+    old_logprobs: torch.Tensor | None  # [N, C] fp32, 0 where masked (None: from the training forward)
     entropy: torch.Tensor | None  # [N, C] of pi_old's distribution
     observed: dict[str, dict[str, str]]  # {"sampler": ..., "trainer": ...} from DtypeRecorder
     sample_s: float
@@ -88,13 +88,15 @@ def measure_rollouts(
     prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, seed: int,
     slots: Sequence[int], micro_batch: int, chunk_tokens: int, pad_token_id: int, with_entropy: bool = False,
     should_stop: Callable[[], None] | None = None, watch: Callable[[torch.nn.Module], Any] | None = None,
-    max_rows: int | None = None, run_backbone: Callable[..., Any] | None = None,
+    max_rows: int | None = None, run_backbone: Callable[..., Any] | None = None, recompute: bool = True,
 ) -> Measurement:
     """Sample ``num_generations`` completions per prompt with the sampler, then recompute their token
     logprobs with the trainer's ``model`` at the same weights; record what each engine computed in.
 
     ``watch(model)`` is an extra context for the recompute (the trainer polls Ctrl-C in it); ``max_rows``
     bounds the rows the sampler decodes at once and ``micro_batch`` those the trainer recomputes at once.
+    ``recompute=False``: the caller takes pi_old from its training forward (``pi_old.py``); the
+    measurement's ``old_logprobs``, ``entropy`` and observed trainer dtypes are None then.
     """
     start = time.perf_counter()
     rollouts = sampler.generate(prompt_ids, num_generations, params, seed=seed, slots=slots, should_stop=should_stop,
@@ -103,6 +105,9 @@ def measure_rollouts(
     device = next(model.parameters()).device
     tokens = build_token_batch(rollouts.prompt_ids, num_generations, rollouts.completion_ids,
                                rollouts.completion_mask, pad_token_id).to(device)
+    if not recompute:
+        return Measurement(rollouts, tokens, None, None, {"sampler": rollouts.observed_dtype, "trainer": None},
+                           sampled - start, 0.0)
     recorder = DtypeRecorder()
     with recorder.watch(model), (watch(model) if watch else contextlib.nullcontext()):
         old_logprobs, entropy = trainer_logprobs(model, tokens, policy, head, params.temperature, micro_batch,

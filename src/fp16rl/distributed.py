@@ -67,9 +67,9 @@ class WholeBatch:
     sampler_logprobs: torch.Tensor  # [N, C] mu
     behaviour_logprobs: torch.Tensor  # [N, C] the processed distribution sampled (top-p, top-k, penalty)
     kept_mass: torch.Tensor  # [N, C] the unprocessed mass the processing kept
-    old_logprobs: torch.Tensor  # [N, C] pi_old
+    old_logprobs: torch.Tensor | None  # [N, C] pi_old (None until the training forward gives it: pi_old.py)
     completion_mask: torch.Tensor  # [N, C] bool
-    entropy: torch.Tensor  # [N, C]
+    entropy: torch.Tensor | None  # [N, C] (as old_logprobs)
     truncated: list[bool]
     token_lists: list[list[int]]
     rows: slice  # this rank's rows
@@ -148,10 +148,11 @@ class DataParallel:
         """True on every rank if it is true on any rank."""
         return bool(self.sum([float(flag)])[0]) if self.enabled else flag
 
-    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather_rows(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """Concatenate every rank's ``[n, ...]`` tensor along rows, in rank order; a second dimension that
-        differs between ranks (completion lengths) is right-padded with zeros/False to the widest."""
-        if not self.enabled:
+        differs between ranks (completion lengths) is right-padded with zeros/False to the widest. None
+        (on every rank alike) stays None."""
+        if not self.enabled or tensor is None:
             return tensor
         device, dtype = tensor.device, tensor.dtype
         local = tensor.to(self._comm_device)
@@ -181,9 +182,10 @@ class DataParallel:
         return box[0]
 
     def whole_batch(self, scores: Scores, sampler_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
-                    kept_mass: torch.Tensor, old_logprobs: torch.Tensor, completion_mask: torch.Tensor,
-                    entropy: torch.Tensor, truncated: Sequence[bool], token_lists: Sequence[list[int]]) -> WholeBatch:
-        """Gather this rank's part of the step's batch with every other rank's."""
+                    kept_mass: torch.Tensor, old_logprobs: torch.Tensor | None, completion_mask: torch.Tensor,
+                    entropy: torch.Tensor | None, truncated: Sequence[bool], token_lists: Sequence[list[int]]
+                    ) -> WholeBatch:
+        """Gather this rank's part of the step's batch with every other rank's (None stays None)."""
         rows = len(scores.rewards)
         if not self.enabled:
             return WholeBatch(scores, sampler_logprobs, behaviour_logprobs, kept_mass, old_logprobs, completion_mask,

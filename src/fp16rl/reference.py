@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fp16rl.logprobs import TokenBatch
+from fp16rl.logprobs import LogitHead, TokenBatch
 
 if TYPE_CHECKING:
     from fp16rl.trainer import Trainer
@@ -28,8 +28,11 @@ class ReferencePolicy:
         if dtype is not None and not adapters:
             for param in self.model.parameters():
                 param.data = param.data.to(dtype)
+        # The copy's own lm_head (the policy's trains, tied to the embeddings or not); with adapters the
+        # policy's head is the base's.
+        self.head = None if adapters else LogitHead.of(self.model)
 
     @torch.no_grad()
     def logprobs(self, trainer: Trainer, tokens: TokenBatch) -> torch.Tensor:
         with self.model.disable_adapter() if self.adapters else contextlib.nullcontext():
-            return trainer.logprobs(self.model, tokens)
+            return trainer.logprobs(self.model, tokens, self.head)

@@ -13,29 +13,31 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import yaml
 
-from fp16rl.algorithms import Correction, LossSettings, group_advantages, policy_loss
+from fp16rl.algorithms import Correction, LossSettings, policy_loss
 from fp16rl.atomic import atomic_write_text
 from fp16rl.batch import RolloutBatch, measure_rollouts, trainer_logprobs
 from fp16rl.checkpoint import load_checkpoint, prune_checkpoints, remove_torn_saves, save_checkpoint
 from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.critic import Critic, copy_backbone
-from fp16rl.distributed import DataParallel, WholeBatch
-from fp16rl.dpo import DpoBatch, dpo_batch, dpo_part_loss, select_pairs
+from fp16rl.distributed import DataParallel
+from fp16rl.dpo import dpo_part_loss
 from fp16rl.hardware import emulation_notes
 from fp16rl.interrupt import RunInterrupted, StopRequest
 from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
-from fp16rl.mismatch import mismatch_metrics, sampling_metrics
+from fp16rl.loss_batches import loss_batch
 from fp16rl.models import (LoraSettings, enable_gradient_checkpointing, load_tokenizer, load_trainer_model,
                            model_folder, require_4bit_support, resolve_device, stop_token_ids)
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
+from fp16rl.pi_old import FromTrainingForward, dropout_active, telemetry
 from fp16rl.outcomes import outcome_metrics, sample_records
-from fp16rl.ppo import ppo_advantages, ppo_policy_loss, ppo_value_loss
+from fp16rl.ppo import ppo_policy_loss, ppo_value_loss
 from fp16rl.precision import PrecisionPolicy, check_observed
 from fp16rl.reference import ReferencePolicy
 from fp16rl.runs import plan_run, summarize_run
@@ -310,11 +312,12 @@ class Trainer:
         slots = self.parallel.shard(len(all_items))
         items = all_items[slots.start: slots.stop]
         prompt_ids = [encode_text(self.tokenizer, i.text) for i in items]
+        fused = self._pi_old_from_training()
         measured = measure_rollouts(
             self.sampler, self.model, self.head, self.policy, prompt_ids,
             cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots, self._forward_rows(),
             cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
-            watch=stop.watching_layers, run_backbone=self.wrapped,
+            watch=stop.watching_layers, run_backbone=self.wrapped, recompute=not fused,
             max_rows=self.sampler.rows_per_call(cfg.generation_batch_size, cfg.gpu_memory_utilization, prompt_ids,
                                                 cfg.max_completion_length, cfg.num_generations))
         rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
@@ -329,32 +332,35 @@ class Trainer:
         t_reward = time.perf_counter()
         grouped_items = [item for item in items for _ in range(cfg.num_generations)]
         scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists)
-        mu = rollouts.sampler_logprobs.to(self.device)
-        whole = self.parallel.whole_batch(scores, mu, rollouts.behaviour_logprobs.to(self.device),
-                                          rollouts.kept_mass.to(self.device), old_logprobs, tokens.completion_mask,
-                                          measured.entropy, rollouts.truncated, token_lists)
+        mu, behaviour = rollouts.sampler_logprobs.to(self.device), rollouts.behaviour_logprobs.to(self.device)
+        whole = self.parallel.whole_batch(scores, mu, behaviour, rollouts.kept_mass.to(self.device), old_logprobs,
+                                          tokens.completion_mask, measured.entropy, rollouts.truncated, token_lists)
         stop.check()
         t_scored = time.perf_counter()
 
         # 3. The mismatch on every sampled token (whatever the algorithm), the IS weights, the tokens of the
         #    loss; GRPO: group advantages and the reference; online DPO: the pairs and their loss weights.
+        #    pi_old from the training forward (``pi_old.py``): the metrics follow the loss.
         t_metrics = time.perf_counter()
-        metrics = mismatch_metrics(whole.sampler_logprobs, whole.old_logprobs, whole.completion_mask)
-        metrics.update(sampling_metrics(whole.behaviour_logprobs, whole.kept_mass, whole.old_logprobs,
-                                        whole.completion_mask))
+        metrics, is_weights = ({}, None) if fused else telemetry(whole, self.correction, cfg.is_reference)
         mismatch_s = measured.recompute_s + time.perf_counter() - t_metrics
-        is_mu = whole.behaviour_logprobs if cfg.is_reference == "behaviour" else whole.sampler_logprobs
-        is_weights, metrics["mismatch/is_masked_ratio"] = self.correction.weights(
-            whole.old_logprobs, is_mu, whole.completion_mask)
         loss_mask = tokens.completion_mask.clone()
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
-        batch = self._loss_batch(whole, tokens, old_logprobs, mu, is_weights, loss_mask, metrics)
+        batch = loss_batch(self, whole, tokens, old_logprobs, mu, is_weights, loss_mask, metrics)
+        collected = FromTrainingForward(self.correction, behaviour if cfg.is_reference == "behaviour" else mu,
+                                        tokens.completion_mask) if fused else None
 
         # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
-        optim_metrics = self._optimize(batch, stop, step)
+        optim_metrics = self._optimize(batch, stop, step, collected)
         if self.dpo:  # what was backpropagated has the DPO loss's gradient, not its value
             optim_metrics["optim/loss"] = metrics["dpo/loss"]
+        if collected is not None:
+            t_metrics = time.perf_counter()
+            whole = replace(whole, old_logprobs=self.parallel.gather_rows(collected.old),
+                            entropy=self.parallel.gather_rows(collected.entropy))
+            metrics.update(telemetry(whole, self.correction, cfg.is_reference)[0])
+            mismatch_s = time.perf_counter() - t_metrics
         self.sampler.sync_from(self.weights.full_masters())
         t_train = time.perf_counter()
 
@@ -368,8 +374,8 @@ class Trainer:
             "time/rollout_s": measured.sample_s,
             "time/reward_s": t_scored - t_reward,
             "time/train_s": train_s,
-            # The telemetry's cost: the no-grad recompute of pi_old on the sampled tokens (with one
-            # iteration and no IS correction only the metrics use it) and the metrics themselves.
+            # The telemetry's cost: the metrics, and where the loss cannot give pi_old (``pi_old.py``),
+            # its no-grad recompute on the sampled tokens.
             "time/mismatch_s": mismatch_s,
             "time/step_s": time.perf_counter() - t0,
             "throughput/rollout_tokens_per_s": num_tokens / max(measured.sample_s, 1e-9),
@@ -380,49 +386,10 @@ class Trainer:
                                                           cfg.num_generations))
         return metrics
 
-    def _loss_batch(self, whole: WholeBatch, tokens: TokenBatch, old_logprobs: torch.Tensor, mu: torch.Tensor,
-                    is_weights: torch.Tensor, loss_mask: torch.Tensor, metrics: dict[str, float]) -> RolloutBatch:
-        """This rank's rows as the algorithm's loss needs them (its metrics go into ``metrics``): GRPO's
-        group advantages and reference logprobs; PPO's values, GAE advantages and returns; online DPO's
-        pairs and per-row loss weights."""
-        cfg = self.config
-        if self.dpo:
-            dpo = self._dpo_batch(whole, tokens, old_logprobs, loss_mask)
-            metrics.update(dpo.metrics)
-            return dpo.batch
-        if self.critic is not None:  # one rank: this batch is the whole batch
-            ref = self.reference.logprobs(self, tokens) if self.reference else None
-            values = self.critic.rollout_values(tokens, self.policy, self._forward_rows())
-            advantages, returns, value_metrics = ppo_advantages(whole.rewards.to(self.device), loss_mask,
-                                                                tokens.completion_mask, old_logprobs, ref, values,
-                                                                cfg.beta, cfg.gamma, cfg.lam)
-            metrics.update(value_metrics)
-            return RolloutBatch(tokens=tokens, advantages=advantages, loss_mask=loss_mask, old_logprobs=old_logprobs,
-                                sampler_logprobs=mu, is_weights=is_weights[:, :loss_mask.shape[1]],
-                                old_values=values, returns=returns)
-        advantages = group_advantages(whole.rewards, cfg.num_generations, cfg.scale_rewards)[whole.rows]
-        return RolloutBatch(tokens=tokens, advantages=advantages.to(self.device), loss_mask=loss_mask,
-                            old_logprobs=old_logprobs, sampler_logprobs=mu,
-                            is_weights=is_weights[whole.rows, :loss_mask.shape[1]],
-                            ref_logprobs=self.reference.logprobs(self, tokens) if self.reference else None)
-
-    def _dpo_batch(self, whole: WholeBatch, tokens: TokenBatch, old_logprobs: torch.Tensor,
-                   loss_mask: torch.Tensor) -> DpoBatch:
-        """Online DPO's pairs of the whole batch (truncated completions are no candidates when masked) and
-        this rank's rows of them, weighted by their share of the loss's gradient (``fp16rl.dpo``)."""
-        cfg = self.config
-        candidates = whole.completion_mask.any(dim=1).tolist()
-        if cfg.mask_truncated_completions:
-            candidates = [c and not t for c, t in zip(candidates, whole.truncated)]
-        rewards = whole.rewards.tolist()
-        pairs = select_pairs(rewards, cfg.num_generations, candidates)
-        return dpo_batch(pairs, whole.rows, tokens, old_logprobs, loss_mask, rewards,
-                         lambda selected: self.reference.logprobs(self, selected), cfg.dpo_beta, cfg.dpo_loss_type,
-                         self.parallel.sum, lambda rows: int(max(self.parallel.gather_objects(rows))))
-
-    def logprobs(self, model: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
-        """Trainer-side logprobs of a whole batch (no entropy), in micro-batches and the compute context."""
-        return trainer_logprobs(model, tokens, self.policy, self.head, self.config.temperature,
+    def logprobs(self, model: torch.nn.Module, tokens: TokenBatch, head: LogitHead | None = None) -> torch.Tensor:
+        """Trainer-side logprobs of a whole batch (no entropy), in micro-batches and the compute context;
+        ``head``: ``model``'s own (default: the policy's)."""
+        return trainer_logprobs(model, tokens, self.policy, head or self.head, self.config.temperature,
                                 self._forward_rows(), self.config.logprob_chunk_tokens)[0]
 
     def _micro_batch_size(self) -> int:
@@ -435,7 +402,14 @@ class Trainer:
         """Completions per trainer forward: --per-device-train-batch-size, at most the micro-batch."""
         return min(self.config.per_device_train_batch_size or self._micro_batch_size(), self._micro_batch_size())
 
-    def _optimize(self, batch: RolloutBatch, stop: StopRequest, step: int) -> dict[str, float]:
+    def _pi_old_from_training(self) -> bool:
+        """Whether this step takes pi_old from the loss's forward (``pi_old.py``): GRPO with one optimizer
+        pass, after the first step (whose recompute records the trainer's dtypes), without dropout."""
+        return (self.passes == 1 and not self.dpo and self.critic is None and self.precision_report is not None
+                and not dropout_active(self.model))
+
+    def _optimize(self, batch: RolloutBatch, stop: StopRequest, step: int,
+                  collected: FromTrainingForward | None = None) -> dict[str, float]:
         """``num_iterations`` (PPO: ``ppo_epochs``) optimizer steps over the generation batch, each over GA
         micro-batches. PPO backpropagates the policy loss, then the critic's (``critic.py`` says why).
 
@@ -444,6 +418,7 @@ class Trainer:
         the one-process values. ``optim/lr`` is the learning rate these optimizer steps used;
         ``optim/grad_norm`` the mean of their gradient norms (``optim/grad_norm_max`` the largest). A step
         whose loss covers no token (every completion truncated and masked) changes nothing and is counted.
+        ``collected`` takes pi_old from each part's forward and gives the part its IS weights.
         """
         cfg = self.config
         size, accum = self._micro_batch_size(), cfg.gradient_accumulation_steps
@@ -461,6 +436,11 @@ class Trainer:
                 logger.warning(f"step {step}: no completion token is in the loss (all truncated and "
                                "--mask-truncated-completions is on), so the step trained on nothing; raise "
                                "--max-completion-length (counted in optim/empty_loss_steps_total)")
+            if collected is not None:  # no training forward: pi_old from a recompute
+                with torch.no_grad():
+                    collected.fill(*trainer_logprobs(self.model, batch.tokens, self.policy, self.head, cfg.temperature,
+                                                     self._forward_rows(), cfg.logprob_chunk_tokens, True,
+                                                     self.wrapped))
             return {**metrics, **self._optim_summary(0.0, [], [], 0, {}, batch.ref_logprobs)}
         totals = dict.fromkeys(("loss", "clip_ratio_low", "clip_ratio_high", "kl_ref", "value_loss",
                                 "value_clip_fraction"), 0.0)
@@ -483,10 +463,14 @@ class Trainer:
                     reduce = self.wrapped is None or self.sharded or done == backwards
                     with contextlib.nullcontext() if reduce else self.wrapped.no_sync():
                         with self.policy.autocast(self.device.type), stop.watching_layers(self.model):
-                            logprobs, _ = completion_logprobs(self.model, part.tokens, cfg.temperature,
-                                                              chunk_tokens=cfg.logprob_chunk_tokens, head=self.head,
-                                                              run_backbone=self.wrapped)
+                            logprobs, entropy = completion_logprobs(
+                                self.model, part.tokens, cfg.temperature, collected is not None,
+                                cfg.logprob_chunk_tokens, self.head, self.wrapped)
                         old = logprobs.detach() if self.passes == 1 else part.old_logprobs  # ratio 1, as in TRL
+                        if collected is not None:
+                            at = begin + part_begin
+                            part = replace(part, is_weights=collected.take(
+                                slice(at, at + part.advantages.shape[0]), logprobs, entropy))
                         if self.dpo:
                             loss, stats = dpo_part_loss(logprobs, part), {}
                         elif self.critic is not None:
