@@ -214,7 +214,7 @@ def test_behaviour_logprobs_are_the_processed_distribution_by_hand():
     """Top-p 0.8 on p = softmax([2, 1, 0, -1]) = [.644, .237, .087, .032]: the prefix reaching 0.8 is the
     first two tokens (0.644 < 0.8 <= 0.881), renormalised; the kept mass is their unprocessed sum."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    processed = Sampler._process(logits, None, SamplingParams(max_new_tokens=1, top_p=0.8))
+    processed, _ = Sampler._process(logits, None, SamplingParams(max_new_tokens=1, top_p=0.8))
     p = torch.softmax(logits, -1)[0]
     kept = (p[0] + p[1]).item()
     assert torch.isinf(processed[0, 2:]).all() and torch.isfinite(processed[0, :2]).all()
@@ -222,7 +222,7 @@ def test_behaviour_logprobs_are_the_processed_distribution_by_hand():
     assert behaviour[0].item() == pytest.approx(math.log(p[0].item() / kept), abs=1e-6)
     assert behaviour[1].item() == pytest.approx(math.log(p[1].item() / kept), abs=1e-6)
     plain = SamplingParams(max_new_tokens=1)
-    assert Sampler._process(logits, None, plain) is logits  # nothing active: the same tensor, no copy
+    assert Sampler._process(logits, None, plain) == (logits, None)  # nothing active: the same tensor, no copy
 
 
 @pytest.mark.parametrize("params", [dict(top_p=0.8), dict(top_k=3), dict(top_p=0.9, top_k=5)], ids=str)
@@ -242,6 +242,53 @@ def test_behaviour_logprob_is_mu_minus_log_kept_mass(tiny_path, tiny_tokenizer, 
     plain = sampler.generate(_prompts(tiny_tokenizer), 4, SamplingParams(max_new_tokens=24), seed=0)
     assert torch.equal(plain.behaviour_logprobs, plain.sampler_logprobs)
     assert (plain.kept_mass == 1).all()
+
+
+def _full_sort_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering by sorting the whole vocabulary (the definition the candidates must reproduce)."""
+    values, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    drop = torch.zeros_like(values, dtype=torch.bool).scatter(1, order, (values.cumsum(-1) - values) >= top_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@pytest.mark.parametrize("params", [dict(top_p=0.95), dict(top_p=0.5), dict(top_k=20), dict(top_k=200, top_p=0.9)],
+                         ids=str)
+def test_candidates_hold_every_kept_token_and_the_race_among_them_is_the_full_race(params):
+    """Peaked rows (the nucleus within 64 or 1024 tokens) and flat ones (top-p sorts all 5000) in one
+    batch: the filtered logits are the full sort's, every kept token is a candidate, and the race among
+    candidates draws the token the race over the whole vocabulary draws, position after position."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 5000
+    scale = torch.tensor([12.0, 8.0, 5.0, 2.0, 0.5, 0.1])[:, None]  # from peaked to nearly uniform
+    logits = torch.randn(6, vocab, generator=generator) * scale
+    sampling = SamplingParams(max_new_tokens=1, **params)
+    processed, candidates = Sampler._process(logits, None, sampling)
+    expected = logits
+    if "top_k" in params:
+        expected = expected.masked_fill(expected < torch.topk(expected, params["top_k"], dim=-1).values[:, -1:],
+                                        float("-inf"))
+    if "top_p" in params:
+        expected = _full_sort_top_p(expected, params["top_p"])
+    assert torch.equal(processed, expected)
+    if candidates is None:  # top-p sorted the vocabulary for a flat row, with no top-k before it
+        assert "top_k" not in params and bool((torch.isfinite(processed).sum(-1) > 64).any())
+        processed, candidates = processed[:3], Sampler._process(logits[:3], None, sampling)[1]  # peaked rows
+    kept = torch.isfinite(processed)
+    covered = torch.zeros_like(kept).scatter(1, candidates, True)
+    assert not (kept & ~covered).any()
+    candidates = candidates.sort(dim=-1).values
+    noise = TokenNoise(row_keys(seed=3, slots=range(6), num_generations=1), vocab)
+    rows = torch.arange(len(processed))
+    for position in range(50):
+        full = Sampler._draw(processed, noise.exponential(rows, position))
+        among = Sampler._draw(processed, noise.exponential(rows, position, candidates), candidates)
+        assert torch.equal(full, among)
+
+
+def test_tied_top_k_keeps_every_tie_and_gives_no_candidates():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
+    processed, candidates = Sampler._process(logits, None, SamplingParams(max_new_tokens=1, top_k=2))
+    assert torch.isfinite(processed).tolist() == [[True, True, True, True, False]] and candidates is None
 
 
 def test_exponential_noise_is_positive_at_the_top_bit_pattern():

@@ -251,8 +251,10 @@ class Sampler:
             scaled = logits.float()
             if params.temperature != 1.0:
                 scaled = scaled / params.temperature
-            processed = self._process(scaled, seen, params)
-            next_tokens = self._draw(processed, noise.exponential(active, step))
+            processed, candidates = self._process(scaled, seen, params)
+            if candidates is not None:
+                candidates = candidates.sort(dim=-1).values  # ascending: ties go as in the full race
+            next_tokens = self._draw(processed, noise.exponential(active, step, candidates), candidates)
             tokens[active, step] = next_tokens
             unprocessed_logp = torch.log_softmax(scaled, dim=-1)
             logprobs[active, step] = unprocessed_logp.gather(1, next_tokens[:, None]).squeeze(1)
@@ -297,27 +299,30 @@ class Sampler:
         return HFCacheDecoder(self.model, max_new_tokens)
 
     @staticmethod
-    def _process(scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
+    def _process(scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits of the distribution actually sampled: repetition penalty, then top-k, then top-p
-        (``scaled`` itself, not a copy, when none is active). Removed tokens are ``-inf``."""
-        logits = scaled
+        (``scaled`` itself, not a copy, when none is active). Removed tokens are ``-inf``.
+
+        Also the candidates: ``[rows, K]`` token ids that include every token not removed (None: any
+        token may be drawn), so the draw hashes noise for K tokens, not the whole vocabulary."""
+        logits, candidates = scaled, None
         if seen is not None:
             penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
             logits = torch.where(seen, penalised, logits)
         if params.top_k > 0 and params.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            top = torch.topk(logits, params.top_k, dim=-1)
+            logits = logits.masked_fill(logits < top.values[:, -1:], float("-inf"))
+            if bool((torch.isfinite(logits).sum(-1) == params.top_k).all()):  # no tie at the k-th keeps more
+                candidates = top.indices
         if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return logits
+            logits, nucleus = _top_p(logits, params.top_p)
+            candidates = nucleus if nucleus is not None else candidates
+        return logits, candidates
 
     @staticmethod
-    def _draw(processed: torch.Tensor, exponential: torch.Tensor) -> torch.Tensor:
+    def _draw(processed: torch.Tensor, exponential: torch.Tensor, candidates: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """Sample one token per row from the processed distribution (``_process``).
 
         Exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` independent draws token ``v``
@@ -325,9 +330,57 @@ class Sampler:
         on CPU than ``torch.multinomial``. Tokens the processing removed have ``p = 0`` and never win.
         With the same ``E`` and nearly the same ``p`` (bf16 vs fp16 arms) the same token wins unless
         two candidates are nearly tied: that is what keeps paired arms' completions identical.
+
+        With ``candidates`` (ascending ids, ``[rows, K]``) ``exponential`` is their noise and the race
+        runs among them: every other token has ``p = 0``, so the winner is the full race's.
         """
         probs = torch.softmax(processed, dim=-1)
-        return (probs / exponential).argmax(dim=-1)
+        if candidates is None:
+            return (probs / exponential).argmax(dim=-1)
+        race = probs.gather(1, candidates) / exponential
+        return candidates.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+# Candidate counts tried, row by row, before sorting the whole vocabulary for top-p: a peaked row reaches
+# top_p within its first 64 tokens (a 49k-token sort costs ~30 ms per step on a CPU core, top-64 0.4 ms).
+_TOP_P_CANDIDATES = (64, 1024)
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nucleus filtering: keep the smallest prefix of tokens, by probability, whose mass reaches
+    ``top_p`` (a token is dropped when the mass before it is ``>= top_p``; at least one is kept).
+
+    Each row takes its top 64, then 1024 tokens, then the whole vocabulary sorted, until the prefix
+    holds ``top_p``: the cumulative sums are those of a full sort, so the kept set is too. Returns the
+    filtered logits and ``[rows, K]`` ids holding every kept token (a row with fewer repeats its first),
+    or None when a row needed the whole vocabulary."""
+    probs = logits.softmax(-1)
+    rows, vocab = probs.shape
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    todo, stages = torch.arange(rows, device=probs.device), []
+    for k in (*_TOP_P_CANDIDATES, vocab):
+        if k >= vocab:
+            values, order = probs[todo].sort(dim=-1, descending=True)
+        else:
+            values, order = probs[todo].topk(k, dim=-1)
+        mass = values.cumsum(-1)
+        # Beyond the k-th token nothing is kept once the k tokens hold top_p.
+        reached = torch.ones_like(todo, dtype=torch.bool) if k >= vocab else mass[:, -1] >= top_p
+        done, order = todo[reached], order[reached]
+        keep[done] = torch.zeros(len(done), vocab, dtype=torch.bool, device=probs.device).scatter(
+            1, order, (mass - values)[reached] < top_p)
+        stages.append((done, order))
+        todo = todo[~reached]
+        if todo.numel() == 0:
+            break
+    filtered = logits.masked_fill(~keep, float("-inf"))
+    width = max(order.shape[1] for _, order in stages)
+    if width >= vocab:
+        return filtered, None
+    candidates = torch.empty(rows, width, dtype=torch.long, device=probs.device)
+    for done, order in stages:
+        candidates[done] = torch.cat([order, order[:, :1].expand(-1, width - order.shape[1])], dim=1)
+    return filtered, candidates
 
 
 def prompt_tokens_seen(input_ids: torch.Tensor, attention: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
@@ -370,11 +423,13 @@ class TokenNoise:
         self.keys = keys
         self.token_hash = mix32((torch.arange(vocab_size, device=keys.device) * 0x9E3779B1 + 0x7F4A7C15) & _LOW32)
 
-    def exponential(self, rows: torch.Tensor, position: int) -> torch.Tensor:
-        """``[len(rows), vocab]`` fp32 noise for rows ``rows`` (indices into the keys) at ``position``."""
+    def exponential(self, rows: torch.Tensor, position: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``[len(rows), vocab]`` fp32 noise for rows ``rows`` (indices into the keys) at ``position``;
+        with ``tokens`` (``[len(rows), K]`` ids) only theirs, the same numbers."""
         position_hash = mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32)  # a Python int: no tensor per step
         base = mix32(self.keys[rows] ^ position_hash)
-        return exponential_from_bits(mix32(base[:, None] ^ self.token_hash[None, :]) >> 8)
+        token_hash = self.token_hash[None, :] if tokens is None else self.token_hash[tokens]
+        return exponential_from_bits(mix32(base[:, None] ^ token_hash) >> 8)
 
 
 def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
