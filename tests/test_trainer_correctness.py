@@ -179,3 +179,24 @@ def test_resume_with_another_dtype_is_refused(tmp_path):
     # Another spelling of the same dtype is the same dtype.
     Trainer(toy_config(tmp_path / "run", dtype="bf16", max_steps=2, resume=True)).train(show_progress=False)
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_threads_option_sets_the_pool_and_auto_never_raises_it(tmp_path):
+    """--threads N sets torch's CPU pool (recorded in config.yaml); auto keeps at most the current count."""
+    import yaml
+
+    from fp16rl.hardware import auto_threads
+
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(toy_config(tmp_path / "two", threads=2, max_steps=1))
+        assert torch.get_num_threads() == 2
+        assert yaml.safe_load((trainer.run_dir / "config.yaml").read_text())["cpu_threads"] == 2
+        torch.set_num_threads(1)
+        assert auto_threads(torch.device("cpu")) == 1
+        Trainer(toy_config(tmp_path / "auto", max_steps=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads"):
+        toy_config(tmp_path / "bad", threads=-1).validate()

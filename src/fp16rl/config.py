@@ -84,6 +84,7 @@ class TrainConfig:
     loss_scale_growth_interval: int = opt(400, "fp16 dynamic loss scaling: grow the scale after this many overflow-free steps (the paper's VeRL patch uses 400).")
     attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
+    threads: int = opt(0, "CPU threads of torch's intra-op pool; 0 = auto: torch's setting (every core, or OMP_NUM_THREADS), less the cores other processes keep busy at the start (OpenMP threads waiting for a busy core run ~3x slower than one thread). The count used is in config.yaml. Ignored on CUDA.")
     fsdp: bool = opt(False, "Full fine-tuning on several ranks (torchrun): shard the FP32 master weights, gradients and optimizer state with FSDP2 fully_shard instead of replicating them with DDP (16 bytes per parameter become 16/N per rank; the sampler keeps a full copy per rank). Needs --lora-r 0; ignored with one process.")
     load_in_4bit: bool = opt(False, "QLoRA: quantise the frozen base's linear layers to NF4 with bitsandbytes, computing in --dtype; the sampler shares them (needs LoRA, CUDA and bitsandbytes).")
     gpu_memory_utilization: float = opt(0.7, "The sampler's share of the GPU (vLLM's meaning): on CUDA, unless --generation-batch-size is given, the sampler decodes as many prompt groups at once as keep its KV cache within this fraction of the GPU's memory (the weights are shared with the trainer, not counted). Ignored on CPU.")
@@ -229,6 +230,7 @@ def _check_ranges(c: TrainConfig) -> None:
         ("warmup_ratio", 0 <= c.warmup_ratio <= 1, "in [0, 1]"),
         ("epochs", c.epochs > 0, "> 0"),
         ("gpu_memory_utilization", 0 < c.gpu_memory_utilization <= 1, "in (0, 1]"),
+        ("threads", c.threads >= 0, ">= 0 (0 = auto)"),
         ("code_timeout", 0 < c.code_timeout <= 3600, "in (0, 3600] seconds"),
         ("n_jobs", c.n_jobs == -1 or c.n_jobs >= 1, "-1 (all cores) or >= 1"),
         ("max_steps", c.max_steps == -1 or c.max_steps >= 1, "-1 (from epochs) or >= 1"),

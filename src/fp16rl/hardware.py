@@ -7,6 +7,7 @@ runs ``--dtype float16`` on such a CPU deserves one line saying so before a step
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -61,3 +62,22 @@ def emulation_notes(dtypes: set[torch.dtype], device: torch.device) -> list[str]
                          f"(a measured 256x256 matmul): it is emulated, not native, so steps will be slow; "
                          "a GPU computes it natively")
     return notes
+
+
+def auto_threads(device: torch.device) -> int:
+    """CPU threads for torch's intra-op pool: the current setting (torch's default: every core, or
+    what ``OMP_NUM_THREADS``/torchrun set), capped at this rank's share of the cores and less the
+    cores other processes keep busy at the start (the 1-minute load average).
+
+    Why: OpenMP threads wait for each other at every op; when another job holds one of the cores, a
+    thread that cannot run stalls all the others. Measured on a 2-core AMD EPYC with SmolLM2-135M
+    decoding 8 rows in fp32 (bench/RESULTS.md, "Threads"): 2 threads take 59 ms/token on an idle
+    machine and 211 ms with one core busy; 1 thread 77 ms either way.
+    """
+    from fp16rl.ranks import cpus_per_rank
+
+    current = torch.get_num_threads()
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return current
+    idle = (os.cpu_count() or current) - round(os.getloadavg()[0])
+    return max(1, min(current, cpus_per_rank(), idle))

@@ -28,7 +28,7 @@ from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.critic import Critic, copy_backbone
 from fp16rl.distributed import DataParallel
 from fp16rl.dpo import dpo_part_loss
-from fp16rl.hardware import emulation_notes
+from fp16rl.hardware import auto_threads, emulation_notes
 from fp16rl.interrupt import RunInterrupted, StopRequest
 from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
 from fp16rl.loss_batches import loss_batch
@@ -105,6 +105,8 @@ class Trainer:
         to resume from and returns what the other ranks need of it."""
         config = self.config
         self.device = self.parallel.device(resolve_device(config.device))
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.threads or auto_threads(self.device))
         if config.load_in_4bit:
             require_4bit_support(self.device)
         self.policy = PrecisionPolicy.from_options(config.dtype, config.sampler_dtype, config.trainer_dtype,
@@ -228,6 +230,7 @@ class Trainer:
             "task": self.task.name,
             "total_steps": self.total_steps,
             "device": str(self.device),
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "precision": self.precision_report or {"declared": self.policy.describe(), "observed": "after step 1"},
             "notes": self.notes,
             "versions": library_versions(),

@@ -10,7 +10,6 @@ before any update makes it grow.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fp16rl.batch import measure_rollouts
+from fp16rl.hardware import auto_threads
 from fp16rl.logprobs import LogitHead
 from fp16rl.mismatch import mismatch_metrics
 from fp16rl.models import (LoraSettings, load_model, load_tokenizer, load_trainer_model, model_folder, resolve_device,
@@ -260,20 +260,6 @@ def _config_result(dtype: str, attn: str, batch_size: int, m: Measurement) -> Co
         sampler_logprobs=mu[mask], trainer_logprobs=pi[mask],
         seq_log_ratio=((pi - mu) * mask).sum(dim=1), seq_lengths=mask.sum(dim=1),
     )
-
-
-def auto_threads(device: torch.device) -> int:
-    """CPU threads for the probe: torch's default, less the cores other processes keep busy.
-
-    Why: OpenMP threads wait for each other at every op; when another job holds one of the cores, a
-    thread that cannot run stalls all the others. Measured on a 2-core machine with one core busy:
-    SmolLM2-135M decoding took 46 s with 2 threads and 5 s with 1.
-    """
-    default = torch.get_num_threads()
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
-        return default
-    idle = (os.cpu_count() or default) - round(os.getloadavg()[0])
-    return max(1, min(default, idle))
 
 
 def _describe_model(model: torch.nn.Module, path: Path) -> dict[str, Any]:
