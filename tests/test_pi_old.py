@@ -32,11 +32,16 @@ def _run(tmp_path, name: str, fused: bool, **options) -> tuple[Trainer, list[dic
          max_completion_length=12, beta=0.04),
     # LoRA.
     dict(lora_r=8, lora_alpha=16, is_correction="token_mask", is_clip_max=1.2),
-], ids=["token-tis", "seq-mask-behaviour-ga2-rows3-kl", "lora"])
+    # Every completion truncated and masked: no training forward, pi_old from a recompute after all.
+    dict(max_completion_length=1, mask_truncated_completions=True, is_correction="token_truncate"),
+], ids=["token-tis", "seq-mask-behaviour-ga2-rows3-kl", "lora", "empty-loss"])
 def test_training_forward_gives_the_recompute_numbers(tmp_path, tiny_path, options):
     fused, with_fused = _run(tmp_path, "fused", True, **options)
     recomputed, with_recompute = _run(tmp_path, "recomputed", False, **options)
     assert len(with_fused) == 3
+    if options.get("max_completion_length") == 1:  # a row is untruncated only if its one token is EOS
+        assert any(r["optim/loss_tokens"] == 0 for r in with_fused[1:])
+        assert all(r["mismatch/logp_abs_diff_mean"] < 1e-5 for r in with_fused)
     for a, b in zip(with_fused, with_recompute):
         assert a.keys() == b.keys()
         differ = {k: (a[k], b[k]) for k in a if not math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7)}
