@@ -24,6 +24,12 @@ from fp16rl.distributed import WholeBatch
 from fp16rl.mismatch import mismatch_metrics, sampling_metrics
 
 
+def is_denominator(is_reference: str, mu: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor:
+    """What the IS correction divides pi_old by: mu (``--is-reference unprocessed``) or the logprobs of
+    the distribution sampled after top-p/top-k/penalty (``behaviour``)."""
+    return behaviour if is_reference == "behaviour" else mu
+
+
 def telemetry(whole: WholeBatch, correction: Correction, is_reference: str) -> tuple[dict[str, float], torch.Tensor]:
     """The ``mismatch/*`` and ``sampling/*`` metrics of the whole batch and its IS weights ``[N, C]``
     (``w`` of ``Correction``, with ``rho = pi_old / mu``, or ``pi_old / behaviour`` with
@@ -31,7 +37,7 @@ def telemetry(whole: WholeBatch, correction: Correction, is_reference: str) -> t
     metrics = mismatch_metrics(whole.sampler_logprobs, whole.old_logprobs, whole.completion_mask)
     metrics.update(sampling_metrics(whole.behaviour_logprobs, whole.kept_mass, whole.old_logprobs,
                                     whole.completion_mask))
-    is_mu = whole.behaviour_logprobs if is_reference == "behaviour" else whole.sampler_logprobs
+    is_mu = is_denominator(is_reference, whole.sampler_logprobs, whole.behaviour_logprobs)
     is_weights, metrics["mismatch/is_masked_ratio"] = correction.weights(whole.old_logprobs, is_mu,
                                                                          whole.completion_mask)
     return metrics, is_weights

@@ -252,8 +252,6 @@ class Sampler:
             if params.temperature != 1.0:
                 scaled = scaled / params.temperature
             processed, candidates = self._process(scaled, seen, params)
-            if candidates is not None:
-                candidates = candidates.sort(dim=-1).values  # ascending: ties go as in the full race
             next_tokens = self._draw(processed, noise.exponential(active, step, candidates), candidates)
             tokens[active, step] = next_tokens
             unprocessed_logp = torch.log_softmax(scaled, dim=-1)
@@ -304,8 +302,9 @@ class Sampler:
         """The logits of the distribution actually sampled: repetition penalty, then top-k, then top-p
         (``scaled`` itself, not a copy, when none is active). Removed tokens are ``-inf``.
 
-        Also the candidates: ``[rows, K]`` token ids that include every token not removed (None: any
-        token may be drawn), so the draw hashes noise for K tokens, not the whole vocabulary."""
+        Also the candidates: ``[rows, K]`` token ids in ascending order (so the race's ties go as over
+        the whole vocabulary) that include every token not removed (None: any token may be drawn), so
+        the draw hashes noise for K tokens, not the whole vocabulary."""
         logits, candidates = scaled, None
         if seen is not None:
             penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
@@ -318,7 +317,7 @@ class Sampler:
         if params.top_p < 1.0:
             logits, nucleus = _top_p(logits, params.top_p)
             candidates = nucleus if nucleus is not None else candidates
-        return logits, candidates
+        return logits, None if candidates is None else candidates.sort(dim=-1).values
 
     @staticmethod
     def _draw(processed: torch.Tensor, exponential: torch.Tensor, candidates: torch.Tensor | None = None

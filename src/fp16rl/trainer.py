@@ -35,7 +35,7 @@ from fp16rl.loss_batches import loss_batch
 from fp16rl.models import (LoraSettings, enable_gradient_checkpointing, load_tokenizer, load_trainer_model,
                            model_folder, require_4bit_support, resolve_device, stop_token_ids)
 from fp16rl.monitor import CollapseEvent, CollapseMonitor
-from fp16rl.pi_old import FromTrainingForward, dropout_active, telemetry
+from fp16rl.pi_old import FromTrainingForward, dropout_active, is_denominator, telemetry
 from fp16rl.outcomes import outcome_metrics, sample_records
 from fp16rl.ppo import ppo_policy_loss, ppo_value_loss
 from fp16rl.precision import PrecisionPolicy, check_observed
@@ -351,7 +351,7 @@ class Trainer:
         if cfg.mask_truncated_completions:
             loss_mask[torch.tensor(rollouts.truncated, device=self.device)] = False
         batch = loss_batch(self, whole, tokens, old_logprobs, mu, is_weights, loss_mask, metrics)
-        collected = FromTrainingForward(self.correction, behaviour if cfg.is_reference == "behaviour" else mu,
+        collected = FromTrainingForward(self.correction, is_denominator(cfg.is_reference, mu, behaviour),
                                         tokens.completion_mask) if fused else None
 
         # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
