@@ -6,7 +6,10 @@
 #      fine-tuning in both trainer compute paths (half_copy, autocast), gradient checkpointing,
 #      4-bit (bitsandbytes NF4); a line per run with the mismatch, loss scale and skipped steps;
 #   2. bench/gpu_step.py at the seed's shape (prompt 8,600 + 8 x 1,024 tokens, LoRA r=1) on a
-#      1B-shaped and an 8B-shaped random Llama, fp16 and bf16.
+#      1B-shaped random Llama, fp16 and bf16, the trainer's prompt shared (the default) and not; then
+#      an 8B-shaped one in fp16 (SIZES=1b skips it).
+# First the trainer's shared-prompt forward against the plain one on the GPU's kernels
+# (bench/prompt_forward_check.py).
 #
 # Runs from the repository root with the image's torch/transformers; packages the image lacks (or has
 # too old: transformers >= 5.24) come as wheels in .whl/ (git-ignored via .git/info/exclude), fetched
@@ -44,6 +47,9 @@ print(f"    steps {len(rows)}, |log pi - log mu| {last['mismatch/logp_abs_diff_m
 EOF
 }
 
+echo "== 0. shared-prompt trainer forward vs plain, tiny model"
+timeout 90 python3 bench/prompt_forward_check.py --device "${DEVICE:-cuda}" 2>&1 | grep -v -i "warn\|loading"
+
 echo "== 1. CUDA paths, tiny model"
 i=0
 while read -r args; do
@@ -68,6 +74,10 @@ EOF
 echo "== 2. bench/gpu_step.py at the seed's shape ($SECONDS s in)"
 timeout 200 python3 bench/gpu_step.py --size 1b --prompt-tokens 8600 --completion-tokens 1024 --generations 8 \
   --lora-r 1 --steps 1 --warmup-steps 1 --output-json "$OUT/gpu_step_1b.json" 2>&1 | grep -v Warning
+timeout 120 python3 bench/gpu_step.py --size 1b --prompt-tokens 8600 --completion-tokens 1024 --generations 8 \
+  --lora-r 1 --steps 1 --warmup-steps 1 --dtypes float16 --no-share-prompt-forward \
+  --output-json "$OUT/gpu_step_1b_plain.json" 2>&1 | grep -v Warning
+[ "${SIZES:-1b,8b}" = 1b ] && exit 0
 timeout 330 python3 bench/gpu_step.py --size 8b --prompt-tokens 8600 --completion-tokens 1024 --generations 8 \
-  --lora-r 1 --steps 1 --warmup-steps 0 --output-json "$OUT/gpu_step_8b.json" 2>&1 | grep -v Warning
+  --lora-r 1 --steps 1 --warmup-steps 0 --dtypes float16 --output-json "$OUT/gpu_step_8b.json" 2>&1 | grep -v Warning
 echo "== done ($SECONDS s)"

@@ -9,10 +9,14 @@ tiny`` so it cannot rot.
 
     python bench/gpu_step.py --size 1b --prompt-tokens 8600 --completion-tokens 1024 --generations 8
 
-MFU counts 2 x parameters FLOPs per token for every forward (the sampler's prefill and decode, the
-trainer's no-grad pass and its training forward), 4 x parameters for the backward, plus the attention
-score and value products (``4 x s^2 x h x layers`` per training row, half of it causal), against the
-accelerator's dense peak (``--peak-tflops``; known for H100/H200).
+MFU counts the model FLOPs the step needs, whatever the implementation computes: 2 x parameters per
+token for every forward (the sampler's prefill and decode; the trainer's training forward, over the
+prompt once and each completion: ``prompt + G x completion`` tokens), 4 x parameters for the
+backward, plus the attention score and value products (``4 x s^2 x h x layers`` per sequence, half
+of it causal), against the accelerator's dense peak (``--peak-tflops``; known for H100/H200). The
+timed steps take pi_old from the training forward (no second pass), so none is counted. A run with
+``--no-share-prompt-forward`` computes the prompt G times in the trainer; that is not counted as model
+FLOPs, so its MFU is lower for the same work.
 """
 
 from __future__ import annotations
@@ -96,9 +100,10 @@ def write_model(folder: Path, size: str, dtype: torch.dtype) -> None:
 def model_flops(params: int, layers: int, hidden: int, prompt: int, completion: int, rows: int, iterations: int) -> float:
     """FLOPs of one step (see the module docstring)."""
     seq = prompt + completion
-    sampler = 2 * params * (prompt + rows * completion) + 2 * layers * hidden * rows * (seq * seq - prompt * prompt)
-    forward = 2 * params * rows * seq + 2 * layers * hidden * rows * seq * seq  # causal: half of 4 s^2 h
-    return sampler + forward + iterations * 3 * forward  # no-grad pass + (forward + backward) per iteration
+    completions_attention = 2 * layers * hidden * rows * (seq * seq - prompt * prompt)  # causal: half of 4 s^2 h
+    sampler = 2 * params * (prompt + rows * completion) + completions_attention
+    forward = 2 * params * (prompt + rows * completion) + 2 * layers * hidden * prompt * prompt + completions_attention
+    return sampler + iterations * 3 * forward  # (forward + backward) per iteration
 
 
 def peak_memory(device: torch.device) -> float:
@@ -113,7 +118,8 @@ def run(args: argparse.Namespace, dtype: str, folder: Path) -> dict[str, Any]:
                    max_seq_length=args.prompt_tokens + args.completion_tokens + 1, beta=0.0, top_p=1.0,
                    mask_truncated_completions=False, max_steps=args.warmup_steps + args.steps, save_steps=10**9,
                    gradient_checkpointing=args.gradient_checkpointing, device=args.device,
-                   per_device_train_batch_size=args.per_device_train_batch_size, report_to=["none"])
+                   per_device_train_batch_size=args.per_device_train_batch_size, report_to=["none"],
+                   share_prompt_forward=args.share_prompt_forward)
     gc.collect()  # the previous dtype's trainer, so that its memory is not counted in this one's peak
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -166,13 +172,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--per-device-train-batch-size", type=int, default=None)
+    parser.add_argument("--share-prompt-forward", action=argparse.BooleanOptionalAction, default=True,
+                        help="the trainer computes the prompt once for the G completions (fp16rl's default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense fp16/bf16 peak of the accelerator")
     parser.add_argument("--output-json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.getLogger("fp16rl").setLevel(logging.ERROR)
     print(f"{args.size}: prompt {args.prompt_tokens} + {args.generations} x {args.completion_tokens} tokens, "
-          f"LoRA r={args.lora_r}, {args.steps} timed step(s) after {args.warmup_steps} warm-up", flush=True)
+          f"LoRA r={args.lora_r}, {args.steps} timed step(s) after {args.warmup_steps} warm-up, prompt shared in "
+          f"the trainer: {args.share_prompt_forward}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as folder:
         write_model(Path(folder), args.size, torch.bfloat16)

@@ -4,6 +4,8 @@ Same model, prompts (toy:digits, rendered with the model's chat template), rewar
 characters), group size, completion length and sampling (temperature 1, top_p 0.95), beta 0, one
 prompt per step, full fine-tuning or LoRA (r=16 on the same modules), learning rate 1e-5. The two
 engines alternate per configuration; each runs one untimed warm-up step, then ``--steps`` timed ones.
+The engines draw different random numbers, so their completions differ in length; ``--fixed-length``
+makes every completion ``--completion-tokens`` long in both (the same work, token for token).
 Prints the median s/step, completion tokens/s, fp16rl's rollout/train split, the share of its step
 that the mismatch telemetry costs (``time/mismatch_s``: the no-grad recompute of pi_old and the
 metrics) and the ratio of completion tokens/s. TRL computes no such telemetry.
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,8 @@ def fp16rl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, o
                          learning_rate=LEARNING_RATE, mask_truncated_completions=False,
                          max_steps=args.steps + 1, save_steps=10**6, report_to=["none"], seed=0)
     trainer = Trainer(config)
+    if args.fixed_length:  # no stop token: every completion is --completion-tokens long, as TRL's below
+        trainer.sampler.eos_token_ids = trainer.sampler.eos_token_ids[:0]
     records = []
     for step in range(1, args.steps + 2):
         start = time.perf_counter()
@@ -78,7 +84,9 @@ def trl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out:
                         num_generations=args.generations, max_completion_length=args.completion_tokens,
                         learning_rate=LEARNING_RATE, beta=0.0, top_p=TOP_P, temperature=1.0, max_steps=args.steps + 1,
                         logging_steps=1, report_to="none", save_strategy="no", bf16=dtype == "bfloat16",
-                        model_init_kwargs={"dtype": torch.float32}, seed=0, disable_tqdm=True)
+                        model_init_kwargs={"dtype": torch.float32}, seed=0, disable_tqdm=True,
+                        shuffle_dataset=False,  # fp16rl's prompt order: the same prompt at each step
+                        generation_kwargs={"min_new_tokens": args.completion_tokens} if args.fixed_length else None)
     peft = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=list(DEFAULT_LORA_TARGETS)) if lora else None
     trainer = GRPOTrainer(model=str(model), reward_funcs=digits, args=config, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), peft_config=peft,
@@ -92,8 +100,27 @@ def trl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out:
 def summary(records: list[dict[str, float]]) -> dict[str, float]:
     seconds = statistics.median(r["s"] for r in records)
     tokens = sum(r["tokens"] for r in records) / sum(r["s"] for r in records)
-    return {"s": seconds, "tps": tokens, **{k: statistics.median(r[k] for r in records)
-                                            for k in ("rollout", "train", "telemetry") if k in records[0]}}
+    return {"s": seconds, "tps": tokens, "length": sum(r["tokens"] for r in records) / len(records),
+            **{k: statistics.median(r[k] for r in records) for k in ("rollout", "train", "telemetry") if k in records[0]}}
+
+
+def measure(engine: str, model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """One engine's steps in this (fresh) process: neither engine inherits the other's process state,
+    such as fp16rl's allocator setting (``hardware.keep_freed_memory``) or TRL's trackio import."""
+    torch.set_num_threads(args.threads)
+    for name in ("fp16rl", "transformers", "trl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if engine == "trl" and args.trl_keep_freed_memory:
+        from fp16rl.hardware import keep_freed_memory
+
+        keep_freed_memory()
+    steps = fp16rl_steps if engine == "fp16rl" else trl_steps
+    return summary(steps(model, dtype, lora, args, out))
+
+
+def isolated(*call: Any) -> dict[str, float]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, *call).result()
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float], dict[str, float] | None]]:
@@ -105,33 +132,38 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float]
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="every completion exactly --completion-tokens long in both engines (TRL: min_new_tokens; "
+                             "fp16rl: no stop token), so both do the same work whatever they draw")
+    parser.add_argument("--trl-keep-freed-memory", action="store_true",
+                        help="give TRL's process fp16rl's allocator setting too (hardware.keep_freed_memory)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    for name in ("fp16rl", "transformers", "trl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    model = model_folder(args.model)
+    model = str(model_folder(args.model))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for dtype in args.dtypes.split(","):
             for mode in args.modes.split(","):
-                ours = summary(fp16rl_steps(str(model), dtype, mode == "lora", args, Path(folder) / f"ours-{dtype}-{mode}"))
+                lora = mode == "lora"
+                ours = isolated("fp16rl", model, dtype, lora, args, Path(folder) / f"ours-{dtype}-{mode}")
                 theirs = None
                 if dtype != "float16":
-                    theirs = summary(trl_steps(str(model), dtype, mode == "lora", args,
-                                               Path(folder) / f"trl-{dtype}-{mode}"))
+                    theirs = isolated("trl", model, dtype, lora, args, Path(folder) / f"trl-{dtype}-{mode}")
                 rows.append((dtype, mode, ours, theirs))
                 print(f"{dtype} {mode}: fp16rl {ours['s']:.2f} s/step, TRL "
                       + (f"{theirs['s']:.2f} s/step" if theirs else "n/a"), flush=True)
-    print(f"\n{args.model}, {args.generations} x {args.completion_tokens} tokens, {args.threads} thread(s), "
+    print(f"\n{args.model}, {args.generations} x {args.completion_tokens} tokens"
+          f"{' (fixed length)' if args.fixed_length else ''}, {args.threads} thread(s), "
           f"median of {args.steps} steps after a warm-up\n")
     print("| dtype | mode | TRL s/step | TRL tok/s | fp16rl s/step | fp16rl tok/s | rollout s | train s | "
-          "telemetry share | tok/s ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "telemetry share | tokens per completion (TRL / fp16rl) | s/step ratio | tok/s ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype, mode, ours, theirs in rows:
         trl_cells = f"{theirs['s']:.2f} | {theirs['tps']:.1f}" if theirs else "n/a | n/a"
-        ratio = f"{ours['tps'] / theirs['tps']:.2f}x" if theirs else "n/a"
+        lengths = (f"{theirs['length'] / args.generations:.1f} / " if theirs else "n/a / ") + \
+            f"{ours['length'] / args.generations:.1f}"
+        ratios = f"{theirs['s'] / ours['s']:.2f}x | {ours['tps'] / theirs['tps']:.2f}x" if theirs else "n/a | n/a"
         print(f"| {dtype} | {mode} | {trl_cells} | {ours['s']:.2f} | {ours['tps']:.1f} | {ours['rollout']:.2f} | "
-              f"{ours['train']:.2f} | {ours['telemetry']:.1%} | {ratio} |")
+              f"{ours['train']:.2f} | {ours['telemetry']:.1%} | {lengths} | {ratios} |")
     return rows
 
 

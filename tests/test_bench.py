@@ -19,10 +19,12 @@ def test_gpu_step_benchmark_runs_at_a_tiny_shape(tmp_path):
         assert r["step_s"] > 0 and math.isfinite(r["completion_tokens_per_s"]) and r["peak_memory_gb"] > 0
         assert r["mfu"] is None and r["gradient_checkpointing"] is True  # no peak FLOPs known for a CPU
     assert (tmp_path / "out.json").is_file()
-    # The FLOP count of a step: 2 x params per token for the sampler's prefill and decode, the no-grad
-    # pass and the forward, 4 x params for the backward, plus attention.
-    assert bench.model_flops(100, 1, 1, 3, 2, 2, 1) == (2 * 100 * (3 + 4) + 2 * 2 * (25 - 9)) + 4 * (
-        2 * 100 * 2 * 5 + 2 * 2 * 25)
+    # The FLOP count of a step: 2 x params per token for the sampler's prefill and decode and for the
+    # training forward (the prompt once, then the completions), 4 x params for the backward, plus
+    # attention (the prompt's once, each completion's over its whole sequence).
+    sampler = 2 * 100 * (3 + 2 * 2) + 2 * 2 * (25 - 9)
+    forward = 2 * 100 * (3 + 2 * 2) + 2 * 9 + 2 * 2 * (25 - 9)
+    assert bench.model_flops(100, 1, 1, 3, 2, 2, 1) == sampler + 3 * forward == 5910
 
 
 def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
@@ -36,6 +38,8 @@ def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| float")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("float32", "full"), ("float16", "full")]
     fp32, fp16 = ([cell.strip() for cell in r] for r in rows)
-    assert float(fp32[2]) > 0 and float(fp32[4]) > 0 and fp32[9].endswith("x")  # TRL and fp16rl s/step, ratio
+    assert float(fp32[2]) > 0 and float(fp32[4]) > 0  # TRL's and fp16rl's s/step
+    assert fp32[10].endswith("x") and fp32[11].endswith("x")  # the s/step and tok/s ratios
+    assert all(0 < float(x) <= 8 for x in fp32[9].split("/"))  # tokens per completion (TRL, fp16rl): 1..8
     assert 0 < float(fp32[8].rstrip("%")) < 100  # the telemetry's share of the step
     assert fp16[2] == "n/a" and float(fp16[4]) > 0  # TRL has no fp16 on a CPU

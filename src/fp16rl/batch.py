@@ -54,16 +54,18 @@ def _apply(value: Any, fn: Callable[[Any], Any]) -> Any:
 def trainer_logprobs(
     model: torch.nn.Module, tokens: TokenBatch, policy: PrecisionPolicy, head: LogitHead, temperature: float,
     micro_batch: int, chunk_tokens: int, with_entropy: bool = False, run_backbone: Callable[..., Any] | None = None,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trainer's logprobs of a whole batch in micro-batches of ``micro_batch`` rows, in the
     trainer's compute context (autocast or none), under the caller's grad mode. ``run_backbone``: the
-    data-parallel wrapper of ``model``'s backbone (FSDP's shards are only whole inside its forward)."""
+    data-parallel wrapper of ``model``'s backbone (FSDP's shards are only whole inside its forward);
+    ``share_prompts``: each prompt computed once for its rows (``prompt_forward``)."""
     device_type = tokens.input_ids.device.type
     parts, entropies = [], []
     with policy.autocast(device_type):
         for begin in range(0, tokens.input_ids.shape[0], micro_batch):
             logp, entropy = completion_logprobs(model, tokens.select(slice(begin, begin + micro_batch)), temperature,
-                                                with_entropy, chunk_tokens, head, run_backbone)
+                                                with_entropy, chunk_tokens, head, run_backbone, share_prompts)
             parts.append(logp)
             entropies.append(entropy)
     return torch.cat(parts), (torch.cat(entropies) if with_entropy else None)
@@ -89,6 +91,7 @@ def measure_rollouts(
     slots: Sequence[int], micro_batch: int, chunk_tokens: int, pad_token_id: int, with_entropy: bool = False,
     should_stop: Callable[[], None] | None = None, watch: Callable[[torch.nn.Module], Any] | None = None,
     max_rows: int | None = None, run_backbone: Callable[..., Any] | None = None, recompute: bool = True,
+    share_prompts: bool = False,
 ) -> Measurement:
     """Sample ``num_generations`` completions per prompt with the sampler, then recompute their token
     logprobs with the trainer's ``model`` at the same weights; record what each engine computed in.
@@ -111,7 +114,7 @@ def measure_rollouts(
     recorder = DtypeRecorder()
     with recorder.watch(model), (watch(model) if watch else contextlib.nullcontext()):
         old_logprobs, entropy = trainer_logprobs(model, tokens, policy, head, params.temperature, micro_batch,
-                                                 chunk_tokens, with_entropy, run_backbone)
+                                                 chunk_tokens, with_entropy, run_backbone, share_prompts)
     return Measurement(rollouts, tokens, old_logprobs, entropy,
                        {"sampler": rollouts.observed_dtype, "trainer": recorder.report()},
                        sampled - start, time.perf_counter() - sampled)

@@ -52,10 +52,13 @@ class _Backbone(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, **inputs: Any) -> Any:
+    def forward(self, tokens: Any, share_prompts: bool = False) -> torch.Tensor:  # tokens: a TokenBatch
+        """``completion_hidden`` of ``tokens``: one DDP/FSDP forward even when the prompt pass and the
+        completion pass are two calls of the stack (``prompt_forward``)."""
         from fp16rl.logprobs import backbone
+        from fp16rl.prompt_forward import completion_hidden
 
-        return backbone(self.model)(**inputs)
+        return completion_hidden(backbone(self.model), tokens, share_prompts)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fp16rl.errors import ModelError
+from fp16rl.prompt_forward import completion_hidden
 
 
 @dataclass
@@ -171,8 +172,9 @@ def _chunk_logprobs(
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
-    if with_entropy:
-        entropy = -(logp.exp() * logp).sum(-1)
+    if with_entropy:  # telemetry only (returned detached): no graph, so no [tokens, vocab] kept for it
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
     else:
         entropy = torch.zeros_like(token_logp)
     return token_logp, entropy
@@ -186,30 +188,30 @@ def completion_logprobs(
     chunk_tokens: int = 2048,
     head: LogitHead | None = None,
     run_backbone: Callable[..., Any] | None = None,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs ``[N, C]`` (fp32, 0 where masked) of the completion tokens, and entropy.
 
     Runs in the caller's autocast/grad context, so the trainer uses it both for pi_old (no grad)
     and for the loss (with grad). ``log pi(y_t) = log_softmax(head(h_{P-1+t}) / T)[y_t]``.
-    ``run_backbone`` replaces ``backbone(model)`` (data-parallel training passes its DDP wrapper).
+    ``run_backbone`` replaces ``completion_hidden`` over ``backbone(model)`` (data-parallel training
+    passes its DDP/FSDP wrapper, whose one forward runs it); ``share_prompts``: each prompt shared by
+    several rows is computed once (``prompt_forward``).
     """
     head = head or LogitHead.of(model)
-    out = (run_backbone or backbone(model))(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
-    # Position P-1+t's hidden state predicts completion token t.
-    width = batch.completion_ids.shape[1]
-    start = batch.prompt_width - 1
-    hidden = out.last_hidden_state[:, start: start + width]
+    if run_backbone is not None:
+        hidden = run_backbone(tokens=batch, share_prompts=share_prompts)
+    else:
+        hidden = completion_hidden(backbone(model), batch, share_prompts)
     mask = batch.completion_mask
     flat_hidden, flat_targets = hidden[mask], batch.completion_ids[mask]
     parts_logp, parts_entropy = [], []
+    # Recomputing a chunk in backward saves memory only when there are several: a single chunk's logits
+    # are as alive at the head's backward (with the backbone's activations) as its recompute would be.
+    recompute = torch.is_grad_enabled() and flat_targets.shape[0] > chunk_tokens
     for begin in range(0, flat_targets.shape[0], chunk_tokens):
         args = (flat_hidden[begin: begin + chunk_tokens], flat_targets[begin: begin + chunk_tokens])
-        if torch.is_grad_enabled():
+        if recompute:
             logp, entropy = checkpoint(_chunk_logprobs, *args, head, temperature, with_entropy, use_reentrant=False)
         else:
             logp, entropy = _chunk_logprobs(*args, head, temperature, with_entropy)

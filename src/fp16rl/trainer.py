@@ -28,9 +28,10 @@ from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.critic import Critic, copy_backbone
 from fp16rl.distributed import DataParallel
 from fp16rl.dpo import dpo_part_loss
-from fp16rl.hardware import auto_threads, emulation_notes
+from fp16rl.hardware import auto_threads, emulation_notes, keep_freed_memory
 from fp16rl.interrupt import RunInterrupted, StopRequest
-from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
+from fp16rl import prompt_forward
+from fp16rl.logprobs import LogitHead, TokenBatch, backbone, completion_logprobs
 from fp16rl.loss_batches import loss_batch
 from fp16rl.models import (LoraSettings, enable_gradient_checkpointing, load_tokenizer, load_trainer_model,
                            model_folder, require_4bit_support, resolve_device, stop_token_ids)
@@ -107,6 +108,7 @@ class Trainer:
         self.device = self.parallel.device(resolve_device(config.device))
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or auto_threads(self.device))
+            keep_freed_memory()
         if config.load_in_4bit:
             require_4bit_support(self.device)
         self.policy = PrecisionPolicy.from_options(config.dtype, config.sampler_dtype, config.trainer_dtype,
@@ -128,6 +130,7 @@ class Trainer:
         self.weights = MasterWeights(self.model, self.policy, sharded=self.sharded)
         self.head = LogitHead.of(self.model)
         self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
+        self.share_prompts = config.share_prompt_forward and self._prompts_can_be_shared()
         self.dpo = config.algorithm == "online_dpo"
         self.reference = None if config.beta == 0.0 and not self.dpo else ReferencePolicy(
             self.model, adapters=lora is not None, dtype=self.policy.weights_dtype if self.sharded else None)
@@ -208,6 +211,13 @@ class Trainer:
         if self.config.fsdp and not self.parallel.enabled:
             notes.append("--fsdp shards over the ranks of a torchrun launch; in one process it changes nothing")
         return notes
+
+    def _prompts_can_be_shared(self) -> bool:
+        """Whether this model's forward takes a shared prompt (``prompt_forward.check``); logged when not."""
+        reason = prompt_forward.check(backbone(self.model), lambda: self.policy.autocast(self.device.type))
+        if reason is not None:
+            logger.info(f"the trainer computes each prompt once per completion (--share-prompt-forward): {reason}")
+        return reason is None
 
     def _check_resumed_precision(self, stored: dict[str, Any] | None, checkpoint: Any) -> None:
         declared = (stored or {}).get("declared") or {}
@@ -320,7 +330,7 @@ class Trainer:
             self.sampler, self.model, self.head, self.policy, prompt_ids,
             cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots, self._forward_rows(),
             cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
-            watch=stop.watching_layers, run_backbone=self.wrapped, recompute=not fused,
+            watch=stop.watching_layers, run_backbone=self.wrapped, recompute=not fused, share_prompts=self.share_prompts,
             max_rows=self.sampler.rows_per_call(cfg.generation_batch_size, cfg.gpu_memory_utilization, prompt_ids,
                                                 cfg.max_completion_length, cfg.num_generations))
         rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
@@ -393,7 +403,8 @@ class Trainer:
         """Trainer-side logprobs of a whole batch (no entropy), in micro-batches and the compute context;
         ``head``: ``model``'s own (default: the policy's)."""
         return trainer_logprobs(model, tokens, self.policy, head or self.head, self.config.temperature,
-                                self._forward_rows(), self.config.logprob_chunk_tokens)[0]
+                                self._forward_rows(), self.config.logprob_chunk_tokens,
+                                share_prompts=self.share_prompts)[0]
 
     def _micro_batch_size(self) -> int:
         """Completions per gradient-accumulation micro-batch on this rank: the seed script's meaning of GA
@@ -443,7 +454,7 @@ class Trainer:
                 with torch.no_grad():
                     collected.fill(*trainer_logprobs(self.model, batch.tokens, self.policy, self.head, cfg.temperature,
                                                      self._forward_rows(), cfg.logprob_chunk_tokens, True,
-                                                     self.wrapped))
+                                                     self.wrapped, self.share_prompts))
             return {**metrics, **self._optim_summary(0.0, [], [], 0, {}, batch.ref_logprobs)}
         totals = dict.fromkeys(("loss", "clip_ratio_low", "clip_ratio_high", "kl_ref", "value_loss",
                                 "value_clip_fraction"), 0.0)
@@ -468,7 +479,7 @@ class Trainer:
                         with self.policy.autocast(self.device.type), stop.watching_layers(self.model):
                             logprobs, entropy = completion_logprobs(
                                 self.model, part.tokens, cfg.temperature, collected is not None,
-                                cfg.logprob_chunk_tokens, self.head, self.wrapped)
+                                cfg.logprob_chunk_tokens, self.head, self.wrapped, self.share_prompts)
                         old = logprobs.detach() if self.passes == 1 else part.old_logprobs  # ratio 1, as in TRL
                         if collected is not None:
                             at = begin + part_begin
