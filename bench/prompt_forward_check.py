@@ -31,7 +31,7 @@ def measure(device: str, dtype: torch.dtype, lora: bool, checkpointing: bool) ->
             model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         enable_gradient_checkpointing(model, checkpointing and share)
         draw = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(1, 512, (40,), generator=draw).tolist(), torch.randint(1, 512, (25,), generator=draw).tolist()]
+        prompts = [torch.randint(1, 512, (n,), generator=draw).tolist() for n in (40, 25)]
         completions = torch.randint(1, 512, (16, 32), generator=draw)
         mask = torch.arange(32)[None] < torch.randint(4, 33, (16, 1), generator=draw)
         batch = build_token_batch(prompts, 8, completions, mask, 0).to(device)

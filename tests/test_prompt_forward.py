@@ -100,6 +100,7 @@ def test_the_decoder_layers_see_each_prompt_once_and_no_padding_beyond_each_buck
         completion_logprobs(model, unshared, share_prompts=True)
         widths = unshared.completion_mask.sum(-1)
         assert seen == [(len(b), prompt + int(widths[b].max())) for b in prompt_forward.length_buckets(widths, prompt)]
+    handle.remove()
 
 
 def test_length_buckets_minimise_the_tokens_computed():
@@ -179,3 +180,25 @@ def test_training_with_and_without_prompt_sharing_matches(tmp_path, lora_r):
         assert shared["reward/mean"] == plain["reward/mean"]
         for key in ("mismatch/logp_abs_diff_mean", "policy/kl_ref", "optim/loss", "optim/grad_norm"):
             assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+
+
+def test_logits_chunks_are_recomputed_only_when_there_are_several(fp16rl_home):
+    """One chunk: the head runs once (its recompute would keep as much, at the same moment); several:
+    each chunk again in backward. The logprobs and gradients are the same either way."""
+    model = load_model(tiny_model_path())
+    batch = _batch(model.config.vocab_size)
+    tokens = int(batch.completion_mask.sum())
+    results = {}
+    for chunk in (tokens, 16):
+        calls = []
+        handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: calls.append(1))
+        model.zero_grad()
+        logprobs, _ = completion_logprobs(model, batch, chunk_tokens=chunk)
+        logprobs.sum().backward()
+        handle.remove()
+        chunks = -(-tokens // chunk)
+        assert len(calls) == (1 if chunks == 1 else 2 * chunks)
+        results[chunk] = logprobs.detach(), model.get_output_embeddings().weight.grad.clone()
+    (one_lp, one_grad), (many_lp, many_grad) = results.values()
+    assert (one_lp - many_lp).abs().max().item() <= FP32_TOLERANCE
+    assert ((one_grad - many_grad).abs().max() / one_grad.abs().max()).item() <= FP32_TOLERANCE

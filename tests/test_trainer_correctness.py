@@ -200,3 +200,19 @@ def test_threads_option_sets_the_pool_and_auto_never_raises_it(tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="threads"):
         toy_config(tmp_path / "bad", threads=-1).validate()
+
+
+def test_keep_freed_memory_applies_with_glibc_unless_the_user_chose(monkeypatch):
+    """On Linux/glibc the allocator is told to keep freed memory (no mmap/munmap per large tensor);
+    a user's own MALLOC_* setting stands. The setting does not change what is computed."""
+    import platform
+
+    from fp16rl.hardware import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    big = torch.ones(64, 1 << 20)  # 256 MB: served by the heap now, and still correct
+    assert big.sum().item() == 64 * (1 << 20)

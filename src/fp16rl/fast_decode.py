@@ -26,6 +26,8 @@ not transformers' kernel, so it is not bitwise equal to the default path (fp32: 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
@@ -54,6 +56,45 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if lm.training:
         return "model is in training mode (dropout)"
     return None
+
+
+def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module``'s forward for the decode loop. A peft LoRA ``Linear`` with one plain adapter (no
+    dropout, no variant, in the input's dtype) runs peft's own operations, ``base(x) + B(A(x)) *
+    scaling``, without its per-call bookkeeping (adapter loops, dtype checks, three module calls): a
+    visible share of a LoRA decode step (bench/RESULTS.md). It checks the adapter is still enabled and
+    unmerged at each call, and falls back to ``module`` otherwise; anything else is ``module`` itself."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or len(module.active_adapters) != 1:
+        return module
+    name = module.active_adapters[0]
+    if name not in module.lora_A or name in module.lora_variant or module.use_dora.get(name, False):
+        return module
+    base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
+    plain = (isinstance(module.lora_dropout[name], torch.nn.Identity) and type(base) is torch.nn.Linear
+             and type(lora_a) is torch.nn.Linear and type(lora_b) is torch.nn.Linear and lora_a.bias is None
+             and lora_b.bias is None and lora_a.weight.dtype == base.weight.dtype)
+    if not plain:
+        return module
+    scaling = module.scaling[name]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if module.disable_adapters or module.merged or x.dtype != lora_a.weight.dtype:
+            return module(x)
+        return F.linear(x, base.weight, base.bias) + F.linear(F.linear(x, lora_a.weight), lora_b.weight) * scaling
+
+    return forward
+
+
+def _lean_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated MLP's forward as Llama/Qwen2/Mistral write it, ``down(act(gate(x)) * up(x))``, with
+    ``_lean`` projections (the module itself when none of them is a LoRA layer)."""
+    gate, up, down = _lean(mlp.gate_proj), _lean(mlp.up_proj), _lean(mlp.down_proj)
+    if gate is mlp.gate_proj and up is mlp.up_proj and down is mlp.down_proj:
+        return mlp
+    act = mlp.act_fn
+    return lambda x: down(act(gate(x)) * up(x))
 
 
 class SharedPromptKV:
@@ -164,13 +205,13 @@ class LlamaFamilyDecoder:
         self.layers = [
             (
                 layer.input_layernorm,
-                layer.self_attn.q_proj,
-                layer.self_attn.k_proj,
-                layer.self_attn.v_proj,
-                layer.self_attn.o_proj,
+                _lean(layer.self_attn.q_proj),
+                _lean(layer.self_attn.k_proj),
+                _lean(layer.self_attn.v_proj),
+                _lean(layer.self_attn.o_proj),
                 layer.self_attn.scaling,
                 layer.post_attention_layernorm,
-                layer.mlp,
+                _lean_mlp(layer.mlp),
             )
             for layer in body.layers[: lm.config.num_hidden_layers]
         ]

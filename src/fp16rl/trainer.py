@@ -330,7 +330,8 @@ class Trainer:
             self.sampler, self.model, self.head, self.policy, prompt_ids,
             cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots, self._forward_rows(),
             cfg.logprob_chunk_tokens, self.tokenizer.pad_token_id, with_entropy=True, should_stop=stop.check,
-            watch=stop.watching_layers, run_backbone=self.wrapped, recompute=not fused, share_prompts=self.share_prompts,
+            watch=stop.watching_layers, run_backbone=self.wrapped, recompute=not fused,
+            share_prompts=self.share_prompts,
             max_rows=self.sampler.rows_per_call(cfg.generation_batch_size, cfg.gpu_memory_utilization, prompt_ids,
                                                 cfg.max_completion_length, cfg.num_generations))
         rollouts, tokens, old_logprobs = measured.rollouts, measured.tokens, measured.old_logprobs
