@@ -100,8 +100,8 @@ def trl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out:
 def summary(records: list[dict[str, float]]) -> dict[str, float]:
     seconds = statistics.median(r["s"] for r in records)
     tokens = sum(r["tokens"] for r in records) / sum(r["s"] for r in records)
-    return {"s": seconds, "tps": tokens, "length": sum(r["tokens"] for r in records) / len(records),
-            **{k: statistics.median(r[k] for r in records) for k in ("rollout", "train", "telemetry") if k in records[0]}}
+    phases = {k: statistics.median(r[k] for r in records) for k in ("rollout", "train", "telemetry") if k in records[0]}
+    return {"s": seconds, "tps": tokens, "length": sum(r["tokens"] for r in records) / len(records), **phases}
 
 
 def measure(engine: str, model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""How fast this machine computes in half precision, measured, so a slow run is explained up front.
+"""This machine as the run sees it: half-precision speed (measured, so a slow run is explained up
+front), CPU threads, the allocator setting.
 
 Many CPUs have no native float16 (and some no bfloat16) matmul: torch then converts to float32
 and back inside the kernel, which can be several times slower than float32 itself. A user who
