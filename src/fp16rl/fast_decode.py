@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
 from fp16rl.logprobs import causal_lm, prefill_forward
+from fp16rl.prompt_forward import not_full_attention
 
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
@@ -48,11 +49,9 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     config = lm.config
     if config._attn_implementation not in SUPPORTED_ATTENTION:
         return f"attention implementation {config._attn_implementation!r} is not sdpa or eager"
-    if getattr(config, "sliding_window", None) is not None:
-        return "sliding-window attention is configured"
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        return f"layer types {sorted(set(layer_types))} are not all full_attention"
+    reason = not_full_attention(config)
+    if reason is not None:
+        return reason
     if lm.training:
         return "model is in training mode (dropout)"
     return None

@@ -70,14 +70,23 @@ def _cache_kept_under_checkpointing(layers: torch.nn.ModuleList) -> Iterator[Non
                 layer._can_checkpoint_with_cache = value
 
 
-def unsupported_reason(decoder: torch.nn.Module) -> str | None:
-    """Why the decoder stack cannot take a shared prompt cache, or None when it can."""
-    config = decoder.config.get_text_config(decoder=True)
+def not_full_attention(config: Any) -> str | None:
+    """Why a model's layers are not all full causal attention (a sliding window, other layer kinds), or
+    None: what both the shared prompt here and the fast decoder's own attention assume."""
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return "sliding-window attention is configured"
     layer_types = getattr(config, "layer_types", None) or []
     if any(kind != "full_attention" for kind in layer_types):
         return f"layer types {sorted(set(layer_types))} are not all full_attention"
+    return None
+
+
+def unsupported_reason(decoder: torch.nn.Module) -> str | None:
+    """Why the decoder stack cannot take a shared prompt cache, or None when it can."""
+    config = decoder.config.get_text_config(decoder=True)
+    reason = not_full_attention(config)
+    if reason is not None:
+        return reason
     if config.is_encoder_decoder:
         return "the model is an encoder-decoder"
     if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
