@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
-from fp16rl.logprobs import build_token_batch, completion_logprobs
+from fp16rl.logprobs import build_token_batch, causal_lm, completion_logprobs
 from fp16rl.models import LoraSettings, TinyModelSpec, apply_lora, load_model, tiny_model_path
 from fp16rl.sampler import HFCacheDecoder, Sampler, SamplingParams, cast_parameters, left_pad
 
@@ -233,3 +233,24 @@ def test_shared_prompt_kv_needs_the_fast_engine():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).eval()
     with pytest.raises(ValueError, match="share_prompt_kv needs the fast sampler engine.*GPT2LMHeadModel"):
         Sampler(gpt2, torch.float32, PAD, [1], share_prompt_kv=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lean_lora_projections_compute_what_peft_computes(dtype):
+    """The decode loop's LoRA projections and MLP (``_lean``) skip peft's bookkeeping, not its maths:
+    bitwise equal to the peft modules in every dtype; with the adapters disabled they defer to peft."""
+    from fp16rl.fast_decode import _lean, _lean_mlp
+
+    torch.manual_seed(0)
+    model = _model("llama", lora=True).to(dtype)
+    layer = causal_lm(model).model.layers[0]
+    x = torch.randn(3, 1, layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(2)).to(dtype)
+    lean_q, lean_mlp = _lean(layer.self_attn.q_proj), _lean_mlp(layer.mlp)
+    assert lean_q is not layer.self_attn.q_proj and lean_mlp is not layer.mlp  # the lean path is taken
+    with torch.no_grad():
+        assert torch.equal(lean_q(x), layer.self_attn.q_proj(x))
+        assert torch.equal(lean_mlp(x), layer.mlp(x))
+        with model.disable_adapter():
+            assert torch.equal(lean_q(x), layer.self_attn.q_proj.base_layer(x))
+    plain = _model("llama")
+    assert _lean(causal_lm(plain).model.layers[0].self_attn.q_proj) is causal_lm(plain).model.layers[0].self_attn.q_proj

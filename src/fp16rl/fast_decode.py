@@ -68,7 +68,7 @@ def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if type(module) is not LoraLinear or len(module.active_adapters) != 1:
         return module
     name = module.active_adapters[0]
-    if name not in module.lora_A or name in module.lora_variant or module.use_dora.get(name, False):
+    if name not in module.lora_A or name in module.lora_variant:  # DoRA and the other variants
         return module
     base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
     plain = (isinstance(module.lora_dropout[name], torch.nn.Identity) and type(base) is torch.nn.Linear

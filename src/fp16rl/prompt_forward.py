@@ -11,7 +11,9 @@ the rows' contributions, so the loss and its gradients are the plain forward's u
 The completions attend through transformers' own attention over the cached keys (the chunked
 prefill path), with the same 2-D padding mask and positions as the plain forward. So any model whose
 layers are all full attention over a standard KV cache qualifies (``unsupported_reason``), and the
-trainer checks each model once on a probe batch (``verify``) before using it.
+trainer checks each model once on a probe batch (``check``) before using it. The same forward also
+looks the token embeddings up once and runs the completions in ``length_buckets`` (no padding to the
+batch's longest completion beyond each bucket's).
 
 The cache layers never grow: gradient checkpointing replays a layer's forward in the backward, and a
 cache that appended on every call would then hold the prompt twice.
@@ -175,9 +177,7 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, batch:
     keys/values; per bucket they are given to its rows (``owners``) and a completion pass attends over
     them. The position predicting a row's token 0 is its prompt's last."""
     width = batch.prompt_width
-    starts = torch.ones_like(owners, dtype=torch.bool)
-    starts[1:] = owners[1:] != owners[:-1]
-    first = torch.nonzero(starts).squeeze(-1)
+    first = torch.nonzero(torch.diff(owners, prepend=owners.new_tensor([-1]))).squeeze(-1)  # each prompt's first row
     recorded = Cache(layers=[_PrefixLayer() for _ in decoder.layers])
     parts = []
     with _cache_kept_under_checkpointing(decoder.layers):
@@ -212,11 +212,12 @@ def check(decoder: torch.nn.Module, context: Callable[[], ContextManager[Any]] =
     the bounds ``LogitHead.verify`` uses); an error or a larger difference means the model's attention
     does not take the prefix cache as this module assumes."""
     from fp16rl.logprobs import build_token_batch
+    from fp16rl.pi_old import dropout_active
 
     reason = unsupported_reason(decoder)
     if reason is not None:
         return reason
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in decoder.modules()):
+    if dropout_active(decoder):
         return "dropout is active (the rows would share the prompt's dropout draws)"
     device = next(decoder.parameters()).device
     vocab = decoder.config.get_text_config(decoder=True).vocab_size
