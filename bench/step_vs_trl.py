@@ -2,15 +2,17 @@
 
 Same model, prompts (toy:digits, rendered with the model's chat template), reward (the share of digit
 characters), group size, completion length and sampling (temperature 1, top_p 0.95), beta 0, one
-prompt per step, full fine-tuning or LoRA (r=16 on the same modules), learning rate 1e-5. The two
-engines alternate per configuration; each runs one untimed warm-up step, then ``--steps`` timed ones.
+prompt per step, full fine-tuning or LoRA (r=16 on the same modules), learning rate 1e-5, and
+GRPOConfig's loss (dapo), clip (1.0), schedule (linear, no warm-up) and weight decay (0). Each engine
+runs in its own process: one untimed warm-up step, then ``--steps`` timed ones; ``--rounds`` repeats
+that per engine, alternating which goes first, since a shared machine's speed drifts over minutes.
 The engines draw different random numbers, so their completions differ in length; ``--fixed-length``
 makes every completion ``--completion-tokens`` long in both (the same work, token for token).
 Prints the median s/step, completion tokens/s, fp16rl's rollout/train split, the share of its step
 that the mismatch telemetry costs (``time/mismatch_s``: the no-grad recompute of pi_old and the
 metrics) and the ratio of completion tokens/s. TRL computes no such telemetry.
 
-    python bench/step_vs_trl.py --model smollm2-135m --dtypes float32 --modes full,lora --steps 4
+    python bench/step_vs_trl.py --model smollm2-135m --dtypes float32 --modes full,lora --steps 4 --rounds 2
 
 TRL on a CPU runs fp32 and bf16 (``bf16=True``: autocast); fp16 mixed precision needs a GPU there,
 so fp16 rows show fp16rl alone.
@@ -36,13 +38,17 @@ from fp16rl.tasks.toy import DigitsTask, digit_share
 from fp16rl.trainer import Trainer
 
 LEARNING_RATE, LORA_R, TOP_P = 1e-5, 16, 0.95
+# fp16rl's settings where its defaults differ from GRPOConfig's, so both engines learn alike and draw
+# completions of like lengths (completion tokens/s also measures what the policy learned to write).
+TRL_DEFAULTS = {"loss_type": "dapo", "max_grad_norm": 1.0, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
+                "weight_decay": 0.0}
 
 
 def fp16rl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
     config = TrainConfig(model_path=model, dataset_path="toy:digits", output_dir=str(out), dtype=dtype,
                          lora_r=LORA_R if lora else 0, lora_alpha=2 * LORA_R, num_generations=args.generations,
                          prompts_per_step=1, max_completion_length=args.completion_tokens, beta=0.0, top_p=TOP_P,
-                         learning_rate=LEARNING_RATE, mask_truncated_completions=False,
+                         learning_rate=LEARNING_RATE, mask_truncated_completions=False, **TRL_DEFAULTS,
                          max_steps=args.steps + 1, save_steps=10**6, report_to=["none"], seed=0)
     trainer = Trainer(config)
     if args.fixed_length:  # no stop token: every completion is --completion-tokens long, as TRL's below
@@ -104,7 +110,8 @@ def summary(records: list[dict[str, float]]) -> dict[str, float]:
     return {"s": seconds, "tps": tokens, "length": sum(r["tokens"] for r in records) / len(records), **phases}
 
 
-def measure(engine: str, model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path) -> dict[str, float]:
+def measure(engine: str, model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path
+            ) -> list[dict[str, float]]:
     """One engine's steps in this (fresh) process: neither engine inherits the other's process state,
     such as fp16rl's allocator setting (``hardware.keep_freed_memory``) or TRL's trackio import."""
     torch.set_num_threads(args.threads)
@@ -115,10 +122,10 @@ def measure(engine: str, model: str, dtype: str, lora: bool, args: argparse.Name
 
         keep_freed_memory()
     steps = fp16rl_steps if engine == "fp16rl" else trl_steps
-    return summary(steps(model, dtype, lora, args, out))
+    return steps(model, dtype, lora, args, out)
 
 
-def isolated(*call: Any) -> dict[str, float]:
+def isolated(*call: Any) -> list[dict[str, float]]:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, *call).result()
 
@@ -129,6 +136,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float]
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--modes", default="full,lora")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per engine, after one warm-up step")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of each engine per configuration, alternating which goes first (fp16rl, TRL, TRL, "
+                             "fp16rl, ...); each run warms up, then times --steps steps; the table pools them")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
@@ -144,16 +154,20 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float]
         for dtype in args.dtypes.split(","):
             for mode in args.modes.split(","):
                 lora = mode == "lora"
-                ours = isolated("fp16rl", model, dtype, lora, args, Path(folder) / f"ours-{dtype}-{mode}")
-                theirs = None
-                if dtype != "float16":
-                    theirs = isolated("trl", model, dtype, lora, args, Path(folder) / f"trl-{dtype}-{mode}")
+                engines = ["fp16rl"] + (["trl"] if dtype != "float16" else [])
+                records: dict[str, list[dict[str, float]]] = {engine: [] for engine in engines}
+                for round_ in range(args.rounds):  # ABBA: a drift of the machine's speed falls on both engines
+                    for engine in engines if round_ % 2 == 0 else engines[::-1]:
+                        records[engine] += isolated(engine, model, dtype, lora, args,
+                                                    Path(folder) / f"{engine}-{dtype}-{mode}-{round_}")
+                ours = summary(records["fp16rl"])
+                theirs = summary(records["trl"]) if "trl" in records else None
                 rows.append((dtype, mode, ours, theirs))
                 print(f"{dtype} {mode}: fp16rl {ours['s']:.2f} s/step, TRL "
                       + (f"{theirs['s']:.2f} s/step" if theirs else "n/a"), flush=True)
     print(f"\n{args.model}, {args.generations} x {args.completion_tokens} tokens"
           f"{' (fixed length)' if args.fixed_length else ''}, {args.threads} thread(s), "
-          f"median of {args.steps} steps after a warm-up\n")
+          f"median of {args.rounds} x {args.steps} steps, each run after a warm-up\n")
     print("| dtype | mode | TRL s/step | TRL tok/s | fp16rl s/step | fp16rl tok/s | rollout s | train s | "
           "telemetry share | tokens per completion (TRL / fp16rl) | s/step ratio | tok/s ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

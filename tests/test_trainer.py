@@ -87,9 +87,14 @@ def test_injected_fp16_overflow_skips_step(tmp_path):
     for name, p in trainer.model.named_parameters():
         assert torch.isfinite(p).all(), name
         assert torch.equal(p, before[name]), name  # the skipped step changed nothing
+    # The fused AdamW got the scaler's found_inf: no step counted, moments untouched.
+    assert trainer.optimizer.defaults["fused"]
+    states = list(trainer.optimizer.state.values())
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in states)
     metrics = trainer.step(2)
     assert metrics["optim/step_skipped"] == 0.0 and metrics["optim/skipped_steps_total"] == 1.0
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {1.0}
 
 
 def test_bf16_nonfinite_gradient_skips_step(tmp_path):

@@ -32,6 +32,7 @@ class MasterWeights:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.is_copy = policy.weights_dtype != torch.float32 and not sharded
+        self.sharded = sharded
         with torch.no_grad():
             if self.is_copy:
                 self.masters = [nn.Parameter(p.detach().float().clone()) for p in self.params]
@@ -102,10 +103,24 @@ class MasterWeights:
 
 def make_optimizer(weights: MasterWeights, model: nn.Module, learning_rate: float, weight_decay: float,
                    more: tuple[MasterWeights, nn.Module] | None = None) -> torch.optim.AdamW:
-    """AdamW over ``weights`` (and ``more``'s, PPO's critic: its groups follow, one optimizer and schedule)."""
+    """AdamW over ``weights`` (and ``more``'s, PPO's critic: its groups follow, one optimizer and schedule).
+
+    Fused (one kernel per parameter for the whole update, TRL's default ``adamw_torch_fused``) where
+    the masters' device has the kernel: the per-operation loop reads and writes each moment several
+    times, 0.22 s against 0.07 s for SmolLM2-135M's 135 M masters on one CPU core. Under the fp16
+    GradScaler the fused kernel receives the scaler's ``found_inf`` and leaves an overflowed step's
+    weights, moments and step count as they were, as the loop's skipped call does. FSDP's DTensor
+    shards keep the loop: torch 2.13's fused step fails on them under the GradScaler (its ``found_inf``
+    of shape [1] against the shards' step counts of shape []).
+    """
     groups = weights.param_groups(model, weight_decay)
     if more is not None:
         groups += more[0].param_groups(more[1], weight_decay)
+    if not weights.sharded:
+        try:
+            return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+        except RuntimeError:  # a device without the fused kernel
+            pass
     return torch.optim.AdamW(groups, lr=learning_rate)
 
 
