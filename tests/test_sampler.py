@@ -210,6 +210,24 @@ def test_token_noise_is_exponential_and_the_race_draws_from_p():
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05
 
 
+def test_the_int32_hash_gives_the_bits_of_the_int64_one():
+    """The noise hashes in int32 (wrapping products, masked shifts) for speed; every bit pattern it
+    produces must be the uint32 hash's, so draws are those of earlier runs and of any device."""
+    from fp16rl.sampler import _LOW32, _as_int32, _mix32_int32, exponential_from_bits, mix32
+
+    edges = torch.tensor([0, 1, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**31 + 1, 0xFFFF0000, 2**32 - 1])
+    x = torch.cat([edges, torch.randint(0, 2**32, (200_000,), generator=torch.Generator().manual_seed(0))])
+    assert torch.equal(_mix32_int32(_as_int32(x)), _as_int32(mix32(x)))
+    noise = TokenNoise(row_keys(seed=11, slots=range(3), num_generations=4), vocab_size=1000)
+    rows, tokens = torch.arange(12), torch.randint(0, 1000, (12, 7), generator=torch.Generator().manual_seed(1))
+    for position in (0, 1, 63, 10**6):
+        base = mix32(noise.keys ^ mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32))
+        token_hash = mix32((torch.arange(1000) * 0x9E3779B1 + 0x7F4A7C15) & _LOW32)
+        expected = exponential_from_bits(mix32(base[:, None] ^ token_hash[None, :]) >> 8)
+        assert torch.equal(noise.exponential(rows, position), expected)
+        assert torch.equal(noise.exponential(rows, position, tokens), expected.gather(1, tokens))
+
+
 def test_behaviour_logprobs_are_the_processed_distribution_by_hand():
     """Top-p 0.8 on p = softmax([2, 1, 0, -1]) = [.644, .237, .087, .032]: the prefix reaching 0.8 is the
     first two tokens (0.644 < 0.8 <= 0.881), renormalised; the kept mass is their unprocessed sum."""
