@@ -429,7 +429,7 @@ class TokenNoise:
         position_hash = mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32)  # a Python int: no tensor per step
         base = _as_int32(mix32(self.keys[rows] ^ position_hash))
         token_hash = self.token_hash[None, :] if tokens is None else self.token_hash[tokens]
-        return exponential_from_bits(_mix32_int32(base[:, None] ^ token_hash) >> 8 & 0xFFFFFF)
+        return exponential_from_bits((_mix32_int32(base[:, None] ^ token_hash) >> 8) & 0xFFFFFF)
 
 
 def _as_int32(x: torch.Tensor) -> torch.Tensor:
