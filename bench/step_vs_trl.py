@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float]
     parser.add_argument("--trl-keep-freed-memory", action="store_true",
                         help="give TRL's process fp16rl's allocator setting too (hardware.keep_freed_memory)")
     args = parser.parse_args(argv)
+    for name in ("steps", "rounds", "generations", "completion_tokens", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     model = str(model_folder(args.model))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
