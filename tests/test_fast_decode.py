@@ -252,5 +252,30 @@ def test_lean_lora_projections_compute_what_peft_computes(dtype):
         assert torch.equal(lean_mlp(x), layer.mlp(x))
         with model.disable_adapter():
             assert torch.equal(lean_q(x), layer.self_attn.q_proj.base_layer(x))
-    plain = _model("llama")
-    assert _lean(causal_lm(plain).model.layers[0].self_attn.q_proj) is causal_lm(plain).model.layers[0].self_attn.q_proj
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lean_plain_modules_compute_what_the_modules_compute(arch, dtype):
+    """Without LoRA the decode loop calls the projections, SiLU and RMSNorms as functions (no
+    ``nn.Module.__call__``): bitwise equal to the modules in every dtype; a module with a forward hook
+    is called as a module, so the hook runs."""
+    from fp16rl.fast_decode import _lean, _lean_mlp, _lean_norm
+
+    model = _model(arch).to(dtype)
+    body = causal_lm(model).model
+    layer = body.layers[0]
+    x = (torch.randn(3, 1, layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    lean = {"q_proj": (_lean(layer.self_attn.q_proj), layer.self_attn.q_proj),
+            "mlp": (_lean_mlp(layer.mlp), layer.mlp), "input_norm": (_lean_norm(layer.input_layernorm), layer.input_layernorm),
+            "final_norm": (_lean_norm(body.norm), body.norm)}
+    with torch.no_grad():
+        for name, (function, module) in lean.items():
+            assert function is not module, name  # the lean path is taken
+            assert torch.equal(function(x), module(x)), name
+    calls = []
+    handle = layer.self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert _lean(layer.self_attn.q_proj) is layer.self_attn.q_proj
+    finally:
+        handle.remove()

@@ -213,7 +213,7 @@ def test_token_noise_is_exponential_and_the_race_draws_from_p():
 def test_the_int32_hash_gives_the_bits_of_the_int64_one():
     """The noise hashes in int32 (wrapping products, masked shifts) for speed; every bit pattern it
     produces must be the uint32 hash's, so draws are those of earlier runs and of any device."""
-    from fp16rl.sampler import _LOW32, _as_int32, _mix32_int32, exponential_from_bits, mix32
+    from fp16rl.sampler import _as_int32, _mix32_int32, mix32
 
     edges = torch.tensor([0, 1, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**31 + 1, 0xFFFF0000, 2**32 - 1])
     x = torch.cat([edges, torch.randint(0, 2**32, (200_000,), generator=torch.Generator().manual_seed(0))])
@@ -221,11 +221,35 @@ def test_the_int32_hash_gives_the_bits_of_the_int64_one():
     noise = TokenNoise(row_keys(seed=11, slots=range(3), num_generations=4), vocab_size=1000)
     rows, tokens = torch.arange(12), torch.randint(0, 1000, (12, 7), generator=torch.Generator().manual_seed(1))
     for position in (0, 1, 63, 10**6):
-        base = mix32(noise.keys ^ mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32))
-        token_hash = mix32((torch.arange(1000) * 0x9E3779B1 + 0x7F4A7C15) & _LOW32)
-        expected = exponential_from_bits(mix32(base[:, None] ^ token_hash[None, :]) >> 8)
+        expected = _noise_by_formula(noise.keys, 1000, position)
         assert torch.equal(noise.exponential(rows, position), expected)
         assert torch.equal(noise.exponential(rows, position, tokens), expected.gather(1, tokens))
+
+
+def _noise_by_formula(keys: torch.Tensor, vocab: int, position: int) -> torch.Tensor:
+    """``TokenNoise``'s numbers for every key's row at ``position``, by its formula in uint32 arithmetic."""
+    from fp16rl.sampler import _LOW32, exponential_from_bits, mix32
+
+    base = mix32(keys ^ mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32))
+    token_hash = mix32((torch.arange(vocab) * 0x9E3779B1 + 0x7F4A7C15) & _LOW32)
+    return exponential_from_bits(mix32(base[:, None] ^ token_hash[None, :]) >> 8)
+
+
+@pytest.mark.parametrize("block_bytes", [0, 64 * 2**10, 2**20])
+def test_token_noise_blocks_give_the_formula_in_any_order(block_bytes):
+    """``TokenNoise`` computes position hashes, and a small vocabulary's whole noise, for blocks of
+    positions at once; asked in any order (forward across block ends, backward, far away), for all rows
+    (None) or a subset, with or without candidate tokens, it gives the formula's numbers."""
+    keys = row_keys(seed=5, slots=range(4), num_generations=3)
+    noise = TokenNoise(keys, 300, block_bytes=block_bytes)
+    assert (noise.vocab_positions > 1) == (block_bytes > 0)
+    subset = torch.tensor([0, 4, 5, 11])
+    tokens = torch.randint(0, 300, (4, 9), generator=torch.Generator().manual_seed(2))
+    for position in [*range(0, 140, 3), 7, 200, 63, 64, 65, 0, 10**6]:
+        expected = _noise_by_formula(keys, 300, position)
+        assert torch.equal(noise.exponential(None, position), expected)
+        assert torch.equal(noise.exponential(subset, position), expected[subset])
+        assert torch.equal(noise.exponential(subset, position, tokens), expected[subset].gather(1, tokens))
 
 
 def test_behaviour_logprobs_are_the_processed_distribution_by_hand():

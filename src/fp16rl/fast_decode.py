@@ -3,10 +3,13 @@
 Why: on small models each ``model(...)`` decode step through Hugging Face spends most of its
 time outside the maths (mask building, ``DynamicCache`` concatenation per layer, config
 look-ups, output dataclasses). This decoder keeps a preallocated KV cache written in place and
-an attention mask it updates one column per step, and calls the model's own modules (embedding,
+an attention mask it updates one column per step, and runs the model's own modules (embedding,
 RMSNorms, projections, MLP, rotary embedding, lm_head) with the same operations, order and shapes
-as the Hugging Face layer. Projections are called as modules, so LoRA adapters apply. The prefill
-runs once through the Hugging Face model itself and its cache is copied in.
+as the Hugging Face layer. A small model's step is bound by its number of operations, so plain
+modules run as their forward's functions (``_lean``: ``F.linear``, ``F.silu``, the RMSNorm formula;
+a LoRA projection as peft's operations; any module with hooks, or of another type, as a module), and
+static RoPE's cos/sin are computed once per call for every position it reaches and looked up per
+step. The prefill runs once through the Hugging Face model itself and its cache is copied in.
 
 Attention mirrors transformers' own choice per step: SDPA without a mask (``enable_gqa``) when
 no row has padding, otherwise SDPA with the mask and the query heads packed onto their key/value
@@ -15,7 +18,9 @@ head (``pack_gqa``); for ``attn_implementation="eager"`` the eager formula (soft
 Measured against ``HFCacheDecoder`` (transformers 5.23, torch 2.13 CPU; tiny Llama/Qwen2 with and
 without LoRA, Mistral, llama3 rope scaling, SmolLM2-135M): logits bitwise equal at every step in
 float32, bfloat16 and float16. The tests require <= 1e-5 in fp32 and a few ulps in half precision,
-since other kernels or versions may round differently.
+since other kernels or versions may round differently (the RoPE table, for one, takes ``cos`` over
+another shape than the per-step call, and ATen may then round an element by its scalar rather than
+its vector kernel, 1 ulp apart).
 
 Opt-in ``share_prompt_kv`` (``SharedPromptKV``): each prompt's K/V is kept once instead of being
 copied into each of its G rows, which saves ``(G - 1) x prompt tokens x KV bytes per token`` per
@@ -26,11 +31,17 @@ not transformers' kernel, so it is not bitwise equal to the default path (fp32: 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from fp16rl.logprobs import causal_lm, prefill_forward
 from fp16rl.prompt_forward import not_full_attention
@@ -38,6 +49,7 @@ from fp16rl.prompt_forward import not_full_attention
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+RMS_NORMS = (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm)  # one forward, written out in ``_lean_norm``
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -57,14 +69,27 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether forward hooks would run around ``module`` (then only a module call does what it does)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+                or _global_forward_pre_hooks)
+
+
 def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module``'s forward for the decode loop. A peft LoRA ``Linear`` with one plain adapter (no
-    dropout, no variant, in the input's dtype) runs peft's own operations, ``base(x) + B(A(x)) *
-    scaling``, without its per-call bookkeeping (adapter loops, dtype checks, three module calls): a
-    visible share of a LoRA decode step (bench/RESULTS.md). It checks the adapter is still enabled and
-    unmerged at each call, and falls back to ``module`` otherwise; anything else is ``module`` itself."""
+    """``module``'s forward for the decode loop, without ``nn.Module.__call__``'s bookkeeping (~1.4 us a
+    call on a CPU, a visible share of a small model's step: bench/RESULTS.md).
+
+    A plain ``nn.Linear`` is ``F.linear(x, weight, bias)``, its own forward. A peft LoRA ``Linear`` with
+    one plain adapter (no dropout, no variant, in the input's dtype) runs peft's own operations,
+    ``base(x) + B(A(x)) * scaling``, without its per-call bookkeeping (adapter loops, dtype checks, three
+    module calls); it checks the adapter is still enabled and unmerged at each call and falls back to
+    ``module`` otherwise. Anything else (quantised layers, modules with hooks) is ``module`` itself."""
     from peft.tuners.lora import Linear as LoraLinear
 
+    if _hooked(module):
+        return module
+    if type(module) is torch.nn.Linear:
+        return partial(F.linear, weight=module.weight, bias=module.bias)
     if type(module) is not LoraLinear or len(module.active_adapters) != 1:
         return module
     name = module.active_adapters[0]
@@ -88,12 +113,32 @@ def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _lean_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The gated MLP's forward as Llama/Qwen2/Mistral write it, ``down(act(gate(x)) * up(x))``, with
-    ``_lean`` projections (the module itself when none of them is a LoRA layer)."""
-    gate, up, down = _lean(mlp.gate_proj), _lean(mlp.up_proj), _lean(mlp.down_proj)
-    if gate is mlp.gate_proj and up is mlp.up_proj and down is mlp.down_proj:
+    ``_lean`` projections and SiLU as ``F.silu`` (its forward); the module itself if it has hooks."""
+    if _hooked(mlp):
         return mlp
+    gate, up, down = _lean(mlp.gate_proj), _lean(mlp.up_proj), _lean(mlp.down_proj)
     act = mlp.act_fn
+    if type(act) in (torch.nn.SiLU, SiLUActivation) and not _hooked(act):
+        act = F.silu
     return lambda x: down(act(gate(x)) * up(x))
+
+
+def _lean_norm(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Llama/Qwen2/Mistral's RMSNorm forward, the same operations in the same order (the tests hold it
+    bitwise equal to the module in fp32, bf16 and fp16), without the module call::
+
+        y = weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)     x32 = x in fp32
+    """
+    if type(norm) not in RMS_NORMS or _hooked(norm):
+        return norm
+    weight, eps = norm.weight, norm.variance_epsilon
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+    return forward
 
 
 class SharedPromptKV:
@@ -203,20 +248,25 @@ class LlamaFamilyDecoder:
         # Modules resolved once: nn.Module attribute look-ups are a visible share of a tiny model's step.
         self.layers = [
             (
-                layer.input_layernorm,
+                _lean_norm(layer.input_layernorm),
                 _lean(layer.self_attn.q_proj),
                 _lean(layer.self_attn.k_proj),
                 _lean(layer.self_attn.v_proj),
                 _lean(layer.self_attn.o_proj),
                 layer.self_attn.scaling,
-                layer.post_attention_layernorm,
+                _lean_norm(layer.post_attention_layernorm),
                 _lean_mlp(layer.mlp),
             )
             for layer in body.layers[: lm.config.num_hidden_layers]
         ]
-        self.norm = body.norm
+        self.norm = _lean_norm(body.norm)
         self.rotary_emb = body.rotary_emb
-        self.lm_head = lm.lm_head
+        # Static RoPE (default, linear, llama3, yarn...): cos/sin are a function of the position alone, so
+        # they are computed once per call for every position it reaches; dynamic and longrope frequencies
+        # depend on the longest position seen, so those run the module at every step as transformers does.
+        rope_type = getattr(self.rotary_emb, "rope_type", "default")
+        self.rope_table = "dynamic" not in rope_type and rope_type != "longrope"
+        self.lm_head = _lean(lm.lm_head)
         self.eager = lm.config._attn_implementation == "eager"
         attn = body.layers[0].self_attn
         self.head_dim = attn.head_dim
@@ -232,6 +282,11 @@ class LlamaFamilyDecoder:
         layers = out.cache.layers[: len(self.layers)]
         self.positions = attention_mask.sum(-1) - 1
         self.rows = rows
+        self.rotary = None
+        if self.rope_table:  # every position this call can reach: width - 1 + max_new_tokens at most
+            positions = torch.arange(width + self.max_new_tokens, device=input_ids.device)[None]
+            cos, sin = self.rotary_emb(self.embed_tokens.weight, positions)  # in the hidden states' dtype
+            self.rotary = torch.stack((cos[0], sin[0] * self.sin_sign), dim=1)  # [positions, 2, head_dim]
         if self.share_prompt_kv:
             self.shared = SharedPromptKV([layer.keys for layer in layers], [layer.values for layer in layers],
                                          attention_mask, self.groups)
@@ -309,10 +364,14 @@ class LlamaFamilyDecoder:
             key_mask = self.bias[:rows, None, None, :length] if self.padded or self.eager else None
 
         hidden = self.embed_tokens(tokens[:, None])
-        cos, sin = self.rotary_emb(hidden, self.positions[:, None])  # [B, 1, head_dim]
         # RoPE as transformers writes it, q*cos + rotate_half(q)*sin with rotate_half(q) = (-q2, q1),
         # in fewer ops: roll(q) = (q2, q1) and the sign moved onto sin (bitwise equal: x*-y == -x*y).
-        sin = sin * self.sin_sign
+        if self.rotary is not None:
+            rotary = self.rotary.index_select(0, self.positions)  # [B, 2, head_dim]
+            cos, sin = rotary[:, :1], rotary[:, 1:]
+        else:
+            cos, sin = self.rotary_emb(hidden, self.positions[:, None])  # [B, 1, head_dim]
+            sin = sin * self.sin_sign
         half = self.half
         heads = (rows, -1, self.head_dim)  # one token per row: [B, 1, H*D] -> [B, H, D] is a view
         for index, (layer, key_buffer, value_buffer) in enumerate(zip(self.layers, self.keys, self.values)):
