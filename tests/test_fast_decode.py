@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
 from fp16rl.logprobs import build_token_batch, causal_lm, completion_logprobs
@@ -74,6 +74,27 @@ def test_fp32_logits_match_hf_decoder(arch, lora, attn):
     assert unsupported_reason(model) is None
     for prompts in (PADDED_PROMPTS, EQUAL_PROMPTS):  # masked SDPA path and mask-free path
         assert _max_logit_diff(model, prompts)[0] <= 1e-5
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default"},
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "dynamic", "factor": 2.0},
+])
+def test_rope_types_match_hf_decoder(rope):
+    """Static RoPE types come from a table computed once per call; dynamic RoPE, whose frequencies change
+    once positions pass ``max_position_embeddings`` (16 here; this decode reaches 22), runs the model's
+    rotary module at every step as transformers does. Both give the transformers path's logits."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=16,
+                         rope_parameters={"rope_theta": 10000.0, **rope})
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    assert LlamaFamilyDecoder(model, 12).rope_table == (rope["rope_type"] != "dynamic")
+    assert _max_logit_diff(model, PADDED_PROMPTS)[0] <= 1e-5
 
 
 def test_lora_adapters_apply_in_fast_path():

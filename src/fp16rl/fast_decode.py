@@ -265,7 +265,7 @@ class LlamaFamilyDecoder:
         # they are computed once per call for every position it reaches; dynamic and longrope frequencies
         # depend on the longest position seen, so those run the module at every step as transformers does.
         rope_type = getattr(self.rotary_emb, "rope_type", "default")
-        self.rope_table = "dynamic" not in rope_type and rope_type != "longrope"
+        self.rope_table = isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope"
         self.lm_head = _lean(lm.lm_head)
         self.eager = lm.config._attn_implementation == "eager"
         attn = body.layers[0].self_attn
