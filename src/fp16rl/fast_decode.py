@@ -18,9 +18,8 @@ head (``pack_gqa``); for ``attn_implementation="eager"`` the eager formula (soft
 Measured against ``HFCacheDecoder`` (transformers 5.23, torch 2.13 CPU; tiny Llama/Qwen2 with and
 without LoRA, Mistral, llama3 rope scaling, SmolLM2-135M): logits bitwise equal at every step in
 float32, bfloat16 and float16. The tests require <= 1e-5 in fp32 and a few ulps in half precision,
-since other kernels or versions may round differently (the RoPE table, for one, takes ``cos`` over
-another shape than the per-step call, and ATen may then round an element by its scalar rather than
-its vector kernel, 1 ulp apart).
+since other kernels or versions may round differently (the RoPE table, for one, takes cos/sin over
+all positions in one call, where transformers takes them over ``[rows, 1]`` positions each step).
 
 Opt-in ``share_prompt_kv`` (``SharedPromptKV``): each prompt's K/V is kept once instead of being
 copied into each of its G rows, which saves ``(G - 1) x prompt tokens x KV bytes per token`` per
