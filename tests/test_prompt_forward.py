@@ -103,6 +103,28 @@ def test_the_decoder_layers_see_each_prompt_once_and_no_padding_beyond_each_buck
     handle.remove()
 
 
+def test_uniform_forward_calls_the_stack_twice_whatever_the_rows(fp16rl_home):
+    """FSDP's form (``uniform``): every rank must call each layer the same number of times, so the
+    shared forward makes one prompt pass and one completion pass over every row, whether its rows share
+    prompts or not and however their lengths differ; the hidden states are the plain forward's."""
+    model = load_model(tiny_model_path())
+    decoder = backbone(model)
+    batch = _batch(model.config.vocab_size, generations=4)
+    seen = []
+    handle = decoder.layers[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2]))
+    prompt = batch.prompt_width
+    with torch.no_grad():
+        for rows, prompts in ((torch.arange(8), 2), (torch.tensor([3, 4]), 2), (torch.tensor([5]), 1)):
+            part = batch.select(rows)
+            seen.clear()
+            shared = prompt_forward.completion_hidden(decoder, part, share_prompts=True, uniform=True)
+            assert seen == [(prompts, prompt), (len(rows), int(part.completion_mask.sum(-1).max()))]
+            plain = prompt_forward.completion_hidden(decoder, part)
+            mask = part.completion_mask
+            assert (shared[mask] - plain[mask]).abs().max().item() <= FP32_TOLERANCE * plain[mask].abs().max().item()
+    handle.remove()
+
+
 def test_length_buckets_minimise_the_tokens_computed():
     """The DP's split equals the best of every split of the sorted rows into runs (brute force)."""
     import itertools

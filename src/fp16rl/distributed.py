@@ -48,9 +48,10 @@ class _Backbone(nn.Module):
     gradients of the output head, which runs outside this forward (in ``completion_logprobs``'s chunks)
     but in the same backward."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, uniform: bool = False):
         super().__init__()
         self.model = model
+        self.uniform = uniform  # FSDP: the same calls of the stack on every rank (``completion_hidden``)
 
     def forward(self, tokens: Any, share_prompts: bool = False) -> torch.Tensor:  # tokens: a TokenBatch
         """``completion_hidden`` of ``tokens``: one DDP/FSDP forward even when the prompt pass and the
@@ -58,7 +59,7 @@ class _Backbone(nn.Module):
         from fp16rl.logprobs import backbone
         from fp16rl.prompt_forward import completion_hidden
 
-        return completion_hidden(backbone(self.model), tokens, share_prompts)
+        return completion_hidden(backbone(self.model), tokens, share_prompts, uniform=self.uniform)
 
 
 @dataclass
@@ -242,7 +243,7 @@ class DataParallel:
             from fp16rl.logprobs import backbone
 
             stacks = [child for child in backbone(model).children() if isinstance(child, nn.ModuleList)]
-            return shard_backbone(_Backbone(model), list(stacks[0]) if stacks else [], param_dtype)
+            return shard_backbone(_Backbone(model, uniform=True), list(stacks[0]) if stacks else [], param_dtype)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.local_rank] if self._comm_device.type == "cuda" else None

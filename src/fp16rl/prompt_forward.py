@@ -108,7 +108,8 @@ def prompt_owners(batch: TokenBatch) -> torch.Tensor | None:
     return new.long().cumsum(0) - 1
 
 
-def completion_hidden(decoder: torch.nn.Module, batch: "TokenBatch", share_prompts: bool = False) -> torch.Tensor:
+def completion_hidden(decoder: torch.nn.Module, batch: "TokenBatch", share_prompts: bool = False,
+                      uniform: bool = False) -> torch.Tensor:
     """The decoder's last hidden states ``[N, C, H]`` at the positions that predict the completion
     tokens (position ``P - 1 + t`` predicts token t; zeros past a row's end with ``share_prompts``).
 
@@ -118,6 +119,10 @@ def completion_hidden(decoder: torch.nn.Module, batch: "TokenBatch", share_promp
     the completions run in ``length_buckets``: rows of similar length together, each bucket only as
     wide as its longest row, so a batch of short completions and one long one does not compute the
     long one's width N times.
+
+    ``uniform`` (FSDP): the stack is called the same number of times whatever the rows, because FSDP2
+    gathers a layer's shards at each call of it and every rank must make the same calls: one prompt pass
+    (each row its own prompt when no two rows share one) and one completion pass over every row.
     """
     if not share_prompts:
         out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -125,9 +130,15 @@ def completion_hidden(decoder: torch.nn.Module, batch: "TokenBatch", share_promp
         start = batch.prompt_width - 1
         return out.last_hidden_state[:, start: start + batch.completion_ids.shape[1]]
     owners = prompt_owners(batch)
+    everyone = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    if uniform and owners is None:
+        owners = everyone
     embeds = decoder.get_input_embeddings()(batch.input_ids)
     lengths = batch.completion_mask.sum(-1).clamp(min=1)  # a row's columns to compute (at least one)
-    buckets = length_buckets(lengths, 0 if owners is not None else batch.prompt_width)
+    if uniform:
+        buckets = [everyone]
+    else:
+        buckets = length_buckets(lengths, 0 if owners is not None else batch.prompt_width)
     if owners is None:
         parts = [_rows_hidden(decoder, embeds[rows], batch.select(rows), int(lengths[rows].max())) for rows in buckets]
     else:

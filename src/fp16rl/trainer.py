@@ -214,10 +214,8 @@ class Trainer:
 
     def _prompts_can_be_shared(self) -> bool:
         """Whether this model's forward takes a shared prompt (``prompt_forward.check``); logged when not.
-        Not with FSDP: it gathers each layer's shards at every call of the layer, so all ranks must make
-        the same calls, while a rank's prompt pass and length buckets depend on its own rows."""
-        reason = "FSDP runs one forward per part on every rank" if self.sharded else None
-        reason = reason or prompt_forward.check(backbone(self.model), lambda: self.policy.autocast(self.device.type))
+        With FSDP the FSDP wrapper runs it without length buckets (``completion_hidden``'s ``uniform``)."""
+        reason = prompt_forward.check(backbone(self.model), lambda: self.policy.autocast(self.device.type))
         if reason is not None:
             logger.info(f"the trainer computes each prompt once per completion (--share-prompt-forward): {reason}")
         return reason is None
