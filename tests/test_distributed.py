@@ -70,10 +70,12 @@ def assert_ranks_identical(reports: list[dict]) -> None:
     dict(lora_r=0, loss_type="dapo", gradient_accumulation_steps=2, num_iterations=2),
     # The same sharded by FSDP2 (--fsdp; ignored by the one-process run), with the KL penalty's reference.
     dict(lora_r=0, loss_type="dapo", gradient_accumulation_steps=2, num_iterations=2, fsdp=True, beta=0.04),
+    # FSDP2 with activation checkpointing: its shared-prompt forward recomputes each layer in backward.
+    dict(lora_r=0, loss_type="dapo", fsdp=True, gradient_checkpointing=True),
     # Online DPO: pairs from the whole batch, the loss over every rank's pairs; DDP, then FSDP2.
     dict(lora_r=0, algorithm="online_dpo", gradient_accumulation_steps=2, per_device_train_batch_size=1),
     dict(lora_r=0, algorithm="online_dpo", dpo_loss_type="ipo", fsdp=True),
-], ids=["lora-bnpo", "full-dapo-ga2", "fsdp-dapo-ga2-kl", "dpo-ga2-rows1", "dpo-ipo-fsdp"])
+], ids=["lora-bnpo", "full-dapo-ga2", "fsdp-dapo-ga2-kl", "fsdp-checkpointing", "dpo-ga2-rows1", "dpo-ipo-fsdp"])
 def test_two_ranks_match_one_process(tmp_path, tiny_path, options):
     single, _ = launch(tmp_path, "one", 1, config=options)
     double, reports = launch(tmp_path, "two", 2, config=options)
