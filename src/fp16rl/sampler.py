@@ -273,13 +273,12 @@ class Sampler:
                 finished_eos[active[done]] = True
                 lengths[active[done]] = step + 1
                 keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
+                if keep.numel() == 0 or step == max_new - 1:
                     break
-                if step < max_new - 1:
-                    decoder.select(keep)
-                    everyone = False
-                    active, next_tokens = active[keep], next_tokens[keep]
-                    seen = seen[keep] if seen is not None else None
+                decoder.select(keep)
+                everyone = False
+                active, next_tokens = active[keep], next_tokens[keep]
+                seen = seen[keep] if seen is not None else None
             if step == max_new - 1:
                 break
             if seen is not None:
