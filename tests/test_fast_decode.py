@@ -294,8 +294,26 @@ def test_lean_plain_modules_compute_what_the_modules_compute(arch, dtype):
         for name, (function, module) in lean.items():
             assert function is not module, name  # the lean path is taken
             assert torch.equal(function(x), module(x)), name
+        ids = torch.tensor([[0], [5], [511]])
+        assert torch.equal(_lean(body.embed_tokens)(ids), body.embed_tokens(ids))
     handle = layer.self_attn.q_proj.register_forward_hook(lambda *args: None)
     try:
         assert _lean(layer.self_attn.q_proj) is layer.self_attn.q_proj
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("width", [8, 65, 576, 4096])
+def test_lean_fp32_norm_is_the_module_at_any_width(width):
+    """In fp32 the lean RMSNorm is ``F.rms_norm`` (one call): bitwise the module's formula at widths that
+    are and are not multiples of a vector register, rows of very different scales, and an eps that matters."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from fp16rl.fast_decode import _lean_norm
+
+    norm = LlamaRMSNorm(width, eps=1e-2)
+    generator = torch.Generator().manual_seed(width)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=generator))
+        x = torch.randn(5, 1, width, generator=generator) * torch.tensor([1e-3, 0.1, 1.0, 30.0, 1e4])[:, None, None]
+        assert torch.equal(_lean_norm(norm)(x), norm(x))
