@@ -6,10 +6,10 @@ look-ups, output dataclasses). This decoder keeps a preallocated KV cache writte
 an attention mask it updates one column per step, and runs the model's own modules (embedding,
 RMSNorms, projections, MLP, rotary embedding, lm_head) with the same operations, order and shapes
 as the Hugging Face layer. A small model's step is bound by its number of operations, so plain
-modules run as their forward's functions (``_lean``: ``F.linear``, ``F.silu``, the RMSNorm formula;
-a LoRA projection as peft's operations; any module with hooks, or of another type, as a module), and
-static RoPE's cos/sin are computed once per call for every position it reaches and looked up per
-step. The prefill runs once through the Hugging Face model itself and its cache is copied in.
+modules run as their forward's functions (``_lean``: ``F.linear``, ``F.embedding``, ``F.silu``, the
+RMSNorm formula, ``F.rms_norm`` in fp32; a LoRA projection as peft's operations; any module with hooks,
+or of another type, as a module), and static RoPE's cos/sin are computed once per call for every
+position it reaches and looked up per step. The prefill runs once through the Hugging Face model itself and its cache is copied in.
 
 Attention mirrors transformers' own choice per step: SDPA without a mask (``enable_gqa``) when
 no row has padding, otherwise SDPA with the mask and the query heads packed onto their key/value
