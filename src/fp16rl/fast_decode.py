@@ -9,7 +9,8 @@ as the Hugging Face layer. A small model's step is bound by its number of operat
 modules run as their forward's functions (``_lean``: ``F.linear``, ``F.embedding``, ``F.silu``, the
 RMSNorm formula, ``F.rms_norm`` in fp32; a LoRA projection as peft's operations; any module with hooks,
 or of another type, as a module), and static RoPE's cos/sin are computed once per call for every
-position it reaches and looked up per step. The prefill runs once through the Hugging Face model itself and its cache is copied in.
+position it reaches and looked up per step. The prefill runs once through the Hugging Face model
+itself and its cache is copied in.
 
 Attention mirrors transformers' own choice per step: SDPA without a mask (``enable_gqa``) when
 no row has padding, otherwise SDPA with the mask and the query heads packed onto their key/value
@@ -83,7 +84,8 @@ def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     A peft LoRA ``Linear`` with one plain adapter (no dropout, no variant, in the input's dtype) runs
     peft's own operations, ``base(x) + B(A(x)) * scaling``, without its per-call bookkeeping (adapter
     loops, dtype checks, three module calls); it checks the adapter is still enabled and unmerged at
-    each call and falls back to ``module`` otherwise. Anything else (quantised layers, modules with hooks) is ``module`` itself."""
+    each call and falls back to ``module`` otherwise. Anything else (quantised layers, modules with
+    hooks) is ``module`` itself."""
     from peft.tuners.lora import Linear as LoraLinear
 
     if _hooked(module):
