@@ -130,12 +130,11 @@ def completion_hidden(decoder: torch.nn.Module, batch: "TokenBatch", share_promp
         start = batch.prompt_width - 1
         return out.last_hidden_state[:, start: start + batch.completion_ids.shape[1]]
     owners = prompt_owners(batch)
-    everyone = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-    if uniform and owners is None:
-        owners = everyone
     embeds = decoder.get_input_embeddings()(batch.input_ids)
     lengths = batch.completion_mask.sum(-1).clamp(min=1)  # a row's columns to compute (at least one)
     if uniform:
+        everyone = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        owners = everyone if owners is None else owners
         buckets = [everyone]
     else:
         buckets = length_buckets(lengths, 0 if owners is not None else batch.prompt_width)
