@@ -281,6 +281,12 @@ EXPECTED = {
     "weird_return": Outcome.INVALID_OUTPUT,
     "proc_snoop": Outcome.EXCEPTION,
     "inherited_fds": Outcome.EXCEPTION,
+    # issue 23
+    "previous_report": Outcome.EXCEPTION,
+    "futex_channel": Outcome.EXCEPTION,
+    "page_cache_probe": Outcome.EXCEPTION,
+    "proc_fd_theft": Outcome.EXCEPTION,
+    "oom_score": Outcome.EXCEPTION,
 }
 # Programs that only kernel layers stop: alternatives, each a set of layers that together suffice.
 NEEDS: dict[str, list[tuple[str, ...]]] = {
@@ -299,6 +305,10 @@ NEEDS: dict[str, list[tuple[str, ...]]] = {
     "metadata_probe": [("mount_namespace", "pid_namespace", "seccomp")],
     "syscall_battery": [("seccomp",)],
     "proc_snoop": [("landlock",), ("mount_namespace", "pid_namespace", "privilege_drop")],
+    "futex_channel": [("seccomp",)],
+    "page_cache_probe": [("seccomp",)],
+    "proc_fd_theft": [("landlock",), ("privilege_drop",), ("mount_namespace",)],  # non-root: test_sandbox_channels
+    "oom_score": [("seccomp",), ("landlock",), ("privilege_drop",)],
 }
 # kill_parent only kills the worker when nothing stops it: the trainer must not notice.
 BARE_SAFE = sorted(set(EXPECTED) - set(NEEDS))

@@ -13,19 +13,24 @@ How it is put together
   parser that re-checks every grid as plain JSON. The server's observation of how the child
   ended (exit status, signal, timeout) wins over anything the child wrote.
 * :mod:`.server` (one per worker, a fresh ``python -I -m fp16rl.sandbox.server``, never a fork
-  of the trainer): has imported numpy and a small preamble; per program it forks a child from
-  the same clean state. The child confines itself, then reads its own request: no program's
-  code, inputs or results ever pass through the server's memory, which later children inherit.
+  of the trainer): has imported numpy and a small preamble; per program its :mod:`.zygote`,
+  forked before the first program, clones a child (the server's) from the same clean state. The
+  child confines itself, then reads its own request: no program's code, inputs or results ever
+  pass through the server, and the server's reports on programs never reach the zygote, whose
+  memory later children inherit.
 * :mod:`.confine`: every system-call-level layer (with the x86_64 seccomp table in
   :mod:`.syscalls` and the readable file set in :mod:`.readable`).
-* :mod:`.grids`: code extraction and the two grid checks; :mod:`.common`: shared types.
+* :mod:`.grids`: code extraction and the two grid checks; :mod:`.common`: shared types;
+  :mod:`.undumpable`: the trainer's /proc entries where no layer keeps programs out of them.
 
 Layers (``Sandbox.layers()`` says which are active on this machine; config.yaml records it)
 ------------------------------------------------------------------------------------------
 ``rlimits`` (always): RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE=0, RLIMIT_NOFILE, RLIMIT_CORE=0,
-RLIMIT_NPROC=0; setsid, closed descriptors, stdio on /dev/null, an empty environment.
-``privilege_drop`` (root): uid/gid 65534, no capabilities, not dumpable.
-``pid_namespace``: the server is PID 1 of its own namespace; leftovers die after each program.
+RLIMIT_NPROC=0; setsid, closed descriptors, stdio on /dev/null, an empty environment; not
+dumpable and oom_score_adj 1000 (server, zygote and programs).
+``privilege_drop`` (root): uid/gid 65534, no capabilities.
+``pid_namespace``: the server is PID 1 of its own namespace, each program PID 1 of one nested in
+it; leftovers die with the program.
 ``net_namespace``: no interface up. ``ipc_namespace``: one per program (System V IPC and POSIX
 message queues neither outlive a program nor connect two). ``mount_namespace``: the server
 lives in a read-only view holding only the readable set and a private /proc.
@@ -35,7 +40,8 @@ lives in a read-only view holding only the readable set and a private /proc.
 Each optional layer is probed once per worker and reported as ``"active"``, ``"disabled
 (...)"`` or ``"unavailable: <reason>"``; an active layer that fails to apply in a child aborts
 that program (fail closed). Layers can be forced off with ``Sandbox(disable=...)`` or
-``FP16RL_SANDBOX_DISABLE=landlock,seccomp``. Needs Linux (fork, pipes, setrlimit).
+``FP16RL_SANDBOX_DISABLE=landlock,seccomp``. Needs Linux (fork, pipes, setrlimit) on x86_64,
+aarch64, riscv64 or ppc64le (the zygote's clone(2) number).
 """
 
 from fp16rl.sandbox.client import Sandbox, interpret

@@ -41,6 +41,7 @@ from fp16rl.sandbox.common import (
     clean_text,
 )
 from fp16rl.sandbox.grids import check_grid
+from fp16rl.sandbox.undumpable import TrainerNotDumpable, trainer_exposed
 
 _HEADER_CAP = 4096  # bytes of one server message
 _WORKER_GRACE_S = 3.0  # how long past the program timeout a server may take to answer
@@ -86,6 +87,9 @@ class Sandbox:
             for worker in self._workers:
                 worker.await_hello()
                 self._idle.put(worker)
+            self._undumpable = trainer_exposed(self.layers())
+            if self._undumpable:
+                TrainerNotDumpable.acquire()
         except BaseException:
             for worker in self._workers:
                 worker.stop()
@@ -129,6 +133,8 @@ class Sandbox:
             worker.stop()
             self._idle.put(worker)
         shutil.rmtree(self._base, ignore_errors=True)
+        if self._undumpable:
+            TrainerNotDumpable.release()
 
     def __enter__(self) -> Sandbox:
         return self

@@ -426,8 +426,11 @@ class Confinement:
         layer("privilege_drop", lambda: drop_privileges(self.keep_read_search()))
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # ignored for root: see the layers
         die_with_parent()  # after the uid change, which clears it
-        if os.getppid() != self.server_pid:
-            os._exit(EXIT_SERVER_GONE)  # the server died before we could tie our life to it
+        # The server died before we could tie our life to it? Then our parent changed. A child
+        # that is init of its own PID namespace sees parent 0 either way, but lives inside the
+        # server's namespace, which ends with the server.
+        if os.getppid() not in (self.server_pid, 0):
+            os._exit(EXIT_SERVER_GONE)
         prctl(_PR_SET_DUMPABLE, 0)  # no ptrace or /proc/<pid>/mem by other programs of our uid
         prctl(_PR_SET_NO_NEW_PRIVS, 1)
         layer("landlock", lambda: check(_syscall(_SYS_LANDLOCK_RESTRICT_SELF, self.ruleset_fd, 0),

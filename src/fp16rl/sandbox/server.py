@@ -1,18 +1,23 @@
 """The fork server: one worker of the sandbox pool, started as ``python -I -m fp16rl.sandbox.server``.
 
 It imports numpy and a preamble once, sets up its namespaces and the per-worker layer state,
-and then, per program, forks a child that confines itself and reads its request itself.
+forks its zygote (:mod:`.zygote`), and then, per program, has the zygote clone a child (whose
+parent is the server) that confines itself and reads its request itself.
 
 No untrusted byte ever passes through the server: the trainer hands it two pipe ends over a
 unix socket (SCM_RIGHTS), the child reads the program and its grids from one and writes its
 results into the other, and the server only reports what it observed (exit status, signal,
-timeout, resource usage). Every child is forked from the same clean state, so a program can
-find no earlier program's code, inputs or results in the memory it inherits.
+timeout, resource usage). Every child is forked from the zygote's clean state, which never
+held an earlier program's code, inputs, results or report, so a program can find none of them in
+the memory it inherits. The server, its zygote and every child are not dumpable (their /proc
+entries are root's), and all run with oom_score_adj 1000: under memory pressure the kernel kills a
+program, or a worker the trainer then restarts, before the trainer.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -50,9 +55,11 @@ from fp16rl.sandbox.confine import (
     Confinement,
     die_with_parent,
     make_mounts_private,
+    prctl,
     unshare,
 )
 from fp16rl.sandbox.grids import normalize_output
+from fp16rl.sandbox.zygote import Zygote
 
 # Executed once in every fork server; each program starts from a copy of the namespace, so
 # model code that forgets ``import numpy as np`` still runs (as it did in the original).
@@ -64,26 +71,36 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 """
 MAX_REQUEST_BYTES = 64 << 20  # a request is code plus at most a few dozen 30x30 grids
 REQUEST_FD = 3  # and the results go to 4, in every program's child
+_PR_SET_DUMPABLE = 4
+_OOM_SCORE_ADJ = b"1000"  # the most the OOM killer can prefer a process; raising needs no privilege
 
 
 class _Server:
-    """One program at a time, each in a fresh confined child forked from a clean state."""
+    """One program at a time, each in a fresh confined child cloned from the zygote."""
 
     def __init__(self, config: dict[str, Any], sock: socket.socket, layers: dict[str, str]) -> None:
         self.limits = SandboxLimits(**config["limits"])
         self.sock = sock
-        self.is_init = os.getpid() == 1  # init of our own PID namespace: kill(-1) is contained
         self.namespace: dict[str, Any] = {"__name__": "program"}
         exec(PREAMBLE, self.namespace)
         np.random.seed(0)  # the first call costs ~10 ms of lazy set-up: pay it once, here
         self.confinement = Confinement(self.limits, layers, config["base"])
         self.confinement.prepare()
-        self._wake_r, wake_w = os.pipe()  # SIGCHLD wakes the poll loop (no pidfd needed)
+        self._wake_r, self._wake_w = os.pipe()  # SIGCHLD wakes the poll loop (no pidfd needed)
         os.set_blocking(self._wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         gc.freeze()  # a collection in a child must not touch (copy) every inherited page
+        # Last, before any program ran: the zygote's memory holds no report, ever.
+        self.zygote = Zygote(functools.partial(_child, self), release=self._close_own_fds,
+                             new_pid_namespace=self.confinement.layers.get("pid_namespace") == ACTIVE)
+
+    def _close_own_fds(self) -> None:
+        """In the zygote: the trainer's socket and the wake-up pipe are the server's alone."""
+        self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def layers(self) -> dict[str, str]:
         """Every layer's status, in the order config.yaml reports them."""
@@ -112,28 +129,21 @@ class _Server:
         return message, fds
 
     def _run(self, request_fd: int, result_fd: int) -> dict[str, Any]:
-        """Fork one confined child on the trainer's pipes, supervise it, kill what it left."""
+        """Have the zygote clone one confined child on the trainer's pipes, supervise it (it is
+        our child), kill what it left."""
         self._reap()
         workdir = self.confinement.workdir()
         start = time.monotonic()
         try:
             try:
-                pid = os.fork()
+                pid = self.zygote.spawn(request_fd, result_fd, workdir)
             except OSError as exc:
                 return {"status": "fork_failed", "error": str(exc)}
-            if pid == 0:
-                try:
-                    _child(self, request_fd, result_fd, workdir)
-                finally:
-                    os._exit(EXIT_SETUP_FAILED)
-            os.close(request_fd)
-            os.close(result_fd)
-            request_fd = result_fd = -1
+            finally:
+                os.close(request_fd)
+                os.close(result_fd)
             return self._supervise(pid, start + self.limits.timeout_s)
         finally:
-            for fd in (request_fd, result_fd):
-                if fd >= 0:
-                    os.close(fd)
             if not self.confinement.in_view:
                 shutil.rmtree(workdir, ignore_errors=True)
 
@@ -174,20 +184,17 @@ class _Server:
         return header
 
     def _kill_leftovers(self, pid: int) -> None:
-        """SIGKILL the child's process group and, as namespace init, every other process."""
+        """SIGKILL the child's process group and the child; with a PID namespace the child is
+        its namespace's init, and every process in it dies with it."""
         for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
             try:
                 kill()
             except (ProcessLookupError, PermissionError):
                 pass
-        if self.is_init:
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def _reap(self) -> None:
-        """Collect zombies of killed grandchildren (we are their reaper as namespace init)."""
+        """Collect zombies of orphans (we are their reaper as namespace init) and of a zygote
+        that died (then the next spawn ends this server)."""
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -198,10 +205,8 @@ class _Server:
 
 
 def _child(server: _Server, request_fd: int, result_fd: int, workdir: str) -> NoReturn:
-    """In the freshly forked child: confine, then read the request and run it; never returns."""
+    """In the freshly cloned child: confine, then read the request and run it; never returns."""
     try:
-        signal.set_wakeup_fd(-1)  # before fd 3 or 4 can become a pipe the program owns
-        server.sock.close()
         request_fd, result_fd = _renumber((request_fd, result_fd), REQUEST_FD)
         server.confinement.apply(workdir, (request_fd, result_fd), strict=True)
     except BaseException as exc:
@@ -329,6 +334,12 @@ def main(config_json: str) -> NoReturn:
     """Entry point: namespaces first (the PID namespace through one more fork), then serve."""
     config = json.loads(config_json)
     disabled = set(config["disable"])
+    try:
+        with open("/proc/self/oom_score_adj", "wb") as oom:  # inherited by the zygote and programs
+            oom.write(_OOM_SCORE_ADJ)
+    except OSError:
+        pass  # no /proc: the OOM killer then weighs programs by size alone
+    prctl(_PR_SET_DUMPABLE, 0)  # then /proc/<pid>/fd, mem, environ are root's, here and below
     sock = socket.socket(fileno=os.dup(0))
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

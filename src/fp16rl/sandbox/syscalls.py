@@ -7,7 +7,14 @@ their fallback paths; a few calls a program plausibly tries on purpose (processe
 signals, file changes) fail with EPERM so that Python raises PermissionError. Some calls are
 allowed only with safe arguments: ``clone`` for threads, ``open``/``openat`` for reading, a
 handful of ``fcntl`` and ``ioctl`` commands (no F_SETOWN/F_SETSIG, O_ASYNC, leases, locks or
-directory notifications, which deliver signals or talk to other processes), ``prlimit64`` to read.
+directory notifications, which deliver signals or talk to other processes), ``prlimit64`` to read,
+``futex`` with FUTEX_PRIVATE_FLAG only (a shared futex on a read-only mapping of a file every
+program can open is one word shared by all of them: a channel; glibc and CPython use private
+futexes unless a lock is explicitly process-shared, and pthread_join's one shared wait loops on
+the EINVAL it gets), ``preadv2``/``pwritev2`` without flags (RWF_NOWAIT tells which file pages
+are in the page cache, as ``mincore`` would; the others get EOPNOTSUPP, what a kernel without a
+flag answers). ``getrusage`` is not allowed either: its fault and block-input counts reveal the
+same residency.
 
 Other architectures get no seccomp layer rather than a wrong table (reported as unavailable).
 """
@@ -27,15 +34,15 @@ ALLOW = {
     "pipe": 22, "select": 23, "sched_yield": 24, "mremap": 25, "msync": 26, "madvise": 28, "dup": 32,
     "dup2": 33, "pause": 34, "nanosleep": 35, "getitimer": 36, "alarm": 37, "setitimer": 38,
     "getpid": 39, "exit": 60, "uname": 63, "getdents": 78, "getcwd": 79, "chdir": 80, "fchdir": 81,
-    "readlink": 89, "umask": 95, "gettimeofday": 96, "getrlimit": 97, "getrusage": 98, "times": 100,
+    "readlink": 89, "umask": 95, "gettimeofday": 96, "getrlimit": 97, "times": 100,
     "getuid": 102, "getgid": 104, "geteuid": 107, "getegid": 108, "getppid": 110, "getgroups": 115,
     "getresuid": 118, "getresgid": 120, "rt_sigpending": 127, "rt_sigtimedwait": 128,
-    "rt_sigsuspend": 130, "sigaltstack": 131, "gettid": 186, "time": 201, "futex": 202,
+    "rt_sigsuspend": 130, "sigaltstack": 131, "gettid": 186, "time": 201,
     "sched_getaffinity": 204, "getdents64": 217, "set_tid_address": 218, "restart_syscall": 219,
     "clock_gettime": 228, "clock_getres": 229, "clock_nanosleep": 230, "exit_group": 231,
     "newfstatat": 262, "readlinkat": 267, "faccessat": 269, "pselect6": 270, "ppoll": 271,
     "set_robust_list": 273, "dup3": 292, "pipe2": 293, "preadv": 295, "pwritev": 296, "getcpu": 309,
-    "getrandom": 318, "preadv2": 327, "pwritev2": 328, "statx": 332, "rseq": 334, "close_range": 436,
+    "getrandom": 318, "statx": 332, "rseq": 334, "close_range": 436,
     "faccessat2": 439,
 }
 # Refused with EPERM (a clear PermissionError); everything else unlisted gets ENOSYS.
@@ -52,7 +59,8 @@ EPERM = {
     "chroot": 161, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
     "lremovexattr": 198, "fremovexattr": 199, "flock": 73,
 }
-CLONE, OPEN, OPENAT, FCNTL, IOCTL, PRLIMIT64 = 56, 2, 257, 72, 16, 302
+CLONE, OPEN, OPENAT, FCNTL, IOCTL, PRLIMIT64, FUTEX, PREADV2, PWRITEV2 = 56, 2, 257, 72, 16, 302, 202, 327, 328
+_FUTEX_PRIVATE_FLAG = 128
 _CLONE_THREAD = 0x00010000
 _CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 _O_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | 0x400000  # __O_TMPFILE
@@ -67,7 +75,7 @@ _X32_BIT = 0x40000000
 
 _LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 _RET_ALLOW, _RET_KILL_PROCESS, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
-_EPERM, _ENOSYS = 1, 38
+_EPERM, _EINVAL, _ENOSYS, _EOPNOTSUPP = 1, 22, 38, 95
 
 
 def _arg_lo(i: int) -> int:
@@ -79,7 +87,8 @@ def seccomp_program() -> bytes:
     """The BPF program (x86_64): allow list, argument checks, EPERM list, ENOSYS otherwise."""
     if platform.machine() != "x86_64":
         raise OSError(0, f"seccomp table only for x86_64 (this is {platform.machine()})")
-    special = {CLONE: "clone", OPEN: "open1", OPENAT: "open2", FCNTL: "fcntl", IOCTL: "ioctl", PRLIMIT64: "prlimit"}
+    special = {CLONE: "clone", OPEN: "open1", OPENAT: "open2", FCNTL: "fcntl", IOCTL: "ioctl", PRLIMIT64: "prlimit",
+               FUTEX: "futex", PREADV2: "rwf", PWRITEV2: "rwf"}
     code: list[tuple[int, Any, Any, int]] = [  # (op, jump-if-true, jump-if-false, k); labels as str
         (_LD_W_ABS, 0, 0, 4),  # arch
         (_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),
@@ -109,6 +118,10 @@ def seccomp_program() -> bytes:
     block("prlimit", (_LD_W_ABS, 0, 0, _arg_lo(0)), (_JEQ_K, 0, "eperm", 0),  # own process only
           (_LD_W_ABS, 0, 0, _arg_lo(2)), (_JEQ_K, 0, "eperm", 0),  # new limit NULL: a read
           (_LD_W_ABS, 0, 0, _arg_lo(2) + 4), (_JEQ_K, "allow", "eperm", 0))
+    block("futex", (_LD_W_ABS, 0, 0, _arg_lo(1)), (_JSET_K, "allow", 0, _FUTEX_PRIVATE_FLAG),
+          (_RET_K, 0, 0, _RET_ERRNO | _EINVAL))
+    block("rwf", (_LD_W_ABS, 0, 0, _arg_lo(5)), (_JEQ_K, "allow", 0, 0),  # rwf_t is an int: low half
+          (_RET_K, 0, 0, _RET_ERRNO | _EOPNOTSUPP))
     block("allow", (_RET_K, 0, 0, _RET_ALLOW))  # last: BPF only jumps forward
     block("eperm", (_RET_K, 0, 0, _RET_ERRNO | _EPERM))
     out = bytearray()
