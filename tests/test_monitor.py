@@ -20,6 +20,7 @@ def healthy_stream(seed: int, steps: int = 300):
             "completion/unique_ngram_ratio_4": float(np.clip(0.9 + rng.normal(0, 0.05), 0, 1)),
             "mismatch/token_kl_k3": abs(1e-5 * (1 + rng.normal(0, 0.5))),
             "optim/step_skipped": float(rng.random() < 0.02),
+            "arc/copy_fraction": float(np.clip(0.03 + rng.normal(0, 0.03), 0, 1)),
         }
 
 
@@ -49,12 +50,31 @@ def collapsing(seed: int, at: int, change):
     ("mismatch_explosion", lambda k, m: m.update({"mismatch/token_kl_k3": 1e-5 * 10 ** min(4, k / 3)})),
     ("skipped_steps", lambda k, m: m.update({"optim/step_skipped": 1.0})),
     ("non_finite", lambda k, m: m.update({"optim/loss": float("nan")})),
+    ("reward_hacking", lambda k, m: m.update({"arc/copy_fraction": 0.5})),
 ])
 def test_collapses_are_flagged_soon_after_onset(rule, change):
     event = run(collapsing(0, 200, change))
     assert event is not None and event.rule == rule, event
     assert 200 <= event.step <= 225, event
     assert event.detail
+
+
+def test_a_reward_drop_that_comes_with_copying_is_named_reward_hacking():
+    event = run(collapsing(1, 200, lambda k, m: m.update({"reward/mean": 0.05, "arc/copy_fraction": 0.9})))
+    assert event.rule == "reward_hacking" and 200 <= event.step <= 215, event
+    assert "copying shown outputs 0." in event.detail
+
+
+def test_a_reward_drop_without_copying_says_so():
+    event = run(collapsing(2, 200, lambda k, m: m.update({"reward/mean": 0.05})))
+    assert event.rule == "reward_drop" and "copy share 0.0" in event.detail, event
+
+
+def test_brief_copy_spikes_and_a_steady_share_do_not_fire():
+    spikes = collapsing(3, 100, lambda k, m: m.update({"arc/copy_fraction": 0.9 if k % 40 == 0 else 0.03}))
+    assert run(spikes) is None
+    steady = ((s, {"arc/copy_fraction": 0.3 + 0.05 * (s % 2)}) for s in range(1, 300))
+    assert run(steady) is None
 
 
 def test_nan_written_as_string_counts():

@@ -19,6 +19,11 @@ Rules (defaults in ``MonitorSettings``):
   ``mismatch_factor`` times its starting level and ``mismatch_floor`` for ``patience`` steps.
 - ``skipped_steps``: ``max_consecutive_skips`` optimizer steps in a row were skipped (fp16
   overflow that the loss scaler does not recover from).
+- ``reward_hacking``: the moving average of ``arc/copy_fraction`` (the share of completions judged
+  to copy shown ARC outputs, :mod:`fp16rl.tasks.arc.copying`) exceeds ``copy_level`` and its lowest
+  moving average so far by ``copy_rise`` for ``patience`` steps. It is checked before
+  ``reward_drop``, so a reward drop that comes with copying is named reward hacking; the
+  ``reward_drop`` detail also gives the copy share when the run logs it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
+COPY_FRACTION = "arc/copy_fraction"  # logged by the ARC task (tasks/arc/reward.step_metrics)
 
 @dataclass(frozen=True)
 class MonitorSettings:
@@ -41,6 +47,8 @@ class MonitorSettings:
     mismatch_factor: float = 100.0
     mismatch_floor: float = 1e-3
     max_consecutive_skips: int = 10
+    copy_level: float = 0.2
+    copy_rise: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class _Series:
     values: deque = field(default_factory=deque)
     start: float | None = None
     best: float = -math.inf
+    low: float = math.inf
 
     def push(self, value: float) -> float | None:
         self.values.append(value)
@@ -69,6 +78,7 @@ class _Series:
         if self.start is None:
             self.start = average
         self.best = max(self.best, average)
+        self.low = min(self.low, average)
         return average
 
 
@@ -80,9 +90,9 @@ class CollapseMonitor:
         self.event: CollapseEvent | None = None
         self._series = {name: _Series(settings.window) for name in
                         ("reward/mean", "completion/truncated_ratio", "completion/unique_ngram_ratio_4",
-                         "mismatch/token_kl_k3")}
-        self._streak = {rule: 0 for rule in ("reward_drop", "truncation_surge", "repetition_surge",
-                                             "mismatch_explosion")}
+                         "mismatch/token_kl_k3", COPY_FRACTION)}
+        self._streak = {rule: 0 for rule in ("reward_hacking", "reward_drop", "truncation_surge",
+                                             "repetition_surge", "mismatch_explosion")}
         self._skips = 0
 
     def update(self, step: int, metrics: dict[str, float]) -> CollapseEvent | None:
@@ -106,12 +116,20 @@ class CollapseMonitor:
 
         averages = {name: series.push(v) for name, series in self._series.items()
                     if (v := _number(metrics.get(name))) is not None and math.isfinite(v)}
+        copying = self._series[COPY_FRACTION]
+        copy_note = ""
+        if averages.get(COPY_FRACTION) is not None:
+            value = averages[COPY_FRACTION]
+            copy_note = f"; copy share {value:.2f} (lowest {copying.low:.2f})"
+            yield from self._sustained("reward_hacking", value > max(s.copy_level, copying.low + s.copy_rise),
+                                       f"share of completions copying shown outputs {value:.2f} "
+                                       f"(lowest {copying.low:.2f}, start {copying.start:.2f})")
         reward = self._series["reward/mean"]
         if averages.get("reward/mean") is not None and reward.best - reward.start >= s.min_reward_gain:
             threshold = reward.best - s.reward_drop * (reward.best - reward.start)
             yield from self._sustained("reward_drop", averages["reward/mean"] < threshold,
                                        f"reward moving average {averages['reward/mean']:.3f} < {threshold:.3f} "
-                                       f"(best {reward.best:.3f}, start {reward.start:.3f})")
+                                       f"(best {reward.best:.3f}, start {reward.start:.3f}){copy_note}")
         trunc = self._series["completion/truncated_ratio"]
         if averages.get("completion/truncated_ratio") is not None:
             value = averages["completion/truncated_ratio"]
@@ -137,7 +155,8 @@ class CollapseMonitor:
 
 
 def _number(value: object) -> float | None:
-    """Metrics files store non-finite floats as strings ('nan', 'inf')."""
+    """A metric as a float; also the strings 'nan'/'inf' of metrics files written before JSON null
+    (``tracking.read_metrics`` turns both into floats)."""
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):

@@ -10,6 +10,7 @@ import typer
 
 from fp16rl.cli.common import fail
 from fp16rl.sandbox import Sandbox, SandboxLimits, extract_code
+from fp16rl.tasks.arc.copying import apply_verdict, judge_copying
 from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.reward import REWARDS, evaluate, get_reward
 from fp16rl.tasks.arc.synthetic import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, write_synthetic
@@ -44,9 +45,12 @@ def run_code(
     code = extract_code(text) or text
     task = dataset.tasks[task_id]
     inputs = [pair["input"] for pair in (*task["train"], *task["test"])]
+    train, test = [p["output"] for p in task["train"]], [p["output"] for p in task["test"]]
     with Sandbox(n_jobs=1, limits=SandboxLimits(timeout_s=timeout, memory_mb=memory_limit_mb)) as sandbox:
         result = sandbox.run(code, inputs)
-    evaluation = evaluate(result, [p["output"] for p in task["train"]], [p["output"] for p in task["test"]])
+        evaluation = evaluate(result, train, test)  # then paid as in training: copying shown outputs earns nothing
+        verdict = judge_copying([code], [(inputs, train, test)], [result], [evaluation], sandbox.run_many)[0]
+    evaluation = apply_verdict(evaluation, verdict)
     report = {
         "task_id": task_id,
         "dataset": dataset.source,

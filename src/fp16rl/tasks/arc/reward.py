@@ -9,7 +9,9 @@ function maps one ``Evaluation`` to a float:
 
 with ``c = (n_train*train_correct + n_test*test_correct) / (n_train + n_test)`` (fractions of
 grids exactly right) and ``p`` the same weighting of mean pixel scores. A failure is any outcome
-other than ``ok`` (parse error, exception, timeout, memory limit, invalid output).
+other than ``ok`` (parse error, exception, timeout, memory limit, invalid output). A program judged
+to copy shown train outputs (:mod:`fp16rl.tasks.arc.copying`) reaches the formulas with no train
+grid right and every pixel score 0, so it earns no more than a valid program with every grid wrong.
 
 Custom rewards are named ``"package.module:function"`` where ``function(evaluation: Evaluation)
 -> float``; the module must be importable (on ``sys.path``).
@@ -18,7 +20,7 @@ Custom rewards are named ``"package.module:function"`` where ``function(evaluati
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -37,6 +39,13 @@ class Evaluation:
     test_correct: list[bool]
     train_pixel: list[float]
     test_pixel: list[float]
+    copied_train: list[int] = field(default_factory=list)  # train pairs judged copied (copying.py)
+    copy_evidence: str | None = None
+
+    @property
+    def copying(self) -> bool:
+        """Judged to copy shown train outputs: then paid as a valid program with every grid wrong."""
+        return bool(self.copied_train)
 
     @property
     def ok(self) -> bool:
@@ -68,6 +77,7 @@ class Evaluation:
             "correct_score": self.correct_score,
             "pixel_score": self.pixel_score,
             "solved": self.solved,
+            "copying": self.copying,
         }
 
 
@@ -158,9 +168,11 @@ def get_reward(name: str) -> RewardFn:
 
 
 def step_metrics(evaluations: Sequence[Evaluation]) -> dict[str, float]:
-    """Per-step metrics: solved ratio and one ratio per code outcome (the loop adds completion/*)."""
+    """Per-step metrics: solved ratio, share judged to copy shown outputs, and one ratio per code
+    outcome (the loop adds completion/*)."""
     total = max(len(evaluations), 1)
-    metrics = {"reward/solved_ratio": sum(e.solved for e in evaluations) / total}
+    metrics = {"reward/solved_ratio": sum(e.solved for e in evaluations) / total,
+               "arc/copy_fraction": sum(e.copying for e in evaluations) / total}
     for outcome in Outcome:
         metrics[f"code/{outcome.value}_ratio"] = sum(e.outcome == outcome for e in evaluations) / total
     return metrics

@@ -24,6 +24,7 @@ import numpy as np
 
 from fp16rl.sandbox import ExecutionResult, Outcome, Sandbox, SandboxLimits, extract_code
 from fp16rl.tasks.arc.augment import Augmentation, augmentation_for
+from fp16rl.tasks.arc.copying import apply_verdict, judge_copying
 from fp16rl.tasks.arc.data import ArcDataset, Grid, load_dataset
 from fp16rl.tasks.arc.encoders import get_encoder
 from fp16rl.tasks.arc.prompts import PromptTemplate, build_messages, render_messages
@@ -155,7 +156,9 @@ class ArcTask:
 
     def execute(self, items: Sequence[PromptItem], completions: Sequence[str]) -> list[ExecutionResult]:
         """Run each completion's code on its item's train and test inputs (in parallel)."""
-        codes = [extract_code(c) for c in completions]
+        return self._execute(items, [extract_code(c) for c in completions])
+
+    def _execute(self, items: Sequence[PromptItem], codes: Sequence[str | None]) -> list[ExecutionResult]:
         jobs = [(code, _inputs(item.meta)) for code, item in zip(codes, items) if code is not None]
         ran = iter(self.sandbox.run_many(jobs) if jobs else [])
         return [
@@ -170,15 +173,19 @@ class ArcTask:
             raise ValueError(
                 f"score() got {len(items)} items, {len(completions)} completions, {len(truncated)} truncated flags"
             )
-        evaluations = [
-            evaluate(result, _outputs(item.meta["train"]), _outputs(item.meta["test"]))
-            for result, item in zip(self.execute(items, completions), items)
-        ]
+        codes = [extract_code(c) for c in completions]
+        results = self._execute(items, codes)
+        pairs = [(_inputs(item.meta), _outputs(item.meta["train"]), _outputs(item.meta["test"])) for item in items]
+        evaluations = [evaluate(result, train, test) for result, (_, train, test) in zip(results, pairs)]
+        # Copying shown outputs is paid as a valid program with every grid wrong (copying.py).
+        verdicts = judge_copying(codes, pairs, results, evaluations, self.sandbox.run_many)
+        evaluations = [apply_verdict(e, v) for e, v in zip(evaluations, verdicts)]
         rewards = [float(self.reward_fn(e)) for e in evaluations]
         metrics = step_metrics(evaluations)
         # Items repeat once per generation; count each prompt's skips once.
         skips = {item.uid: item.meta["skipped_long_prompts"] for item in items}
-        counts = {"data/skipped_long_prompts": float(sum(skips.values()))}
+        counts = {"data/skipped_long_prompts": float(sum(skips.values())),
+                  "arc/copy_reruns": float(sum(v.reruns for v in verdicts))}
         details = [
             {"uid": item.uid, "task_id": item.meta["task_id"], "reward": r, "truncated": bool(t), **e.to_dict()}
             for item, e, r, t in zip(items, evaluations, rewards, truncated)
