@@ -4,6 +4,7 @@ reasoning-gym built-ins, the Python API, and pairing across arms."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -155,9 +156,93 @@ def test_reward_errors_can_score_zero_and_count(tmp_path):
         RewardSet.build([picky])(["p"] * 3, ["good", "bad", "good"], [[]] * 3, {}, [0, 1, 2])
 
 
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fp16rl" and r.levelno == logging.WARNING]
+
+
+def test_rewards_that_are_all_none_are_announced_once(caplog):
+    """TRL warns when every reward function returned None for a row; such a row scores 0 silently."""
+    def nothing(completions, **kwargs):
+        return [None] * len(completions)
+
+    def some(completions, **kwargs):
+        return [None if c == "skip" else 1.0 for c in completions]
+
+    with caplog.at_level(logging.WARNING, logger="fp16rl"):
+        rewards = RewardSet.build([nothing])
+        rewards.check("p", {}, conversational=False)  # an empty completion may be "not applicable": no warning
+        assert _warnings(caplog) == []
+        for _ in range(2):
+            assert rewards(["p"] * 3, ["a", "b", "c"], [[]] * 3, {}, [4, 5, 6]).rewards == [0.0] * 3
+        (message,) = _warnings(caplog)
+        assert "returned None for all 3 completions of this step (dataset rows 4, 5, 6)" in message
+        assert "learns nothing" in message
+        caplog.clear()
+        rewards = RewardSet.build([nothing, some])
+        rewards(["p"] * 2, ["a", "b"], [[]] * 2, {}, [0, 1])  # `some` scores every row: nothing to say
+        assert _warnings(caplog) == []
+        rewards(["p"] * 2, ["a", "skip"], [[]] * 2, {}, [0, 1])
+        rewards(["p"] * 2, ["skip", "b"], [[]] * 2, {}, [2, 3])  # said once, not per row
+        rewards(["p"] * 2, ["skip", "skip"], [[]] * 2, {}, [2, 3])  # every row: said once more
+        rewards(["p"] * 2, ["skip", "skip"], [[]] * 2, {}, [2, 3])
+    first, every = _warnings(caplog)
+    assert first.startswith("all reward functions (nothing, some) returned None for dataset row 1 (completion 1)")
+    assert "returned None for all 2 completions" in every
+
+
+def test_reward_errors_scored_zero_are_announced(caplog):
+    """--reward-on-error zero must not hide a reward function that always fails."""
+    def broken(completions, **kwargs):
+        raise ValueError("boom")
+
+    def picky(completions, **kwargs):
+        return ["bad" if c == "bad" else 1.0 for c in completions]
+
+    with caplog.at_level(logging.WARNING, logger="fp16rl"):
+        rewards = RewardSet.build([broken], on_error="zero")
+        for _ in range(3):
+            scores = rewards(["p"] * 3, ["a", "b", "c"], [[]] * 3, {}, [7, 8, 9])
+            assert scores.rewards == [0.0] * 3 and scores.counts["reward/broken/errors"] == 3.0
+        (message,) = _warnings(caplog)
+        assert "'broken' failed on all 3 completions of this step (first: dataset row 7: ValueError: boom)" in message
+        assert "teaches nothing" in message and "reward/broken/errors" in message
+        caplog.clear()
+        rewards = RewardSet.build([picky], on_error="zero")
+        rewards(["p"] * 3, ["a", "bad", "c"], [[]] * 3, {}, [0, 1, 2])
+        rewards(["p"] * 3, ["bad", "b", "c"], [[]] * 3, {}, [0, 1, 2])
+        rewards(["p"] * 2, ["bad", "bad"], [[]] * 2, {}, [0, 1])
+        rewards(["p"] * 2, ["bad", "bad"], [[]] * 2, {}, [0, 1])
+    some, every = _warnings(caplog)
+    assert "'picky' failed on 1 of 3 completions of this step (first: dataset row 1: returned 'bad'" in some
+    assert "'picky' failed on all 2 completions" in every
+
+
+def test_reward_weights_with_callable_reward_functions(tmp_path):
+    """TRL's way: weights in the config, functions given to the trainer (here, train())."""
+    def one(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    def half(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    config = TrainConfig(**{**SMALL, "max_steps": 1}, output_dir=str(tmp_path / "run"), reward_weights=[1.0, 2.0])
+    train(config, dataset=ROWS, reward_funcs=[one, half])
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert record["reward/mean"] == 2.0 and record["reward/half/mean"] == 0.5
+    bad = TrainConfig(**{**SMALL, "max_steps": 1}, output_dir=str(tmp_path / "bad"), reward_weights=[1.0])
+    with pytest.raises(UserError, match="--reward-weights has 1 values for 2 reward functions"):
+        train(bad, dataset=ROWS, reward_funcs=[one, half])
+    with pytest.raises(UserError, match=r"reward_funcs.*names.*train\(config, dataset, reward_funcs="):
+        train(TrainConfig(**SMALL, output_dir=str(tmp_path / "names"), reward_funcs=[one]), dataset=ROWS)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "names").exists()
+    with pytest.raises(UserError, match="--reward-weights weighs the reward functions of prompt datasets; toy:digits"):
+        train(TrainConfig(**SMALL, output_dir=str(tmp_path / "toy"), reward_weights=[2.0]))  # nothing to weigh
+
+
 def test_math_rewards():
-    completions = ["so the answer is \\boxed{4}", "4", "x = 5, then 7", "\\boxed{\\frac{1}{2}}", ""]
-    assert math_reward(completions, ["4", "4", "7", "0.5", "3"]) == [1.0, 1.0, 1.0, 1.0, 0.0]
+    completions = ["so the answer is \\boxed{4}", "4", "x = 5, then 7", "\\boxed{\\frac{1}{2}}", "", "3 + 4"]
+    # "x = 5, then 7" states no answer; "3 + 4" restates the question (tests/test_math_reward.py has the forms)
+    assert math_reward(completions, ["4", "4", "7", "0.5", "3", "7"]) == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
     assert math_reward(["\\boxed{4}"], ["\\boxed{}"]) == [None]  # an unparsable gold answer is not scored
     chat = [[{"role": "assistant", "content": "\\boxed{9}"}]]
     assert math_reward(chat, ["9"]) == [1.0] and math_format_reward(chat) == [1.0]
@@ -225,15 +310,43 @@ def test_arms_see_the_same_prompts_on_a_prompt_dataset(tmp_path):
 @pytest.mark.slow
 def test_math_reward_on_a_jsonl_file_rises(tmp_path):
     """The JSONL + math-verify pipeline learns (the tiny model's version of the SmolLM2 run in
-    bench/RESULTS.md): every answer is 7, so the model must learn to end on 7. fp32, whose kernels
-    give the same numbers on every x86-64 CPU; measured first 10 steps 0.02, last 10 0.94-0.98."""
+    bench/RESULTS.md). The math reward pays only a stated answer, which a random tiny model never
+    writes, so a 30-step warm start first teaches it to write "The answer is <digit>." with every digit
+    alike; every gold answer is 7, and RL must move it to 7. fp32, whose kernels give the same numbers
+    on every x86-64 CPU; measured: first 5 steps 0.18, last 10 0.97."""
+    from fp16rl.models import load_tokenizer, tiny_model_path
+    from fp16rl.sft import warm_start
+    from fp16rl.tasks.base import render_chat
+
+    base = tiny_model_path()
+    tokenizer = load_tokenizer(base)
+    prompts = [f"Question {i}: what number comes after six?" for i in range(32)]
+    pairs = [(render_chat([{"role": "user", "content": p}], tokenizer), f" The answer is {digit}.")
+             for p in prompts for digit in range(10)]
+    warm = warm_start(base, pairs, tmp_path / "warm", steps=30, learning_rate=1e-2, batch_size=16, seed=0)
     data = tmp_path / "seven.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what number comes after six?", "answer": "7"})
-                            + "\n" for i in range(32)))
-    train(TrainConfig(model_path="tiny", dataset_path=str(data), reward_funcs=["math"], output_dir=str(tmp_path / "run"),
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
+    train(TrainConfig(model_path=str(warm), dataset_path=str(data), reward_funcs=["math"], output_dir=str(tmp_path / "run"),
                       dtype="float32", lora_r=0, learning_rate=2e-3, num_generations=8, prompts_per_step=4,
                       max_completion_length=12, max_seq_length=256, beta=0.0, max_grad_norm=1.0, warmup_ratio=0.0,
-                      max_steps=40, top_p=1.0, mask_truncated_completions=False, seed=0))
+                      max_steps=30, top_p=1.0, mask_truncated_completions=False, seed=0))
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
-    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert first < 0.15 and last > first + 0.5, rewards
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
+    assert first < 0.4 and last > first + 0.5, rewards
+
+
+def test_strings_that_are_not_utf8_are_named_by_row_in_parquet_and_saved_folders(tmp_path):
+    """Arrow stores the bytes it is given: a Parquet file or a save_to_disk folder can hold a prompt that
+    is not UTF-8. Loading names its row and column (it used to pass, and the first read of the row then
+    ended in a UnicodeDecodeError traceback)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"What is 1 + 1?", b"caf\xe9"], pa.binary())
+    table = pa.table({"prompt": pa.Array.from_buffers(pa.string(), len(raw), raw.buffers()), "answer": ["2", "3"]})
+    pq.write_table(table, tmp_path / "latin1.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    for spec in (tmp_path / "latin1.parquet", tmp_path / "saved"):
+        with pytest.raises(UserError, match=r"row 1, column 'prompt': not UTF-8 text"):
+            prompt_data(TrainConfig(dataset_path=str(spec), reward_funcs=["math"]))

@@ -84,7 +84,7 @@ class TrainConfig:
     loss_scale_growth_interval: int = opt(400, "fp16 dynamic loss scaling: grow the scale after this many overflow-free steps (the paper's VeRL patch uses 400).")
     attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
-    threads: int = opt(0, "CPU threads of torch's intra-op pool; 0 = auto: torch's setting (every core, or OMP_NUM_THREADS), less the cores other processes keep busy at the start (OpenMP threads waiting for a busy core run ~3x slower than one thread). The count used is in config.yaml. Ignored on CUDA.")
+    threads: int = opt(0, "CPU threads of torch's intra-op pool; 0 = auto: torch's setting (every core, or OMP_NUM_THREADS), less the cores other processes keep busy at the start (OpenMP threads waiting for a busy core run ~3x slower than one thread). The count used is in config.yaml; a resume computes with it (another explicit count is obeyed with a warning: the resume is then not bitwise exact). Ignored on CUDA.")
     fsdp: bool = opt(False, "Full fine-tuning on several ranks (torchrun): shard the FP32 master weights, gradients and optimizer state with FSDP2 fully_shard instead of replicating them with DDP (16 bytes per parameter become 16/N per rank; the sampler keeps a full copy per rank). Needs --lora-r 0; ignored with one process.")
     load_in_4bit: bool = opt(False, "QLoRA: quantise the frozen base's linear layers to NF4 with bitsandbytes, computing in --dtype; the sampler shares them (needs LoRA, CUDA and bitsandbytes).")
     gpu_memory_utilization: float = opt(0.7, "The sampler's share of the GPU (vLLM's meaning): on CUDA, unless --generation-batch-size is given, the sampler decodes as many prompt groups at once as keep its KV cache within this fraction of the GPU's memory (the weights are shared with the trainer, not counted). Ignored on CPU.")
@@ -205,6 +205,9 @@ def _check_types(config: TrainConfig) -> None:
               list: isinstance(value, (list, tuple)) and all(
                   isinstance(v, _element_type(f.name)) or (_element_type(f.name) is float and isinstance(v, int)
                                                           and not isinstance(v, bool)) for v in value)}[kind]
+        if not ok and f.name == "reward_funcs" and isinstance(value, (list, tuple)) and any(map(callable, value)):
+            raise ConfigError("TrainConfig(reward_funcs=...) holds names (math, module:function, file.py:function); "
+                              "pass callables as train(config, dataset, reward_funcs=[...]), as TRL's trainer takes them")
         if not ok:
             raise ConfigError(f"{flag(f.name)} expects {kind.__name__}, got {value!r}")
 
@@ -304,7 +307,9 @@ def _check_rewards_and_data(c: TrainConfig) -> None:
     if c.reward_funcs and c.reward_name is not None:
         raise ConfigError("--reward-name and --reward-funcs both given; --reward-name is one reward function, "
                           "use --reward-funcs for several")
-    if c.reward_weights and len(c.reward_weights) != len(c.reward_funcs):
+    # Without named functions the count is checked against the functions used (train()'s callables,
+    # --reward-name's, reasoning-gym's default) when they are built (rewards.RewardSet.build).
+    if c.reward_funcs and c.reward_weights and len(c.reward_weights) != len(c.reward_funcs):
         raise ConfigError(f"--reward-weights has {len(c.reward_weights)} values for {len(c.reward_funcs)} "
                           "--reward-funcs")
     used = [flag(name) for name in ("reward_name", "reward_funcs", "prompt_column", "system_prompt", "dataset_size",

@@ -9,24 +9,43 @@ TRL combines them: ``reward = sum_f w_f * r_f``, a ``None`` counting as 0 (``nan
 function's mean over the rows it scored is logged as ``reward/<name>/mean``.
 
 Functions are named ``module:function``, ``path/to/file.py:function`` or a built-in name (``math``,
-``math_format``); a Python caller can pass callables. A function that raises, returns the wrong
-number of values or a non-number is a user error naming the function and the row; with
-``on_error="zero"`` the row scores 0 instead and is counted in ``reward/<name>/errors``.
+``math_format``, ``reasoning_gym``); a Python caller can pass callables, the built-ins included, as
+``trl.rewards`` offers TRL's::
+
+    from fp16rl.rewards import math_reward, math_format_reward
+
+    train(config, dataset=rows, reward_funcs=[math_reward, math_format_reward])
+
+``math_reward`` pays 1.0 for a stated final answer (``\\boxed{}``, "The answer is ...", ``#### ...``
+or a lone number on the last line) equal to the ``answer`` (or ``solution``) column by math-verify,
+never for restating the question's arithmetic; ``math_format_reward`` pays 1.0 for exactly one
+``\\boxed{}``; ``reasoning_gym`` is reasoning-gym's verifier on a ``gym_entry`` column
+(:mod:`fp16rl.tasks.math` and :mod:`fp16rl.tasks.gym` hold the details).
+
+A function that raises, returns the wrong number of values or a non-number is a user error naming
+the function and the row; with ``on_error="zero"`` the row scores 0 instead and is counted in
+``reward/<name>/errors``.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fp16rl.errors import ConfigError, UserError
 from fp16rl.tasks.base import Scores
+from fp16rl.tasks.gym import reasoning_gym
+from fp16rl.tasks.math import math_format_reward, math_reward
 
+__all__ = ["math_reward", "math_format_reward", "reasoning_gym", "RewardSet", "RewardError", "load_reward_function"]
+
+logger = logging.getLogger("fp16rl")
 RewardFn = Callable[..., Sequence[Any]]
 BUILTIN_REWARDS = ("math", "math_format", "reasoning_gym")
 
@@ -36,11 +55,7 @@ class RewardError(UserError):
 
 
 def builtin_reward(name: str) -> RewardFn:
-    from fp16rl.tasks import gym
-    from fp16rl.tasks import math as math_rewards
-
-    return {"math": math_rewards.math_reward, "math_format": math_rewards.math_format_reward,
-            "reasoning_gym": gym.reasoning_gym}[name]
+    return {"math": math_reward, "math_format": math_format_reward, "reasoning_gym": reasoning_gym}[name]
 
 
 def load_reward_function(spec: str) -> RewardFn:
@@ -86,6 +101,7 @@ class RewardSet:
     weights: list[float]
     names: list[str]
     on_error: str = "fail"  # fail | zero
+    _warned: set[str] = field(default_factory=set, init=False, repr=False, compare=False)  # warnings given
 
     @classmethod
     def build(cls, functions: Sequence[str | RewardFn], weights: Sequence[float] = (),
@@ -110,72 +126,136 @@ class RewardSet:
     def check(self, prompt: Any, columns: dict[str, Any], conversational: bool, row: int = 0) -> None:
         """Call every function once on a dataset row with an empty completion, before a run starts: a
         missing keyword, a wrong return type or length fails here, not after the first step's sampling.
-        (Any completion can be empty, so a reward function must score one.)"""
+        (Any completion can be empty, so a reward function must score one.) Warns of nothing: an empty
+        completion may well be "not applicable"."""
         completion = [{"role": "assistant", "content": ""}] if conversational else ""
-        self([prompt], [completion], [[]], {name: [value] for name, value in columns.items()}, [row])
+        self._score([prompt], [completion], [[]], {name: [value] for name, value in columns.items()}, [row])
 
     def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
                  columns: dict[str, list[Any]], rows: Sequence[int]) -> Scores:
         """Combined reward per completion; each function's values as a component (NaN where it returned
         None: ``reward/<name>/mean`` is over the rows it scored) and its error count.
 
-        ``rows`` are the dataset rows of the completions, for messages that name the failing row.
-        """
+        ``rows`` are the dataset rows of the completions, for messages that name the failing row. What
+        would otherwise pass silently is said once per run on the console (see :meth:`_warn_none`,
+        :meth:`_warn_failures`)."""
+        scores, failures = self._score(prompts, completions, completion_ids, columns, rows)
+        self._warn_none(scores, rows)
+        for name, failure in failures.items():
+            self._warn_failures(name, failure, len(completions))
+        return scores
+
+    def _score(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
+               columns: dict[str, list[Any]], rows: Sequence[int]) -> tuple[Scores, dict[str, Failures]]:
         combined = [0.0] * len(completions)
         components: dict[str, list[float]] = {}
         counts: dict[str, float] = {}
+        failures: dict[str, Failures] = {}
         for fn, weight, name in zip(self.functions, self.weights, self.names):
-            values, errors = self._call(fn, name, prompts, completions, completion_ids, columns, rows)
+            values, failure = self._call(fn, name, prompts, completions, completion_ids, columns, rows)
             components[name] = [math.nan if v is None else v for v in values]
             if self.on_error == "zero":
-                counts[f"reward/{name}/errors"] = float(errors)
+                counts[f"reward/{name}/errors"] = float(failure.count)
+            if failure.count:
+                failures[name] = failure
             for i, value in enumerate(values):
                 if value is not None:
                     combined[i] += weight * value
-        return Scores(rewards=combined, components=components, counts=counts)
+        return Scores(rewards=combined, components=components, counts=counts), failures
+
+    def _warn_none(self, scores: Scores, rows: Sequence[int]) -> None:
+        """TRL warns when every reward function returned None for a row: the row then scores 0 without a
+        word. Said once for the first such row, and once more the first time it is every row of a step
+        (then the step's advantages are all 0 and it learns nothing)."""
+        unscored = [i for i in range(len(scores.rewards))
+                    if all(math.isnan(values[i]) for values in scores.components.values())]
+        every = bool(unscored) and len(unscored) == len(scores.rewards)
+        key = "none:all" if every else "none:row"
+        if not unscored or key in self._warned or (not every and "none:all" in self._warned):
+            return
+        self._warned.update({key, "none:row"})
+        functions = "the reward function" if len(self.names) == 1 else "all reward functions"
+        where = (f"all {len(unscored)} completions of this step (dataset rows {_rows_text(rows)})" if every
+                 else f"dataset row {rows[unscored[0]]} (completion {unscored[0]})")
+        consequence = "they all score 0 and the step learns nothing" if every else "it scores 0"
+        logger.warning(f"{functions} ({', '.join(self.names)}) returned None for {where}: {consequence}; make at "
+                       "least one reward function return a number for every row (None means not applicable)")
+
+    def _warn_failures(self, name: str, failure: Failures, batch: int) -> None:
+        """``on_error="zero"`` turns a failing function into silent zeros: say so the first time it fails,
+        and loudly the first time it fails on every completion of a step (it then teaches nothing)."""
+        every = failure.count == batch
+        key = f"errors:{name}:{'all' if every else 'some'}"
+        if key in self._warned or (not every and f"errors:{name}:all" in self._warned):
+            return
+        self._warned.update({key, f"errors:{name}:some"})
+        what = (f"failed on all {batch} completions of this step" if every
+                else f"failed on {failure.count} of {batch} completions of this step")
+        later = "" if every else " (a step where it fails on every completion is said once more)"
+        logger.warning(f"reward function {name!r} {what} (first: dataset row {failure.first_row}: {failure.first}); "
+                       f"--reward-on-error zero scores them 0{' so it teaches nothing' if every else ''}; later "
+                       f"failures are counted in reward/{name}/errors{later}")
 
     def _call(self, fn: RewardFn, name: str, prompts: list[Any], completions: list[Any],
               completion_ids: list[list[int]], columns: dict[str, list[Any]],
-              rows: Sequence[int]) -> tuple[list[float | None], int]:
+              rows: Sequence[int]) -> tuple[list[float | None], Failures]:
         try:
             values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
         except Exception as err:  # the user's code: any exception is theirs to see, in one line
             if self.on_error == "fail":
                 raise RewardError(f"reward function {name!r} raised {type(err).__name__}: {err} "
                                   f"(on dataset rows {_rows_text(rows)})") from None
-            return self._row_by_row(fn, prompts, completions, completion_ids, columns)
+            return self._row_by_row(fn, prompts, completions, completion_ids, columns, rows)
         if len(values) != len(completions):
+            problem = f"returned {len(values)} values for {len(completions)} completions"
             if self.on_error == "fail":
-                raise RewardError(f"reward function {name!r} returned {len(values)} values for "
-                                  f"{len(completions)} completions (dataset rows {_rows_text(rows)})")
-            return [0.0] * len(completions), len(completions)
-        checked, errors = [], 0
+                raise RewardError(f"reward function {name!r} {problem} (dataset rows {_rows_text(rows)})")
+            return [0.0] * len(completions), Failures(len(completions), problem, rows[0])
+        checked: list[float | None] = []
+        failure = Failures()
         for i, value in enumerate(values):
             number = _number(value)
             if number is _INVALID:
                 if self.on_error == "fail":
                     raise RewardError(f"reward function {name!r} returned {value!r} for dataset row {rows[i]} "
                                       f"(completion {i}); expected a finite number or None")
-                number, errors = 0.0, errors + 1
+                number = 0.0
+                failure.add(f"returned {value!r}, expected a finite number or None", rows[i])
             checked.append(number)
-        return checked, errors
+        return checked, failure
 
-    def _row_by_row(self, fn: RewardFn, prompts: list[Any], completions: list[Any],
-                    completion_ids: list[list[int]], columns: dict[str, list[Any]]) -> tuple[list[float | None], int]:
+    def _row_by_row(self, fn: RewardFn, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
+                    columns: dict[str, list[Any]], rows: Sequence[int]) -> tuple[list[float | None], Failures]:
         """``on_error="zero"`` after a raise: find the rows that raise; each of those scores 0."""
         values: list[float | None] = []
-        errors = 0
+        failure = Failures()
         for i in range(len(completions)):
             try:
                 (value,) = list(fn(prompts=[prompts[i]], completions=[completions[i]],
                                    completion_ids=[completion_ids[i]], **{k: [v[i]] for k, v in columns.items()}))
                 number = _number(value)
-            except Exception:
-                number = _INVALID
+                problem = f"returned {value!r}, expected a finite number or None"
+            except Exception as err:
+                number, problem = _INVALID, f"{type(err).__name__}: {err}"
             if number is _INVALID:
-                number, errors = 0.0, errors + 1
+                number = 0.0
+                failure.add(problem, rows[i])
             values.append(number)
-        return values, errors
+        return values, failure
+
+
+@dataclass
+class Failures:
+    """How many rows a reward function failed on in one call, and the first failure's message and row."""
+
+    count: int = 0
+    first: str = ""
+    first_row: int = -1
+
+    def add(self, problem: str, row: int) -> None:
+        if not self.count:
+            self.first, self.first_row = problem, row
+        self.count += 1
 
 
 _INVALID = object()
