@@ -199,16 +199,53 @@ def test_resume_is_exact(tmp_path, overrides):
     assert_resume_is_exact(tmp_path, ppo_config, num_generations=4, prompts_per_step=2, **overrides)
 
 
-def test_micro_batches_do_not_change_the_step(tmp_path):
-    """GA micro-batches and forwards of fewer rows normalise as the whole batch: the same losses and metrics."""
-    runs = {}
-    for name, extra in [("whole", {}), ("ga", dict(gradient_accumulation_steps=2)),
-                        ("rows", dict(per_device_train_batch_size=2))]:
+def _masters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    weights = {name: t.detach().clone() for name, t in trainer.weights.named_masters().items()}
+    weights.update({f"critic:{name}": t.detach().clone() for name, t in trainer.critic.weights.named_masters().items()})
+    return weights
+
+
+def test_micro_batches_do_not_change_the_step(tmp_path, monkeypatch):
+    """GA micro-batches and forwards of fewer rows normalise as the whole batch: the same losses, metrics and
+    updated weights, also when the micro-batches hold different numbers of loss tokens. 43 of the 512 tokens
+    stop a completion, so the random tiny model's completions end at lengths 24, 5, 20, 24, 3, 24, 16, 12
+    (micro-batch token sums 53 / 51 / 27 at GA 2 / 4 differ: bnpo's per-micro-batch mean gave optim/loss
+    -6.8e-3 at GA 2 and 2.1e-2 at GA 4 for 4.2e-4 whole). At step 1 (one epoch: ratio 1) the policy loss is
+    minus the mean of whitened advantages, 0, so optim/loss is vf_coef x value/loss: what is logged is what
+    was backpropagated."""
+    monkeypatch.setattr("fp16rl.trainer.stop_token_ids", lambda model, tokenizer: list(range(3, 512, 12)))
+    runs, weights, lengths = {}, {}, {}
+    for name, extra in [("whole", {}), ("ga2", dict(gradient_accumulation_steps=2)),
+                        ("ga4", dict(gradient_accumulation_steps=4)), ("rows", dict(per_device_train_batch_size=2))]:
         trainer = Trainer(ppo_config(tmp_path / name, max_steps=1, num_generations=4, prompts_per_step=2, **extra))
         runs[name] = trainer.step(1)
-    for name in ("ga", "rows"):
-        for key in ("optim/loss", "value/loss", "value/explained_variance", "optim/grad_norm"):
-            assert runs[name][key] == pytest.approx(runs["whole"][key], rel=1e-4, abs=1e-6), (name, key)
+        weights[name] = _masters(trainer)
+        lengths[name] = runs[name]["completion/length_mean"]
+    whole = runs["whole"]
+    assert whole["completion/length_mean"] < whole["completion/length_max"]  # unequal token counts
+    assert whole["optim/loss"] == pytest.approx(0.1 * whole["value/loss"], rel=1e-4, abs=1e-7)
+    for name in ("ga2", "ga4", "rows"):
+        assert lengths[name] == lengths["whole"]
+        for key in ("optim/loss", "value/loss", "value/explained_variance", "optim/grad_norm",
+                    "value/clip_fraction"):
+            assert runs[name][key] == pytest.approx(whole[key], rel=1e-4, abs=1e-7), (name, key)
+        # fp32 rounding through one AdamW step (lr 2e-3): measured 2e-6 at most; a wrong normalisation moves
+        # weights by ~lr
+        for key, value in weights["whole"].items():
+            assert (weights[name][key] - value).abs().max().item() <= 2e-5, (name, key)
+
+
+def test_initial_weights_do_not_depend_on_whether_the_tiny_model_was_written(tmp_path, monkeypatch):
+    """On a fresh FP16RL_HOME the first run writes the tiny model after seeding: that must not draw from the
+    run's random stream, or its LoRA A matrices and value head start elsewhere than every later run's (a
+    compare's first arm unpaired with the others)."""
+    monkeypatch.setenv("FP16RL_HOME", str(tmp_path / "fresh-home"))
+    first, second = (_masters(Trainer(ppo_config(tmp_path / name, lora_r=8))) for name in ("first", "second"))
+    assert (tmp_path / "fresh-home" / "models").is_dir()
+    assert first.keys() == second.keys() and any("lora_A" in name for name in first)
+    assert any("value_head" in name for name in first)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
 
 
 @pytest.mark.slow
@@ -228,6 +265,7 @@ def test_toy_reward_rises_with_ppo(tmp_path, dtype):
 def test_several_ranks_are_refused(tmp_path, monkeypatch):
     class SeveralRanks:
         enabled = True
+        world_size = 2
 
     monkeypatch.setattr("fp16rl.trainer.DataParallel.from_environment", lambda device_type: SeveralRanks())
     with pytest.raises(ConfigError, match="--algorithm ppo trains in one process"):

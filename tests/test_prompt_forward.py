@@ -224,3 +224,44 @@ def test_logits_chunks_are_recomputed_only_when_there_are_several(fp16rl_home):
     (one_lp, one_grad), (many_lp, many_grad) = results.values()
     assert (one_lp - many_lp).abs().max().item() <= FP32_TOLERANCE
     assert ((one_grad - many_grad).abs().max() / one_grad.abs().max()).item() <= FP32_TOLERANCE
+
+
+# Tiny llamas whose RoPE frequencies follow the longest position of a forward, with the switch inside
+# ``_batch``'s 26 positions (prompt 14): dynamic NTK past 16 positions, longrope's long factors past 16 of 64.
+LENGTH_DEPENDENT_ROPE = {"dynamic": TinyModelSpec(rope="dynamic", max_position_embeddings=16),
+                         "longrope": TinyModelSpec(rope="longrope", max_position_embeddings=64)}
+
+
+@pytest.mark.parametrize("rope", sorted(LENGTH_DEPENDENT_ROPE))
+def test_length_dependent_rope_runs_the_plain_forward_and_is_announced(tmp_path, caplog, rope):
+    """A prompt pass alone would take its frequencies from the prompt's positions, not the whole row's (max
+    |dlogp| 0.2 dynamic, 0.9 longrope on these models): such a model is refused the shared forward with its
+    reason, the trainer's logprobs are the plain forward's in fp32, and the start-up says (and summary.json
+    records) that the sampler/trainer mismatch includes the RoPE-scaling difference."""
+    path = tiny_model_path(LENGTH_DEPENDENT_ROPE[rope])
+    decoder = backbone(load_model(path))
+    assert f"rope_type {rope}" in prompt_forward.check(decoder)
+    assert prompt_forward.length_dependent_rope(load_model(tiny_model_path()).config) is None
+    caplog.set_level("WARNING", logger="fp16rl")
+    trainer = Trainer(toy_config(tmp_path / "run", model_path=str(path), max_steps=1, share_prompt_forward=True))
+    assert trainer.share_prompts is False
+    batch = _batch(trainer.model.config.vocab_size)
+    with torch.no_grad():
+        plain, _ = completion_logprobs(trainer.model, batch)
+        assert (trainer.logprobs(trainer.model, batch) - plain).abs().max().item() <= FP32_TOLERANCE
+    warnings = [r.getMessage() for r in caplog.records if "RoPE-scaling difference" in r.getMessage()]
+    assert len(warnings) == 1 and f"rope_type {rope}" in warnings[0]
+    trainer.train(show_progress=False)
+    import json
+
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["mismatch_includes_rope_scaling"] is True
+
+
+@pytest.mark.parametrize("rope", sorted(LENGTH_DEPENDENT_ROPE))
+def test_the_probe_reaches_past_the_rope_scaling_limit(fp16rl_home, monkeypatch, rope):
+    """A length-dependent RoPE the type names miss is still caught: the probe moves its rows to positions
+    whose prompt pass ends below the scaling limit and whose completions pass it (the short probe alone,
+    9 positions, sees no difference)."""
+    decoder = backbone(load_model(tiny_model_path(LENGTH_DEPENDENT_ROPE[rope])))
+    monkeypatch.setattr(prompt_forward, "length_dependent_rope", lambda config: None)
+    assert "differs from the plain one" in prompt_forward.check(decoder)

@@ -68,10 +68,11 @@ class RunSpec:
     seed: int
     run_dir: Path
     log_path: Path
+    threads: int | None = None  # the comparison's one CPU thread count (None: the arm's or base's --threads)
 
     def train_args(self, base_config: Path) -> list[str]:
         args = ["--config", str(base_config), "--output-dir", str(self.run_dir), "--seed", str(self.seed),
-                "--arm", self.arm.name]
+                "--arm", self.arm.name] + ([] if self.threads is None else ["--threads", str(self.threads)])
         for key, value in self.arm.overrides.items():
             flag = "--" + key.replace("_", "-")
             if value.lower() in ("true", "false") and _is_bool(key):
@@ -90,12 +91,23 @@ class RunSpec:
         return "fresh"
 
 
+def _sets_threads(options: dict) -> bool:
+    """Whether base or arm options fix the CPU threads (0 is auto: the comparison's count then applies)."""
+    return str(options.get("threads", 0)).strip() not in ("0", "")
+
+
 def _is_bool(name: str) -> bool:
     return isinstance(getattr(TrainConfig(), name), bool)
 
 
-def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence[int], output_dir: Path) -> list[RunSpec]:
-    """Validate everything up front (each arm x seed parses as a train config) and record compare.json."""
+def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence[int], output_dir: Path,
+                    parallel: int = 1) -> list[RunSpec]:
+    """Validate everything up front (each arm x seed parses as a train config) and record compare.json.
+
+    CPU threads: the count changes the order of floating-point sums, so arms computing with other counts
+    differ by more than their arm. Unless the base config or an arm sets ``threads``, every run gets one
+    count, resolved when the comparison is first planned (``comparison_threads``) and kept in compare.json,
+    so re-running the command (missing or resumed runs) uses it too."""
     base_config = Path(base_config)
     base = load_yaml_options(base_config)
     arms = [parse_arm(spec) for spec in arm_specs]
@@ -111,13 +123,19 @@ def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence
     output_dir = Path(output_dir)
     manifest_path = output_dir / "compare.json"
     if manifest_path.is_file():
-        if json.loads(manifest_path.read_text()) != manifest:
+        stored = json.loads(manifest_path.read_text())
+        threads = stored.pop("cpu_threads", None) or comparison_threads(parallel)  # None: written before it was kept
+        if stored != manifest:
             raise ConfigError(f"{output_dir} holds a different comparison (compare.json differs); "
                               "use another --output-dir")
     else:
         refuse_used_folder(output_dir, "--output-dir", "it holds no compare.json; choose another folder")
+        threads = comparison_threads(parallel)
+    manifest["cpu_threads"] = threads
     specs = [RunSpec(arm, seed, output_dir / "runs" / arm.slug / f"seed-{seed}",
-                     output_dir / "logs" / f"{arm.slug}-seed-{seed}.log") for arm in arms for seed in seeds]
+                     output_dir / "logs" / f"{arm.slug}-seed-{seed}.log",
+                     None if _sets_threads(base) or _sets_threads(arm.overrides) else threads)
+             for arm in arms for seed in seeds]
     for spec in specs:  # an impossible arm fails now, not after hours of other runs
         config = parse_train_args(spec.train_args(base_config))
         if config.model_path != TINY:
@@ -136,7 +154,7 @@ def run_comparison(
     on_event: Callable[[RunSpec, str], None] = lambda spec, event: None,
 ) -> dict[str, str]:
     """Run (or resume) every arm x seed; returns ``{run_dir: outcome}`` (kept | finished | failed...)."""
-    specs = plan_comparison(base_config, arm_specs, seeds, output_dir)
+    specs = plan_comparison(base_config, arm_specs, seeds, output_dir, parallel)
     threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
     free_gpus: queue.Queue[str | None] = queue.Queue()
     for device in gpu_placement(max(parallel, 1), visible_gpus()):
@@ -175,6 +193,15 @@ def run_comparison(
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return dict(pool.map(execute, specs))
+
+
+def comparison_threads(parallel: int) -> int:
+    """The CPU threads of each of a comparison's runs: the cores idle now, shared by ``parallel`` runs at once
+    (what ``hardware.auto_threads`` gives one run, resolved once for all of them)."""
+    from fp16rl.hardware import idle_cores
+
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, idle_cores(cores)) // max(parallel, 1))
 
 
 def visible_gpus() -> list[str]:

@@ -80,8 +80,35 @@ def auto_threads(device: torch.device) -> int:
     current = torch.get_num_threads()
     if device.type != "cpu" or not hasattr(os, "getloadavg"):
         return current
-    idle = (os.cpu_count() or current) - round(os.getloadavg()[0])
-    return max(1, min(current, cpus_per_rank(), idle))
+    return max(1, min(current, cpus_per_rank(), idle_cores(current)))
+
+
+def idle_cores(fallback: int = 1) -> int:
+    """The machine's cores less those other processes keep busy now (the rounded 1-minute load average);
+    ``fallback`` cores where the load is unknown."""
+    if not hasattr(os, "getloadavg"):
+        return fallback
+    return (os.cpu_count() or fallback) - round(os.getloadavg()[0])
+
+
+def resolve_threads(requested: int, recorded: int | None, device: torch.device) -> tuple[int, str | None]:
+    """The intra-op thread count of a run on the CPU, and a warning line or None.
+
+    The count changes the order of floating-point sums, so a CPU run is bitwise reproducible only at one
+    count. It is resolved once per run and recorded (config.yaml ``cpu_threads``): ``requested`` (``--threads``)
+    when set, else the ``recorded`` count of the run being resumed, else ``auto_threads`` (which follows the
+    load at the start, and so could differ on a resume). An explicit count other than the recorded one is
+    the user's choice and is used, with a warning that the resume is then not bitwise exact.
+    """
+    if requested > 0:
+        if recorded is not None and requested != recorded:
+            return requested, (f"--threads {requested} differs from the {recorded} CPU threads this run used before "
+                               "its resume: the sums run in another order, so from here the run is not bitwise "
+                               f"the uninterrupted one (leave --threads out, or pass {recorded}, for an exact resume)")
+        return requested, None
+    if recorded is not None:
+        return recorded, None
+    return auto_threads(device), None
 
 
 # glibc's mallopt parameters (malloc.h)

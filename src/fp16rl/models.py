@@ -286,6 +286,25 @@ class TinyModelSpec:
     max_position_embeddings: int = 4096
     init_std: float = 0.1  # larger than HF's 0.02 so a random model is not near-uniform
     seed: int = 0
+    rope: str = "default"  # a TINY_ROPE key (llama/qwen2): RoPE scaling whose frequencies follow the length
+
+
+def tiny_rope_parameters(spec: TinyModelSpec) -> dict | None:
+    """``rope_parameters`` for ``spec.rope``: None (the architecture's own), or a scaling whose frequencies
+    depend on the longest position of a forward (``prompt_forward.length_dependent_rope``) and change
+    within a short test sequence: ``dynamic`` NTK past ``max_position_embeddings``, ``longrope``'s long
+    factors past ``original_max_position_embeddings`` = a quarter of it."""
+    half_head = spec.hidden_size // spec.num_attention_heads // 2
+    options = {
+        "default": None,
+        "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+        "longrope": {"rope_type": "longrope", "factor": 4.0,
+                     "original_max_position_embeddings": spec.max_position_embeddings // 4,
+                     "short_factor": [1.0] * half_head, "long_factor": [1.0 + k for k in range(half_head)]},
+    }
+    if spec.rope not in options:
+        raise ModelError(f"unknown tiny RoPE {spec.rope!r} (use {', '.join(options)})")
+    return None if options[spec.rope] is None else {"rope_theta": 10000.0, **options[spec.rope]}
 
 
 # Per architecture: options beyond the common shape. The logit post-processing values are far from
@@ -322,9 +341,14 @@ def write_tiny_model(output_dir: str | os.PathLike, spec: TinyModelSpec = TinyMo
     )
     if spec.arch not in TINY_ARCH_OPTIONS:
         raise ModelError(f"unknown tiny architecture {spec.arch!r} (use {', '.join(TINY_ARCH_OPTIONS)})")
-    config = AutoConfig.for_model(spec.arch, **common, **TINY_ARCH_OPTIONS[spec.arch])
-    torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    rope = tiny_rope_parameters(spec)
+    config = AutoConfig.for_model(spec.arch, **common, **TINY_ARCH_OPTIONS[spec.arch],
+                                  **({} if rope is None else {"rope_parameters": rope}))
+    # The caller's random state stays as it was: a run seeds before its model folder is first written, and
+    # its LoRA and value-head initialisation must not depend on whether that folder existed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config)
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -334,6 +358,8 @@ def write_tiny_model(output_dir: str | os.PathLike, spec: TinyModelSpec = TinyMo
 def tiny_model_path(spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """A cached tiny model folder for ``spec`` under ``fp16rl_home()``, written on first use."""
     name = f"tiny-{spec.arch}-h{spec.hidden_size}-l{spec.num_hidden_layers}-v{spec.vocab_size}-s{spec.seed}"
+    if spec.rope != "default":
+        name += f"-{spec.rope}-p{spec.max_position_embeddings}"
     path = fp16rl_home() / "models" / name
     if not (path / "config.json").is_file():
         write_tiny_model(path, spec)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from fp16rl.batch import RolloutBatch
 
 _WHITEN_EPS = 1e-8  # TRL's masked_whiten
+# PPO's token mean over the whole generation batch: sum over a micro-batch's tokens / the batch's token count.
+_WHOLE_BATCH_MEAN = LossSettings(loss_type="dapo")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,8 +102,11 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, batch: R
 
     ``L_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps_high)) * w_t``, ``r_t = exp(logpi_t - logpi_old_t)``,
     ``w_t`` the IS correction's weight (1 without), averaged over the loss tokens (TRL:
-    ``masked_mean(pg_loss_max, ~padding_mask)``); in micro-batches ``sum L / T_m / GA`` (``aggregate``'s bnpo),
-    so parts and micro-batches add up to the batch's mean. The stats are fractions of ``batch_tokens``.
+    ``masked_mean(pg_loss_max, ~padding_mask)``). Each micro-batch or part contributes ``sum L / T_batch``
+    (``aggregate``'s dapo: ``T_batch = batch_tokens``, the generation batch's loss tokens), so their sum is the
+    batch's mean whatever the split: with ``sum L / T_m / GA`` (bnpo) micro-batches of unequal token counts
+    ``T_m`` would weigh their tokens unequally and GA would change the step. ``group`` is unused (the
+    normaliser is the batch's); the stats are fractions of ``batch_tokens``.
     """
     mask = batch.loss_mask.float()
     adv = batch.advantages
@@ -110,7 +115,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, batch: R
     per_token = torch.max(-adv * ratio, -adv * clipped)
     if batch.is_weights is not None:
         per_token = per_token * batch.is_weights.detach()
-    loss = aggregate(per_token, mask, LossSettings(loss_type="bnpo"), grad_accum_steps, batch_tokens, group)
+    loss = aggregate(per_token, mask, _WHOLE_BATCH_MEAN, grad_accum_steps, batch_tokens, group)
     with torch.no_grad():
         tokens = max(batch_tokens, 1)
         stats = {
@@ -132,18 +137,18 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 def ppo_value_loss(values: torch.Tensor, batch: RolloutBatch, cliprange: float, vf_coef: float,
                    grad_accum_steps: int, batch_tokens: int, group: tuple[int, int] | None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``vf_coef *`` the clipped value loss averaged over the loss tokens (normalised as ``ppo_policy_loss``),
-    so that it adds to the policy loss as TRL's ``loss = pg_loss + vf_coef * vf_loss``. Stats: the unweighted
-    value loss, the clip fraction and the mean value, as sums over tokens / ``batch_tokens``."""
+    """``vf_coef *`` the clipped value loss averaged over the loss tokens (normalised as ``ppo_policy_loss``:
+    ``sum / T_batch``), so that it adds to the policy loss as TRL's ``loss = pg_loss + vf_coef * vf_loss``.
+    Stats: ``value_loss``, the value loss whose ``vf_coef`` multiple is backpropagated (the same sum over the
+    same ``batch_tokens``, so the parts' stats add up to the batch's ``L^V``), and the clip fraction."""
     mask = batch.loss_mask.float()
     per_token, clipped = clipped_value_loss(values, batch.old_values, batch.returns, cliprange)
-    loss = vf_coef * aggregate(per_token, mask, LossSettings(loss_type="bnpo"), grad_accum_steps, batch_tokens,
-                               group)
+    value_loss = aggregate(per_token, mask, _WHOLE_BATCH_MEAN, grad_accum_steps, batch_tokens, group)
     with torch.no_grad():
         tokens = max(batch_tokens, 1)
-        stats = {"value_loss": (per_token * mask).sum() / tokens,
+        stats = {"value_loss": value_loss.detach(),
                  "value_clip_fraction": (clipped.float() * mask).sum() / tokens}
-    return loss, stats
+    return vf_coef * value_loss, stats
 
 
 def ppo_advantages(scores: torch.Tensor, loss_mask: torch.Tensor, completion_mask: torch.Tensor,

@@ -10,8 +10,9 @@ the rows' contributions, so the loss and its gradients are the plain forward's u
 
 The completions attend through transformers' own attention over the cached keys (the chunked
 prefill path), with the same 2-D padding mask and positions as the plain forward. So any model whose
-layers are all full attention over a standard KV cache qualifies (``unsupported_reason``), and the
-trainer checks each model once on a probe batch (``check``) before using it. The same forward also
+layers are all full attention over a standard KV cache, with RoPE frequencies that do not depend on the
+sequence length, qualifies (``unsupported_reason``), and the trainer checks each model once on a probe
+batch (``check``) before using it. The same forward also
 looks the token embeddings up once and runs the completions in ``length_buckets`` (no padding to the
 batch's longest completion beyond each bucket's).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
@@ -83,10 +85,43 @@ def not_full_attention(config: Any) -> str | None:
     return None
 
 
+def _rope_entries(config: Any) -> list[dict[str, Any]]:
+    """The RoPE parameter sets of a text config (one, or one per layer type), ``{}`` for plain RoPE."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return [{}]
+    if params and all(isinstance(value, dict) for value in params.values()):  # per layer type
+        return list(params.values())
+    return [params]
+
+
+def length_dependent_rope(config: Any) -> str | None:
+    """Why this model's RoPE frequencies depend on the sequence length, or None when they do not.
+
+    transformers' ``dynamic_rope_update`` picks the frequencies of every position of a forward from the
+    longest position in that call, ``L = max(position_ids) + 1``: ``dynamic`` (and ``*dynamic*``) NTK
+    scaling recomputes them for ``L`` once it passes ``max_position_embeddings`` (and keeps them until a
+    shorter call resets them), ``longrope`` takes its long factors when ``L > original_max_position_embeddings``.
+    The static types (default, linear, llama3, yarn...) give a position the same frequencies in every call:
+    the distinction ``fast_decode`` makes for its rotary table. So with a length-dependent type the same
+    token gets other logits in a forward over the prompt alone than in one over prompt + completion, and
+    the sampler's token-by-token decoding than the trainer's forward over the whole sequence."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for entry in _rope_entries(config):
+        kind = entry.get("rope_type", entry.get("type", "default"))
+        if not isinstance(kind, str) or "dynamic" in kind or kind == "longrope":
+            limit = entry.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
+            return (f"its RoPE (rope_type {kind}) takes its frequencies from the longest position of each forward "
+                    f"(they change once a sequence passes {limit} positions)")
+    return None
+
+
 def unsupported_reason(decoder: torch.nn.Module) -> str | None:
-    """Why the decoder stack cannot take a shared prompt cache, or None when it can."""
+    """Why the decoder stack cannot take a shared prompt cache, or None when it can: the prompt pass and
+    the completion pass are two forwards, so length-dependent RoPE would give them other frequencies
+    than the plain forward's one (``length_dependent_rope``)."""
     config = decoder.config.get_text_config(decoder=True)
-    reason = not_full_attention(config)
+    reason = not_full_attention(config) or length_dependent_rope(config)
     if reason is not None:
         return reason
     if config.is_encoder_decoder:
@@ -214,14 +249,40 @@ def _to_rows(states: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
     return states.index_select(0, owners)
 
 
+def _scaling_limits(config: Any) -> list[int]:
+    """The sequence lengths at which a scaled RoPE (any type but default) may switch frequencies:
+    ``original_max_position_embeddings``, else ``max_position_embeddings``."""
+    limits = set()
+    for entry in _rope_entries(config):
+        if entry.get("rope_type", entry.get("type", "default")) != "default":
+            limit = entry.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
+            if isinstance(limit, int):
+                limits.add(limit)
+    return sorted(limits)
+
+
+def _probe_batches(config: Any, device: torch.device) -> list["TokenBatch"]:
+    """Two prompts of different lengths (left padding), two completions each, one shorter; with a scaled
+    RoPE also the same rows moved to positions whose prompt pass ends below each scaling limit and whose
+    completions pass it (``L - 1`` vs ``L + 2``): a RoPE whose frequencies follow the longest position of
+    a call then gives the two forwards other frequencies, as it would on a long training sequence."""
+    from fp16rl.logprobs import build_token_batch
+
+    ids = [(k * 7919 + 13) % config.vocab_size for k in range(1, 12)]
+    completions = torch.tensor([ids[:3], ids[3:6], ids[6:9], ids[8:11]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    batch = build_token_batch([ids[:6], ids[5:9]], 2, completions, mask, pad_token_id=0)
+    shifted = [replace(batch, position_ids=batch.position_ids + max(0, limit - 1 - batch.prompt_width))
+               for limit in _scaling_limits(config)]
+    return [probe.to(device) for probe in [batch, *shifted]]
+
+
 @torch.no_grad()
 def check(decoder: torch.nn.Module, context: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> str | None:
-    """Why ``decoder`` cannot share prompts (None: it can), checked on a probe batch: two prompts of
-    different lengths (left padding), two completions each, one shorter. The shared forward's hidden
-    states must equal the plain forward's to rounding (relative 1e-4 in fp32, 2e-2 in half precision,
-    the bounds ``LogitHead.verify`` uses); an error or a larger difference means the model's attention
-    does not take the prefix cache as this module assumes."""
-    from fp16rl.logprobs import build_token_batch
+    """Why ``decoder`` cannot share prompts (None: it can), checked on probe batches (``_probe_batches``).
+    The shared forward's hidden states must equal the plain forward's to rounding (relative 1e-4 in fp32,
+    2e-2 in half precision, the bounds ``LogitHead.verify`` uses); an error or a larger difference means
+    the model's attention or positions do not take the prefix cache as this module assumes."""
     from fp16rl.pi_old import dropout_active
 
     reason = unsupported_reason(decoder)
@@ -230,21 +291,19 @@ def check(decoder: torch.nn.Module, context: Callable[[], ContextManager[Any]] =
     if dropout_active(decoder):
         return "dropout is active (the rows would share the prompt's dropout draws)"
     device = next(decoder.parameters()).device
-    vocab = decoder.config.get_text_config(decoder=True).vocab_size
-    ids = [(k * 7919 + 13) % vocab for k in range(1, 12)]
-    completions = torch.tensor([ids[:3], ids[3:6], ids[6:9], ids[8:11]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
-    batch = build_token_batch([ids[:6], ids[5:9]], 2, completions, mask, pad_token_id=0).to(device)
-    try:
-        with context():
-            half = torch.is_autocast_enabled(device.type) or next(decoder.parameters()).dtype != torch.float32
-            plain = completion_hidden(decoder, batch).float()
-            shared = completion_hidden(decoder, batch, share_prompts=True).float()
-    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError) as err:
-        return f"its forward does not take a prompt cache ({type(err).__name__}: {err})"
-    rows = batch.completion_mask
-    error = ((shared - plain)[rows].abs().max() / plain[rows].abs().max().clamp(min=1.0)).item()
-    tolerance = 2e-2 if half else 1e-4
-    if not error <= tolerance:
-        return f"the shared forward differs from the plain one by {error:.2g} (relative) on a probe batch"
+    for batch in _probe_batches(decoder.config.get_text_config(decoder=True), device):
+        try:
+            with context():
+                half = torch.is_autocast_enabled(device.type) or next(decoder.parameters()).dtype != torch.float32
+                plain = completion_hidden(decoder, batch).float()
+                shared = completion_hidden(decoder, batch, share_prompts=True).float()
+        except (AttributeError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            return f"its forward does not take a prompt cache ({type(err).__name__}: {err})"
+        rows = batch.completion_mask
+        error = ((shared - plain)[rows].abs().max() / plain[rows].abs().max().clamp(min=1.0)).item()
+        tolerance = 2e-2 if half else 1e-4
+        if not error <= tolerance:
+            at = int(batch.position_ids.max()) + 1
+            return (f"the shared forward differs from the plain one by {error:.2g} (relative) on a probe batch "
+                    f"({at} positions)")
     return None

@@ -28,7 +28,7 @@ from fp16rl.config import ConfigError, TrainConfig
 from fp16rl.critic import Critic, copy_backbone
 from fp16rl.distributed import DataParallel
 from fp16rl.dpo import dpo_part_loss
-from fp16rl.hardware import auto_threads, emulation_notes, keep_freed_memory
+from fp16rl.hardware import emulation_notes, keep_freed_memory, resolve_threads
 from fp16rl.interrupt import RunInterrupted, StopRequest
 from fp16rl import prompt_forward
 from fp16rl.logprobs import LogitHead, TokenBatch, backbone, completion_logprobs
@@ -41,7 +41,7 @@ from fp16rl.outcomes import outcome_metrics, sample_records
 from fp16rl.ppo import ppo_policy_loss, ppo_value_loss
 from fp16rl.precision import PrecisionPolicy, check_observed
 from fp16rl.reference import ReferencePolicy
-from fp16rl.runs import plan_run, summarize_run
+from fp16rl.runs import check_ranks, plan_run, summarize_run
 from fp16rl.sampler import Sampler, SamplingParams
 from fp16rl.seeds import seed_everything, step_seed
 from fp16rl.tasks import make_task
@@ -63,10 +63,7 @@ class Trainer:
         config.validate()
         self.config = config
         self.parallel = DataParallel.from_environment(resolve_device(config.device).type)
-        if config.algorithm == "ppo" and self.parallel.enabled:  # every rank refuses alike
-            raise ConfigError("--algorithm ppo trains in one process (its critic's gradients are not reduced across "
-                              "ranks); launch it without torchrun, or use --algorithm grpo with several ranks")
-        self.parallel.check_batch(config.prompts_per_step, config.num_generations, config.gradient_accumulation_steps)
+        check_ranks(config, self.parallel.world_size)  # every rank refuses alike
         # Refuses a bad folder, resume, model path or dataset before anything is loaded (rank 0 decides).
         plan = self.parallel.on_main(lambda: plan_run(config, check_data=task is None and dataset is None))
         failure = None
@@ -106,8 +103,10 @@ class Trainer:
         to resume from and returns what the other ranks need of it."""
         config = self.config
         self.device = self.parallel.device(resolve_device(config.device))
-        if self.device.type == "cpu":
-            torch.set_num_threads(config.threads or auto_threads(self.device))
+        self.threads_note = None
+        if self.device.type == "cpu":  # resolved once per run: a resume computes with the recorded count
+            threads, self.threads_note = resolve_threads(config.threads, plan.threads, self.device)
+            torch.set_num_threads(threads)
             keep_freed_memory()
         if config.load_in_4bit:
             require_4bit_support(self.device)
@@ -131,6 +130,7 @@ class Trainer:
         self.head = LogitHead.of(self.model)
         self.head.verify(self.model, lambda: self.policy.autocast(self.device.type))
         self.share_prompts = config.share_prompt_forward and self._prompts_can_be_shared()
+        self.rope_note = prompt_forward.length_dependent_rope(backbone(self.model).config)
         self.dpo = config.algorithm == "online_dpo"
         self.reference = None if config.beta == 0.0 and not self.dpo else ReferencePolicy(
             self.model, adapters=lora is not None, dtype=self.policy.weights_dtype if self.sharded else None)
@@ -210,6 +210,13 @@ class Trainer:
                          "(mismatch/is_masked_ratio still reports what it would mask)")
         if self.config.fsdp and not self.parallel.enabled:
             notes.append("--fsdp shards over the ranks of a torchrun launch; in one process it changes nothing")
+        if self.threads_note is not None:
+            notes.append(self.threads_note)
+        if self.rope_note is not None:
+            notes.append(f"the mismatch includes a RoPE-scaling difference, not only precision: {self.rope_note}, "
+                         "and the sampler's cached decoding takes them from the positions decoded so far, the "
+                         "trainer's forward from the whole sequence, so mismatch/* is not zero even in float32 "
+                         "(summary.json: mismatch_includes_rope_scaling)")
         return notes
 
     def _prompts_can_be_shared(self) -> bool:
@@ -311,7 +318,8 @@ class Trainer:
             return
         atomic_write_text(self.run_dir / "summary.json", json.dumps(
             summarize_run(read_metrics(self.run_dir / "metrics.jsonl"), self.monitor.event, status=status,
-                          total_steps=self.total_steps, arm=self.config.arm, seed=self.config.seed), indent=2))
+                          total_steps=self.total_steps, arm=self.config.arm, seed=self.config.seed,
+                          mismatch_includes_rope_scaling=self.rope_note is not None), indent=2))
 
     def step(self, step: int, stop: StopRequest | None = None) -> dict[str, float]:
         """One RL step (1-based ``step``) of GRPO, PPO or online DPO; returns its metrics. ``stop`` is polled at
