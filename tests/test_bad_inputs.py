@@ -55,6 +55,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (ws / "null_prompt.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": null}\n')
     (ws / "empty.jsonl").write_text("")
     (ws / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    (ws / "latin1.jsonl").write_bytes('{"prompt": "a"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    (ws / "blank.jsonl").write_text("\n  \n")
+    (ws / "scalars.jsonl").write_text('{"prompt": "a"}\n"b"\n')
+    (ws / "broken_list.json").write_text('[{"prompt": "a"},\n {"prompt": }]')
+    (ws / "empty_list.json").write_text("[]")
+    (ws / "latin1.csv").write_bytes("prompt,answer\nWhat is 1 + 1?,2\ncaf\xe9,3\n".encode("latin-1"))
     (ws / "garbage.parquet").write_bytes(b"PAR1 not really a parquet file")
     (ws / "rows.txt").write_text("What is 1 + 1?\n")
     (ws / "no_prompt.csv").write_text("question,answer\nWhat is 1 + 1?,2\n")
@@ -77,6 +83,10 @@ def narrow(completions):
 NOT_A_FUNCTION = 3
 ''')
     (ws / "syntax_error.py").write_text("def f(:\n")
+    # A run on a prompt dataset as far as its options go (the reward check comes before the checkpoint's).
+    (ws / "prompt_run").mkdir()
+    (ws / "prompt_run" / "config.yaml").write_text(f"config:\n  dataset_path: {ws / 'good.jsonl'}\n"
+                                                   "  reward_funcs: [math]\n")
     # A real run (2 steps, a checkpoint each) and corrupted copies of it.
     Trainer(toy_config(ws / "run", max_steps=2, save_steps=1)).train(show_progress=False)
     for name in ("run_bad_ckpt", "run_bad_metrics", "run_no_metrics"):
@@ -146,9 +156,18 @@ CASES = [
      "column 'prompt': holds int64, expected text or a list of chat messages"),
     (["train", "--dataset-path", "{ws}/null_prompt.jsonl", "--reward-funcs", "math"],
      "null_prompt.jsonl, row 2, column 'prompt': empty or missing prompt"),
-    (["train", "--dataset-path", "{ws}/empty.jsonl", "--reward-funcs", "math"], "empty.jsonl"),
+    (["train", "--dataset-path", "{ws}/empty.jsonl", "--reward-funcs", "math"], "empty.jsonl: holds no rows"),
+    (["train", "--dataset-path", "{ws}/blank.jsonl", "--reward-funcs", "math"], "blank.jsonl: holds no rows"),
     (["train", "--dataset-path", "{ws}/broken.jsonl", "--reward-funcs", "math"],
-     "broken.jsonl: cannot read it as json: ArrowInvalid: JSON parse error: Invalid value. in row 1"),
+     "broken.jsonl: line 2, column 12: not valid JSON"),
+    (["train", "--dataset-path", "{ws}/latin1.jsonl", "--reward-funcs", "math"],
+     "latin1.jsonl: line 2 is not UTF-8 text (byte 16 of the line is 0xe9)"),
+    (["train", "--dataset-path", "{ws}/scalars.jsonl", "--reward-funcs", "math"],
+     "scalars.jsonl: line 2 holds a JSON str, not an object of columns"),
+    (["train", "--dataset-path", "{ws}/broken_list.json", "--reward-funcs", "math"],
+     "broken_list.json: line 2, column 13: not valid JSON"),
+    (["train", "--dataset-path", "{ws}/empty_list.json", "--reward-funcs", "math"], "empty_list.json: holds no rows"),
+    (["train", "--dataset-path", "{ws}/latin1.csv", "--reward-funcs", "math"], "latin1.csv: line 3 is not UTF-8 text"),
     (["train", "--dataset-path", "{ws}/garbage.parquet", "--reward-funcs", "math"],
      "garbage.parquet: cannot read it as parquet"),
     (["train", "--dataset-path", "{ws}/rows.txt", "--reward-funcs", "math"],
@@ -196,6 +215,12 @@ CASES = [
     (["train", "--output-dir", "{ws}/run", "--resume", "--dtype", "bfloat16"],
      "started with dtype=float32, this call asks for --dtype bfloat16"),
     (["train", "--output-dir", "{ws}/run", "--resume", "--lora-r", "4"], "started with lora_r=0"),
+    (["train", "--output-dir", "{ws}/prompt_run", "--resume", "--reward-funcs", "math_format"],
+     "was started with the rewards math (weight 1), this call asks for math_format (weight 1)"),
+    (["train", "--output-dir", "{ws}/prompt_run", "--resume", "--reward-weights", "0.5"],
+     "was started with the rewards math (weight 1), this call asks for math (weight 0.5)"),
+    (["train", "--output-dir", "{ws}/prompt_run", "--resume", "--reward-weights", "1"],  # the same rewards
+     "prompt_run holds no checkpoint to resume from; move it away"),
     (["train", "--output-dir", "{ws}/run_bad_ckpt", "--resume"],
      "step-2 is corrupt: trainable.safetensors has"),
     (["train", "--output-dir", "{ws}/run_bad_metrics", "--resume"], "metrics.jsonl is corrupt: line 1"),

@@ -1,6 +1,8 @@
 """The CLI answers fast: help and refused runs never load torch; slow half precision is said up front."""
 
+import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -58,3 +60,52 @@ def test_matmul_slowdown_is_a_measured_ratio(dtype):
     ratio = hardware.matmul_slowdown(getattr(torch, dtype))
     assert math.isfinite(ratio) and ratio > 0  # timings, so no bound: what it means is tested above
     assert hardware.emulation_notes({torch.float32}, torch.device("cpu")) == []
+
+
+# Rank 0 of a 2-rank launch, as torchrun's environment describes it, asking for what ranks cannot run.
+RANKS_REFUSED = """
+import os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", TORCHELASTIC_ERROR_FILE=sys.argv[1])
+from typer.testing import CliRunner
+from fp16rl.cli import app
+for argv in (["--algorithm", "ppo"], ["--prompts-per-step", "3"]):
+    result = CliRunner().invoke(app, ["train", *argv, "--output-dir", sys.argv[2]])
+    assert result.exit_code == 2, result.output
+    print(open(sys.argv[1]).read())
+heavy = sorted(name for name in ("torch", "transformers") if name in sys.modules)
+assert not heavy, heavy
+"""
+
+
+def test_what_the_ranks_cannot_run_is_refused_before_torch_and_named_for_torchrun(tmp_path):
+    """Issue 23: under torchrun `--algorithm ppo` was refused only after torch and the process group
+    were up, and torchrun's failure report said "To enable traceback see ...". Now every rank refuses
+    before torch loads, and torchelastic's error file carries the one error line, which torchrun's
+    report shows as the root cause (its own ChildFailedError traceback is the launcher's: see README)."""
+    error_file = tmp_path / "error.json"
+    done = subprocess.run([sys.executable, "-c", RANKS_REFUSED, str(error_file), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert [r["message"]["extraInfo"]["py_callstack"] for r in records] == [
+        "error: --algorithm ppo trains in one process (its critic's gradients are not reduced across ranks); "
+        "launch it without torchrun, or use --algorithm grpo with several ranks",
+        "error: --prompts-per-step 3 does not divide among 2 ranks; each rank owns whole prompt groups (use a "
+        "multiple of the number of ranks)"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_ppo_is_one_error_line_and_torchruns_report_names_it(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "fp16rl", "train", "--model-path", "tiny", "--dataset-path", "toy:digits",
+                           "--algorithm", "ppo", "--max-steps", "1", "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        "error: --algorithm ppo trains in one process (its critic's gradients are not reduced across ranks); "
+        "launch it without torchrun, or use --algorithm grpo with several ranks"]
+    assert "traceback : error: --algorithm ppo trains in one process" in output  # torchrun's root cause
+    assert output.count("Traceback (most recent call last)") == 1  # the launcher's own; no rank's
+    assert not (tmp_path / "run").exists()

@@ -139,3 +139,164 @@ def test_report_to_every_tracker_gets_the_same_scalars(tmp_path, monkeypatch):
         tables = [row[0] for row in connection.execute("select name from sqlite_master where type='table'")]
         text = " ".join(str(row) for table in tables for row in connection.execute(f'select * from "{table}"'))
     assert "reward/mean" in text and "mismatch/logp_abs_diff_mean" in text
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_merged_export_is_written_in_the_trained_dtype_with_usual_file_modes(tmp_path):
+    """Issue 23: `export --merge` after fp16 training wrote the base's dtype, and safetensors files 0600."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from fp16rl.export import export_checkpoint
+
+    Trainer(toy_config(tmp_path / "run", dtype="float16", lora_r=4, lora_alpha=8, max_steps=1, save_steps=1,
+                       num_generations=2, prompts_per_step=2, max_completion_length=4)).train(show_progress=False)
+    out = export_checkpoint(tmp_path / "run", tmp_path / "merged", merge=True)  # the tiny base is stored in fp32
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float16
+    usual = 0o666 & ~_umask()
+    assert _modes(out) == {name: usual for name in _modes(out)} and "model.safetensors" in _modes(out)
+    # --dtype chooses another; an adapter keeps its FP32 masters unless --dtype says otherwise.
+    bf16 = export_checkpoint(tmp_path / "run", tmp_path / "bf16", merge=True, dtype="bf16")
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    for dtype, expected in ((None, torch.float32), ("fp16", torch.float16)):
+        adapter = export_checkpoint(tmp_path / "run", tmp_path / f"adapter-{dtype}", dtype=dtype)
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+            assert {weights.get_tensor(k).dtype for k in weights.keys()} == {expected}
+        assert set(_modes(adapter).values()) == {usual}
+    with pytest.raises(Exception, match="--dtype: unknown dtype 'float8'"):
+        export_checkpoint(tmp_path / "run", tmp_path / "bad", dtype="float8")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_export_refuses_weights_beyond_float16():
+    from fp16rl.errors import ConfigError
+    from fp16rl.export import _cast_checked
+
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight[0, 0] = 1e6
+    with pytest.raises(ConfigError, match="weight weight does not fit float16 .largest .value. 1e.06."):
+        _cast_checked(layer, torch.float16)
+    assert layer.weight.dtype == torch.float32  # nothing was cast
+    _cast_checked(layer, torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16
+
+
+def test_metrics_file_writes_non_finite_values_as_json_null(tmp_path):
+    """Issue 23: "nan"/"inf" strings made numeric columns text; null is what strict JSON readers accept."""
+    import math
+
+    import pandas as pd
+
+    from fp16rl.tracking import RunTracker
+
+    tracker = RunTracker(tmp_path / "run", report_to=["none"])
+    tracker.log(1, {"optim/loss": float("nan"), "optim/grad_norm": float("inf"), "reward/mean": 0.5})
+    tracker.log(2, {"optim/loss": 0.25, "optim/grad_norm": float("-inf"), "reward/mean": 0.75})
+    tracker.close()
+    path = tmp_path / "run" / "metrics.jsonl"
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    lines = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    assert lines[0] == {"step": 1, "optim/loss": None, "optim/grad_norm": None, "reward/mean": 0.5}
+    frame = pd.read_json(path, lines=True)
+    assert frame["optim/loss"].dtype == float and math.isnan(frame["optim/loss"][0])
+    assert frame["optim/loss"][1] == 0.25
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+    assert rows["optim/grad_norm"] == [None, None] and rows["reward/mean"] == [0.5, 0.75]
+    # In Python every reader gets floats: null as NaN; the strings of older files as what they name.
+    with path.open("a") as old:
+        old.write(json.dumps({"step": 3, "optim/loss": "nan", "optim/grad_norm": "-inf", "reward/mean": "inf"}) + "\n")
+    records = read_metrics(path)
+    assert math.isnan(records[0]["optim/loss"]) and records[0]["reward/mean"] == 0.5
+    assert math.isnan(records[2]["optim/loss"]) and records[2]["optim/grad_norm"] == -math.inf
+    assert records[2]["reward/mean"] == math.inf
+    assert records == read_metrics(path)  # NaN is one object: records with NaN at the same place compare equal
+    # Resuming rewrites the kept records: an old file becomes strict JSON too.
+    RunTracker(tmp_path / "run", resume_step=3, report_to=["none"]).close()
+    assert [json.loads(line, parse_constant=refuse)["optim/grad_norm"] for line in path.read_text().splitlines()] \
+        == [None, None, None]
+
+
+def test_collapse_monitor_sees_a_logged_non_finite_loss_when_it_replays_the_file(tmp_path):
+    from fp16rl.monitor import CollapseMonitor
+    from fp16rl.tracking import RunTracker
+
+    tracker = RunTracker(tmp_path / "run", report_to=["none"])
+    tracker.log(1, {"optim/loss": float("nan"), "reward/mean": 0.5})
+    tracker.close()
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert CollapseMonitor().update(record["step"], record).rule == "non_finite"
+
+
+def test_console_names_only_the_trackers_in_use(tmp_path):
+    """Issue 23: `--report-to none` (or mlflow only) still printed a tensorboard line."""
+    from typer.testing import CliRunner
+
+    from fp16rl.cli import app
+    from fp16rl.tracking import output_lines
+
+    run = tmp_path / "run"
+    args = ["train", "--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype", "float32", "--lora-r", "0",
+            "--max-steps", "1", "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "4",
+            "--output-dir", str(run), "--report-to", "none"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"metrics:      {run / 'metrics.jsonl'}" in result.output
+    assert "tensorboard" not in result.output and not (run / "tb").exists()
+    assert [line.split(":")[0] for line in output_lines(run, ["tensorboard", "mlflow"])] == \
+        ["metrics", "tensorboard", "mlflow", "samples", "checkpoints"]
+    assert f"tensorboard --logdir {run / 'tb'}" in output_lines(run, ["tensorboard"])[1]
+    assert not any("tensorboard" in line for line in output_lines(run, ["mlflow"]))
+
+
+def test_progress_line_shows_skipped_steps_and_the_loss_scale():
+    """Issue 23: skipped fp16 steps were not visible on the console."""
+    import io
+
+    from rich.console import Console
+
+    from fp16rl.tracking import ProgressDisplay, progress_stats
+
+    healthy = {"reward/mean": 0.5, "optim/loss_scale": 65536.0, "optim/step_skipped": 0.0,
+               "optim/skipped_steps_total": 0.0}
+    assert "scale 65536" in progress_stats(healthy) and "skipped" not in progress_stats(healthy)
+    overflow = {**healthy, "optim/loss_scale": 32768.0, "optim/step_skipped": 1.0, "optim/skipped_steps_total": 3.0}
+    assert progress_stats(overflow).endswith("scale 32768  skipped 3 (this step)")
+    later = {**overflow, "optim/step_skipped": 0.0}
+    assert progress_stats(later).endswith("skipped 3")
+    log = io.StringIO()  # not a terminal: one plain line per step
+    import contextlib
+
+    with contextlib.redirect_stderr(log), ProgressDisplay(10, 0, console=Console(file=io.StringIO())) as display:
+        display.step(4, overflow)
+    assert "train 4/10" in log.getvalue() and "skipped 3 (this step)" in log.getvalue()
+
+
+def test_export_cli_refuses_an_unknown_dtype_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from fp16rl.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--output", str(tmp_path / "out"),
+                                      "--dtype", "float8"])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --dtype: unknown dtype 'float8'"), result.output

@@ -4,7 +4,8 @@ version or the new one, never half of one and never an empty file.
 Atomic: everything is written under a temporary name in the same folder and renamed into place.
 Durable: the data of every file is fsync'ed before the rename, and the folder holding the new name
 is fsync'ed after it (a rename is only on disk once its directory entry is). New files and folders
-get the usual permissions (0666/0777 less the umask), not the 0600/0700 of ``tempfile``.
+get the usual permissions (0666/0777 less the umask), not the 0600/0700 of ``tempfile`` nor the 0600
+that safetensors (>= 0.6) gives the files it writes through its own temporary file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ def fsync_tree(root: Path) -> None:
         for name in files:
             fsync_path(os.path.join(folder, name))
         fsync_path(folder)
+
+
+def usual_permissions(root: Path) -> None:
+    """Set every file and folder under ``root`` (not ``root``) to the permissions ``open``/``mkdir``
+    would give: 0666, or 0777 for folders and executables, less the umask. Symbolic links are left alone."""
+    mask = _umask()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            mode = os.stat(path).st_mode
+            broad = 0o777 if name in dirs or mode & 0o111 else 0o666
+            os.chmod(path, broad & ~mask)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -77,6 +92,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        usual_permissions(tmp)  # before the fsync, which makes the modes durable with the data
         fsync_tree(tmp)
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()

@@ -123,16 +123,6 @@ class DataParallel:
         """This rank's device: ``cuda:LOCAL_RANK`` when training on CUDA with several ranks."""
         return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
 
-    def check_batch(self, prompts_per_step: int, num_generations: int, grad_accum_steps: int) -> None:
-        """Each rank owns whole prompt groups and whole shares of every micro-batch."""
-        if prompts_per_step % self.world_size:
-            raise ConfigError(f"--prompts-per-step {prompts_per_step} does not divide among {self.world_size} ranks; "
-                              "each rank owns whole prompt groups (use a multiple of the number of ranks)")
-        rows = prompts_per_step // self.world_size * num_generations
-        if rows % grad_accum_steps:
-            raise ConfigError(f"each of the {self.world_size} ranks holds {rows} completions per step, which "
-                              f"--gradient-accumulation-steps {grad_accum_steps} does not divide")
-
     def shard(self, count: int) -> range:
         """The indices (of ``count`` prompts) this rank owns: a contiguous slice, rank order."""
         per_rank = count // self.world_size

@@ -1,10 +1,15 @@
 """``fp16rl export``: a run's checkpoint as a standard Hugging Face model folder (or a peft adapter).
 
 The checkpoint holds the FP32 master weights of what was trained. Full fine-tuning: they replace the
-base model's weights, cast to the dtype the base model is stored in. LoRA: ``--merge`` folds the
-adapters into the base (in the base's dtype), otherwise a peft adapter folder is written (FP32
-adapters, ``base_model_name_or_path`` = the base folder). Either loads with ``from_pretrained``; the
-tokenizer is saved alongside. The output folder is written atomically and never overwritten.
+base model's weights. LoRA: ``--merge`` folds the adapters into the base (in FP32, then cast), otherwise
+a peft adapter folder is written (``base_model_name_or_path`` = the base folder). Either loads with
+``from_pretrained``; the tokenizer is saved alongside. The output folder is written atomically, with
+the usual file permissions, and never overwritten.
+
+The dtype written: ``dtype`` when given; else a model (full or merged) in the run's training dtype
+(``--trainer-dtype``, else ``--dtype``), the precision its weights were trained and sampled in, not the
+base's storage dtype (an fp16 run of a bf16 base is written in fp16); an adapter keeps its FP32 masters.
+A weight that the cast turns non-finite (beyond float16's range) is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from fp16rl.checkpoint import checkpoint_dirs, checkpoint_problem
 from fp16rl.config import ConfigError, TrainConfig, stored_run_options
 from fp16rl.models import LoraSettings, apply_lora, load_model, load_tokenizer, model_folder
 from fp16rl.paths import check_model_folder
-from fp16rl.precision import parse_dtype
+from fp16rl.precision import PrecisionError, dtype_name, parse_dtype
 from fp16rl.runs import refuse_used_folder
 
 
@@ -41,18 +46,22 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     return run_dir, checkpoint
 
 
-def export_checkpoint(path: Path, output: Path, merge: bool = False) -> Path:
-    """Write ``output`` (see the module docstring); return it."""
+def export_checkpoint(path: Path, output: Path, merge: bool = False, dtype: str | None = None) -> Path:
+    """Write ``output`` (see the module docstring) with its weights in ``dtype`` (float16 | bfloat16 |
+    float32 and their aliases; default: see the module docstring); return it."""
     from safetensors.torch import load_file
 
+    try:
+        target = parse_dtype(dtype) if dtype is not None else None
+    except PrecisionError as err:
+        raise ConfigError(f"--dtype: {err}") from None
     run_dir, checkpoint = resolve_checkpoint(path)
     refuse_used_folder(Path(output), "--output")
     config = TrainConfig(**stored_run_options(run_dir))
     base_path = model_folder(config.model_path)
     masters = load_file(str(checkpoint / "trainable.safetensors"))
+    check_model_folder(base_path)  # a clean error before loading
     base = load_model(base_path, torch.float32)
-    stored = check_model_folder(base_path)
-    stored_dtype = parse_dtype(stored.get("dtype") or stored.get("torch_dtype") or "float32")
     tokenizer = load_tokenizer(base_path)
     with torch.no_grad():
         if config.lora_r == 0:
@@ -64,14 +73,27 @@ def export_checkpoint(path: Path, output: Path, merge: bool = False) -> Path:
                                                        target_modules=tuple(config.lora_target_modules)))
             _load_exactly(peft_model, masters, checkpoint, only_trainable=True)
             model = peft_model.merge_and_unload() if merge else peft_model
-    if not (config.lora_r and not merge):
-        model = model.to(stored_dtype)  # the base's own dtype on disk, as it came
+    if config.lora_r and not merge:
+        target = target or torch.float32
+    else:
+        target = target or parse_dtype(config.trainer_dtype or config.dtype)
+    _cast_checked(model, target)
     with atomic_directory(output) as tmp:
         if config.lora_r and not merge:
             model.peft_config["default"].base_model_name_or_path = str(base_path)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(output)
+
+
+def _cast_checked(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model`` in place to ``dtype``, refusing a weight that the cast makes non-finite (an FP32
+    or bf16 value beyond float16's +-65504)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.isfinite().all() and not tensor.to(dtype).isfinite().all():
+            raise ConfigError(f"weight {name} does not fit {dtype_name(dtype)} (largest |value| "
+                              f"{tensor.abs().max().item():.4g}); choose another --dtype")
+    model.to(dtype)
 
 
 def _load_exactly(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path,

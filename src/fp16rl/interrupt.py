@@ -4,7 +4,9 @@ The first SIGINT/SIGTERM only sets a flag. The training loop polls it at safe po
 token, between micro-batches and at every decoder layer's forward, as long as the step has not yet
 changed the weights. There ``StopRequest.check`` raises ``RunInterrupted``: the step is abandoned,
 its partial gradients dropped, and the run saves the last completed step and records
-``status: interrupted``; ``--resume`` then continues exactly. A second signal stops at once.
+``status: interrupted``; ``--resume`` then continues exactly. A second signal stops at once
+(``StoppedAtOnce``). Before training starts (loading, checks) no handler is installed: Ctrl-C
+raises ``KeyboardInterrupt`` there, and the CLI says that nothing was trained.
 
 Data-parallel ranks must leave together (a rank that stops alone leaves the others waiting in a
 collective), so with ``agree`` the mid-step safe points are off and the ranks decide between steps,
@@ -17,13 +19,19 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
+if TYPE_CHECKING:  # the CLI imports this module before torch loads (it tells the two kinds of Ctrl-C apart)
+    import torch
 
 
 class RunInterrupted(Exception):
     """Raised at a safe point after Ctrl-C or SIGTERM."""
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """The second signal: the run stops where it is, without a checkpoint. A plain ``KeyboardInterrupt``
+    is a first Ctrl-C that came while no ``StopRequest`` was installed (start-up, before training)."""
 
 
 class StopRequest:
@@ -51,7 +59,7 @@ class StopRequest:
     def _handle(self, number: int, _frame: object) -> None:
         if self.signal_name is not None:  # the second signal: do not wait for a safe point
             signal.signal(number, signal.SIG_DFL)
-            raise KeyboardInterrupt
+            raise StoppedAtOnce
         self.signal_name = signal.Signals(number).name
         print(f"\n{self.signal_name}: stopping at the next safe point and saving a checkpoint "
               "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@
 an output path that is a file, a folder in use, a resume whose options or files do not match the
 run, a model path that is not a model folder, an unknown dataset, all without importing torch and
 without touching the disk. ``RunPlan.create`` makes the folder only once everything else has been
-loaded, so a refused run leaves nothing behind.
+loaded, so a refused run leaves nothing behind. A folder whose run ended before its first step (no
+checkpoint, no logged step) is reused, not refused (``run_reuse``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fp16rl.checkpoint import checkpoint_dirs, checkpoint_problem, read_trainer_state
-from fp16rl.config import ConfigError, TrainConfig, flag, resume_conflicts, stored_run_options
+from fp16rl.config import ConfigError, TrainConfig, flag, load_yaml_mapping, resume_conflicts, stored_run_options
 from fp16rl.errors import FolderInUseError
 from fp16rl.paths import TINY, resolve_model_path
+from fp16rl.run_reuse import ended_before_step_one, reuse
 
 DONE_STATUSES = ("finished", "stopped_on_collapse")  # a run in one of these needs no resume
 
@@ -29,9 +31,13 @@ class RunPlan:
     run_dir: Path
     resume_from: Path | None = None
     resume_step: int = 0
+    threads: int | None = None  # the CPU threads the resumed run recorded (config.yaml cpu_threads)
+    reused: str | None = None  # the status of an earlier run whose folder is reused (``run_reuse``)
 
     def create(self) -> Path:
         """Make the run folder (a no-op when resuming): the first write of a run."""
+        if self.reused is not None:
+            reuse(self.run_dir, self.reused)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return self.run_dir
 
@@ -58,23 +64,81 @@ def plan_run(config: TrainConfig, check_data: bool = True) -> RunPlan:
         check_dataset(config)
     check_report_to(config.report_to)
     if not config.resume:
-        refuse_used_folder(run_dir, "--output-dir", "pass --resume to continue that run or choose another folder")
-        return RunPlan(run_dir)
+        reused = ended_before_step_one(run_dir)
+        if reused is None:
+            refuse_used_folder(run_dir, "--output-dir", "pass --resume to continue that run or choose another folder")
+        return RunPlan(run_dir, reused=reused)
     if not run_dir.is_dir():
         raise ConfigError(f"--resume: {run_dir} does not exist; there is no run to continue")
-    conflict = resume_conflicts(stored_run_options(run_dir), config)
+    stored = stored_run_options(run_dir)
+    conflict = resume_conflicts(stored, config) or reward_conflict(stored, config)
     if conflict:
         raise ConfigError(conflict)
     checkpoints = checkpoint_dirs(run_dir)
     if not checkpoints:
-        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume from")
+        ended = ended_before_step_one(run_dir)
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume from" + (
+            f"; its run {ended} before step 1: start it again without --resume (the folder is reused)" if ended
+            else "; move it away or choose another --output-dir to start again"))
     latest = checkpoints[-1]
     problem = checkpoint_problem(latest)
     if problem:
         raise ConfigError(f"checkpoint {latest} is corrupt: {problem}; remove it to resume from the one before")
     step = read_trainer_state(latest)["step"]
     check_metrics_file(run_dir / "metrics.jsonl", step)
-    return RunPlan(run_dir, latest, step)
+    return RunPlan(run_dir, latest, step, recorded_threads(run_dir))
+
+
+def recorded_threads(run_dir: Path) -> int | None:
+    """The CPU thread count a run recorded in its config.yaml (``cpu_threads``; None on a GPU or unrecorded)."""
+    threads = load_yaml_mapping(run_dir / "config.yaml", "run config").get("cpu_threads")
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+
+
+def check_ranks(config: TrainConfig, world_size: int) -> None:
+    """Options the ranks of a launch cannot run, refused by every rank alike: the CLI asks before torch
+    loads (``launched_ranks``), so no process group is set up for a run that cannot start."""
+    if world_size == 1:
+        return
+    if config.algorithm == "ppo":
+        raise ConfigError("--algorithm ppo trains in one process (its critic's gradients are not reduced across "
+                          "ranks); launch it without torchrun, or use --algorithm grpo with several ranks")
+    if config.prompts_per_step % world_size:
+        raise ConfigError(f"--prompts-per-step {config.prompts_per_step} does not divide among {world_size} ranks; "
+                          "each rank owns whole prompt groups (use a multiple of the number of ranks)")
+    rows = config.prompts_per_step // world_size * config.num_generations
+    if rows % config.gradient_accumulation_steps:
+        raise ConfigError(f"each of the {world_size} ranks holds {rows} completions per step, which "
+                          f"--gradient-accumulation-steps {config.gradient_accumulation_steps} does not divide")
+
+
+def reward_conflict(stored: dict[str, Any], config: TrainConfig) -> str | None:
+    """Why ``config`` cannot continue a run scored by other reward functions or weights, or None. Refused
+    like another dtype: ``reward/mean`` would change its definition mid-run, and the change would read
+    as a collapse or a gain of the policy (``collapse_step``, the report's final reward)."""
+    before, now = _rewards(stored, config.dataset_path), _rewards(vars(config), config.dataset_path)
+    if before == now:
+        return None
+    return (f"--resume: {config.output_dir} was started with the rewards {_describe(before)}, this call asks for "
+            f"{_describe(now)}; a run keeps its reward functions and weights (start a new run to change them)")
+
+
+def _rewards(options: dict[str, Any], dataset_path: str) -> list[tuple[str, float]]:
+    """(function, weight) pairs a run scores with, defaults filled in, so equal choices compare equal."""
+    from fp16rl.tasks import dataset_kind
+    from fp16rl.tasks.arc.reward import DEFAULT_REWARD
+
+    funcs = list(options.get("reward_funcs") or [])
+    names = [f if isinstance(f, str) else getattr(f, "__name__", str(f)) for f in funcs] or (
+        [options["reward_name"]] if options.get("reward_name") else [])
+    if not names:
+        names = {"arc": [DEFAULT_REWARD], "gym": ["reasoning_gym"]}.get(dataset_kind(dataset_path), [])
+    weights = [float(w) for w in options.get("reward_weights") or []] or [1.0] * len(names)
+    return list(zip(names, weights))
+
+
+def _describe(rewards: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{name} (weight {weight:g})" for name, weight in rewards) or "none (the task's own)"
 
 
 def check_report_to(report_to: list[str]) -> None:
@@ -95,6 +159,9 @@ def check_dataset(config: TrainConfig) -> None:
 
     spec = config.dataset_path
     kind = dataset_kind(spec)
+    if config.reward_weights and kind in ("toy", "arc"):
+        raise ConfigError(f"--reward-weights weighs the reward functions of prompt datasets; {spec} is scored by "
+                          "its task's own reward")
     if kind == "toy":
         from fp16rl.tasks.toy import TOY_TASKS
 
@@ -155,9 +222,11 @@ def check_metrics_file(path: Path, upto_step: int) -> None:
 
 
 def summarize_run(records: list[dict[str, Any]], event: Any, *, status: str, total_steps: int,
-                  arm: str | None, seed: int) -> dict[str, Any]:
-    """summary.json: final reward (mean over the last 10% of steps), best 10-step moving average,
-    collapse, speed; what ``fp16rl compare`` and ``report`` read."""
+                  arm: str | None, seed: int, mismatch_includes_rope_scaling: bool = False) -> dict[str, Any]:
+    """summary.json: final reward (mean over the last 10% of steps), best reward (best mean over as many
+    consecutive steps, so never below the final), collapse, speed; what ``fp16rl compare`` and ``report``
+    read. ``mismatch_includes_rope_scaling``: the model's RoPE frequencies follow the sequence length, so
+    the sampler/trainer mismatch is not only precision (``prompt_forward.length_dependent_rope``)."""
     import numpy as np
 
     from fp16rl.tracking import best_reward, final_reward
@@ -177,4 +246,5 @@ def summarize_run(records: list[dict[str, Any]], event: Any, *, status: str, tot
         "wall_s": wall,
         "arm": arm,
         "seed": seed,
+        "mismatch_includes_rope_scaling": mismatch_includes_rope_scaling,
     }

@@ -20,50 +20,76 @@ from fp16rl.atomic import atomic_write_text
 from fp16rl.errors import ConfigError
 
 
+# Files written before JSON null became the convention held non-finite values as these strings.
+_OLD_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All step records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
+    """All step records of a metrics.jsonl file (a torn last line from a crash is ignored).
+
+    A non-finite value is ``null`` on disk (see ``jsonable``) and ``math.nan`` here, so every reader
+    gets a float; the strings "nan"/"inf"/"-inf" of older files are read as the floats they name.
+    ``math.nan`` is one object, so records that both hold NaN at the same place still compare equal.
+    """
     records = []
     path = Path(path)
     if not path.is_file():
         return records
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             break
+        records.append({key: _as_number(value) for key, value in record.items()})
     return records
 
 
-BEST_WINDOW = 10  # best reward = best moving average over this many steps
+def _as_number(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return _OLD_NON_FINITE.get(value, value)
+    return value
+
+
+def reward_window(steps: int) -> int:
+    """Steps in the window of ``final_reward`` and ``best_reward``: 10% of the logged steps, at least one."""
+    return max(1, steps // 10)
 
 
 def final_reward(rewards: np.ndarray) -> float | None:
-    """Mean reward over the last 10% of the logged steps (at least one); non-finite values ignored."""
+    """Mean reward over the last ``reward_window`` logged steps; non-finite values ignored."""
     finite = rewards[np.isfinite(rewards)]
     if finite.size == 0:
         return None
-    tail = max(1, finite.size // 10)
-    return float(finite[-tail:].mean())
+    return float(finite[-reward_window(finite.size):].mean())
 
 
-def best_reward(rewards: np.ndarray, window: int = BEST_WINDOW) -> float | None:
-    """Best moving average over ``window`` steps (all steps when fewer); non-finite values ignored."""
+def best_reward(rewards: np.ndarray) -> float | None:
+    """Best mean over ``reward_window`` consecutive logged steps; non-finite values ignored.
+
+    The same window as ``final_reward``, whose window is one of those compared, so best >= final
+    always (two different windows let a short run's best fall below its final reward). The final
+    window's own mean enters the max too: a sliding sum may round differently in the last bit.
+    """
     finite = rewards[np.isfinite(rewards)]
     if finite.size == 0:
         return None
-    width = min(window, finite.size)
-    sums = np.convolve(finite, np.ones(width), mode="valid")
-    return float(sums.max() / width)
+    means = np.lib.stride_tricks.sliding_window_view(finite, reward_window(finite.size)).mean(axis=1)
+    return float(max(means.max(), final_reward(finite)))
 
 
 def jsonable(value: Any) -> Any:
-    """NaN/inf are not JSON: written as strings (in nested dicts and lists too) so files parse everywhere."""
+    """NaN and +-inf are not JSON: written as ``null`` (in nested dicts and lists too), as pandas'
+    ``to_json`` and JavaScript do, so strict ``json.loads``, pandas and ``datasets`` read the files it
+    serves (metrics.jsonl, report.json, probe.json, perfectible's output). There a ``null`` number always
+    means "not finite"; which of NaN, inf or -inf it was is not kept."""
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     return value
 
 
@@ -99,7 +125,8 @@ class RunTracker:
         if resume_step is not None:
             # Steps after the checkpoint will be run again: drop their records so no step appears twice.
             kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            text = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in kept)  # old files: null now
+            atomic_write_text(self.metrics_path, text)
         self._metrics = self.metrics_path.open("a")
         self.backends = []
         for name in report_to:
@@ -112,7 +139,7 @@ class RunTracker:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **jsonable(metrics)}
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics.flush()
         os.fsync(self._metrics.fileno())  # the source of truth survives a crash with the checkpoint it matches
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -135,6 +162,10 @@ class _TensorBoard:
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
+    @staticmethod
+    def hint(run_dir: Path) -> str:
+        return f"tensorboard --logdir {run_dir / 'tb'}"
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
@@ -152,6 +183,15 @@ class _Wandb:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fp16rl"), name=run_dir.name,
                               dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE", "offline"),
                               reinit="create_new")
+
+    @staticmethod
+    def hint(run_dir: Path) -> str:
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode in ("offline", "dryrun"):
+            return f"{run_dir / 'wandb'} (offline; upload with wandb sync {run_dir / 'wandb'}/offline-run-*)"
+        if mode == "disabled":
+            return "nothing written (WANDB_MODE=disabled)"
+        return f"project {os.environ.get('WANDB_PROJECT', 'fp16rl')}, run {run_dir.name}"
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
@@ -176,6 +216,11 @@ class _Trackio:
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "fp16rl"), name=run_dir.name,
                                 config=config, resume="allow", embed=False, auto_log_gpu=False, auto_log_cpu=False)
 
+    @staticmethod
+    def hint(run_dir: Path) -> str:
+        folder = os.environ.get("TRACKIO_DIR", str(run_dir / "trackio"))
+        return f"TRACKIO_DIR={folder} trackio show --project {os.environ.get('TRACKIO_PROJECT', 'fp16rl')}"
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.trackio.log(scalars, step=step)
 
@@ -198,6 +243,13 @@ class _Mlflow:
         self.run = mlflow.start_run(run_name=run_dir.name)
         mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
 
+    @staticmethod
+    def hint(run_dir: Path) -> str:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith(("http://", "https://", "databricks")):  # a tracking server: it shows the run itself
+            return f"{uri}, experiment {os.environ.get('MLFLOW_EXPERIMENT_NAME', 'fp16rl')}, run {run_dir.name}"
+        return f"mlflow ui --backend-store-uri {uri}"
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.mlflow.log_metrics(scalars, step=step)
 
@@ -206,6 +258,15 @@ class _Mlflow:
 
 
 BACKENDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "mlflow": _Mlflow}
+
+
+def output_lines(run_dir: Path, report_to: Sequence[str]) -> list[str]:
+    """Where a finished run's outputs are, one console line each: a tracker's line only when
+    ``--report-to`` named it (with the command that shows it)."""
+    places = [("metrics", str(run_dir / "metrics.jsonl")),
+              *[(name, BACKENDS[name].hint(run_dir)) for name in report_to if name in BACKENDS],
+              ("samples", str(run_dir / "samples")), ("checkpoints", str(run_dir / "checkpoints"))]
+    return [f"{label + ':':<14}{place}" for label, place in places]
 
 
 class Progress:
@@ -259,13 +320,22 @@ class ProgressDisplay(Progress):
         super().__init__("train", total_steps, start_step, plain_interval_s=0.0, console=console)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
-        stats = (
-            f"reward {metrics.get('reward/mean', float('nan')):.3f}  "
-            f"|dlogp| {metrics.get('mismatch/logp_abs_diff_mean', float('nan')):.2e}  "
-            f"kl {metrics.get('mismatch/token_kl_k3', float('nan')):.1e}  "
-            f"scale {metrics.get('optim/loss_scale', 1.0):.0f}"
-        )
-        self.update(completed=step, description=stats)
+        self.update(completed=step, description=progress_stats(metrics))
+
+
+def progress_stats(metrics: dict[str, float]) -> str:
+    """The progress line's numbers for one step. Optimizer steps skipped so far (fp16 overflow, or a
+    non-finite gradient) appear once there is one, since the weights did not move on those steps."""
+    stats = (
+        f"reward {metrics.get('reward/mean', math.nan):.3f}  "
+        f"|dlogp| {metrics.get('mismatch/logp_abs_diff_mean', math.nan):.2e}  "
+        f"kl {metrics.get('mismatch/token_kl_k3', math.nan):.1e}  "
+        f"scale {metrics.get('optim/loss_scale', 1.0):.0f}"
+    )
+    skipped = metrics.get("optim/skipped_steps_total", 0.0)
+    if skipped > 0:
+        stats += f"  skipped {skipped:.0f}" + (" (this step)" if metrics.get("optim/step_skipped", 0.0) else "")
+    return stats
 
 
 def _clock(seconds: float) -> str:

@@ -38,19 +38,20 @@ install_warning_handler()
 )
 def train(ctx: typer.Context) -> None:
     """Run GRPO-family RL fine-tuning (`fp16rl train --help` lists every option)."""
-    from fp16rl.ranks import is_main_process
-    from fp16rl.runs import plan_run
+    from fp16rl.cli.interrupts import stop_interrupted
+    from fp16rl.interrupt import StoppedAtOnce
+    from fp16rl.ranks import is_main_process, launched_ranks
+    from fp16rl.runs import check_ranks, plan_run
 
+    config = plan = trainer = None
     try:
         config = parse_train_args(ctx.args)
+        check_ranks(config, launched_ranks())  # every rank, before torch and the process group
         if is_main_process():  # under torchrun rank 0 decides (the others would race its folder)
-            plan_run(config)  # every check that needs no model: refused in a second, before torch loads
-    except USER_ERRORS as err:
-        fail(str(err))
-    _quiet_libraries()
-    from fp16rl.trainer import Trainer
+            plan = plan_run(config)  # every check that needs no model: refused in a second, before torch loads
+        _quiet_libraries()
+        from fp16rl.trainer import Trainer
 
-    try:
         trainer = Trainer(config)
         if is_main_process():
             console.print(f"run folder: [bold]{trainer.run_dir}[/]  ({trainer.total_steps} steps, sampler "
@@ -59,23 +60,18 @@ def train(ctx: typer.Context) -> None:
         trainer.train(show_progress=True)
     except USER_ERRORS as err:
         fail(str(err))
-    except KeyboardInterrupt:
-        console.print("interrupted at once (second signal): the latest saved checkpoint is kept; continue with --resume")
-        raise typer.Exit(130)
+    except KeyboardInterrupt as err:  # the second signal, or a first one during start-up
+        stop_interrupted(config, plan, trainer, at_once=isinstance(err, StoppedAtOnce))
     if not is_main_process():
         return
     if trainer.status == "interrupted":
         console.print(f"interrupted after step {max(trainer.saved_steps)}: checkpoint saved in "
                       f"{trainer.run_dir / 'checkpoints'}; continue with --resume")
         raise typer.Exit(130)
-    _print_outputs(trainer.run_dir)
+    from fp16rl.tracking import output_lines
 
-
-def _print_outputs(run_dir: Path) -> None:
-    console.print(f"metrics:      {run_dir / 'metrics.jsonl'}")
-    console.print(f"tensorboard:  tensorboard --logdir {run_dir / 'tb'}")
-    console.print(f"samples:      {run_dir / 'samples'}")
-    console.print(f"checkpoints:  {run_dir / 'checkpoints'}")
+    for line in output_lines(trainer.run_dir, config.report_to):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @models_app.command("tiny")
@@ -228,6 +224,8 @@ def report(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder, replacing an earlier report."),
     reference: Optional[str] = typer.Option(None, help="Arm the others are compared with (default: the first arm)."),
     smooth: Optional[int] = typer.Option(None, help="Moving-average window of the plots in steps (default: automatic; 1 = none)."),
+    margin: Optional[float] = typer.Option(None, help="Equivalence margin in reward units: a final-reward difference "
+                                           "within ±margin counts as none (default: 10% of the reward range logged)."),
 ) -> None:
     """Plots, tables, a paired seed-by-seed comparison of the arms and a conclusion computed from the runs."""
     import json
@@ -236,7 +234,7 @@ def report(
 
     try:
         html_path = build_report(paths, output or paths[0] / "report", overwrite=overwrite, reference=reference,
-                                 smooth=smooth)
+                                 smooth=smooth, margin=margin)
     except USER_ERRORS as err:
         fail(str(err))
     for line in json.loads((html_path.parent / "report.json").read_text())["conclusion"]:
@@ -248,15 +246,17 @@ def report(
 def export(
     checkpoint: Path = typer.Argument(..., help="A run folder (its latest checkpoint) or RUN/checkpoints/step-N."),
     output: Path = typer.Option(..., "--output", "-o", help="New folder for the model (never overwritten)."),
-    merge: bool = typer.Option(False, "--merge", help="LoRA: fold the adapters into the base model (in the base's "
-                               "dtype); without it a peft adapter folder is written."),
+    merge: bool = typer.Option(False, "--merge", help="LoRA: fold the adapters into the base model; without it a "
+                               "peft adapter folder is written."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Dtype of the written weights: float16 | bfloat16 | "
+                                        "float32 (default: a model in the run's training dtype, an adapter in FP32)."),
 ) -> None:
     """Write a checkpoint as a standard Hugging Face model folder (AutoModelForCausalLM.from_pretrained loads it)."""
     from fp16rl.export import export_checkpoint
 
     _quiet_libraries()
     try:
-        folder = export_checkpoint(checkpoint, output, merge)
+        folder = export_checkpoint(checkpoint, output, merge, dtype)
     except USER_ERRORS as err:
         fail(str(err))
     typer.echo(str(folder))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import time
+from pathlib import Path
 from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from fp16rl.atomic import atomic_write_text
 from fp16rl.errors import UserError
 from fp16rl.ranks import is_main_process
 
@@ -24,10 +30,25 @@ def one_line(text: object) -> str:
 def fail(message: object) -> NoReturn:
     """Print ``error: <message>`` as one line on stderr and exit with code 2 (bad input). Under torchrun
     only rank 0 prints it: the ranks fail together, and one line says why."""
+    record_for_launcher(f"error: {one_line(message)}")
     if not is_main_process():
         raise typer.Exit(2)
     console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def record_for_launcher(line: str) -> None:
+    """Under torchrun, write ``line`` where its failure report looks for a rank's error.
+
+    torchrun answers any rank's non-zero exit with its own report and traceback (``ChildFailedError``,
+    raised in the launcher process: no rank can prevent it) and exits 1. With this file (torchelastic's
+    ``TORCHELASTIC_ERROR_FILE``, in the format of its ``ErrorHandler.record_exception``) the report's
+    root cause is this line instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError):  # only an aid to torchrun's report: the error line is printed anyway
+            atomic_write_text(Path(path), json.dumps(record))
 
 
 class _OneLineWarnings(logging.Handler):

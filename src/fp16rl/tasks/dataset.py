@@ -26,6 +26,7 @@ import numpy as np
 
 from fp16rl.errors import DatasetError
 from fp16rl.rewards import RewardSet
+from fp16rl.tasks.data_files import invalid_table_problem, text_file_problem
 from fp16rl.tasks.base import PromptItem, Scores, count_tokens, render_chat
 
 DATASET_KINDS = ("JSON Lines (.jsonl)", "JSON (.json, a list of records)", "Parquet (.parquet)", "CSV (.csv)",
@@ -60,14 +61,24 @@ def load_prompt_file(spec: str, cache_dir: Path) -> Any:
             if "train" not in loaded:
                 raise DatasetError(f"{path} holds the splits {', '.join(loaded)}, none named 'train'")
             loaded = loaded["train"]
-        return loaded
+        return _valid_text(loaded, path, None)
     loader = _LOADERS.get(path.suffix.lower())
     if loader is None or (path.suffix == ".gz" and not path.name.endswith((".json.gz", ".jsonl.gz"))):
         raise DatasetError(f"--dataset-path {path}: unknown kind of file; --dataset-path accepts: {kinds}")
     try:
-        return datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=str(cache_dir))
+        loaded = datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=str(cache_dir))
     except Exception as err:  # pyarrow and datasets raise many types for a malformed file
-        raise DatasetError(f"{path}: cannot read it as {loader}: {_first_line(err)}") from None
+        problem = text_file_problem(path, loader) or f"cannot read it as {loader}: {_first_line(err)}"
+        raise DatasetError(f"{path}: {problem}") from None
+    return _valid_text(loaded, path, loader)
+
+
+def _valid_text(dataset: Any, path: Path, loader: str | None) -> Any:
+    """``dataset`` if its strings are UTF-8; else ``DatasetError`` naming the line (text files) or the row."""
+    problem = invalid_table_problem(dataset.data.table)
+    if problem is None:
+        return dataset
+    raise DatasetError(f"{path}: {text_file_problem(path, loader) or problem}")
 
 
 def dataset_from_rows(rows: Sequence[dict[str, Any]]) -> Any:
