@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 
 from fp16rl.errors import FolderInUseError, ReportError
 from fp16rl.experiments import arm_slug
-from fp16rl.report import arm_label, bootstrap_ci, build_report, load_inputs, moving_average
+from fp16rl.report import arm_label, build_report, load_inputs, moving_average
 from fp16rl.report import analyse as analyse_typed
 from fp16rl.tracking import best_reward, final_reward
 
@@ -94,9 +95,23 @@ def test_reward_definitions_match_summary_json():
     rewards = np.array([0.1, 0.2, float("nan"), 0.3] + [0.5] * 16 + [0.9, 0.7])
     assert final_reward(rewards) == pytest.approx(0.8)  # 21 finite values: last 21 // 10 = 2
     assert final_reward(np.array([1.0, 2.0, 4.0])) == 4.0  # at least one step
-    assert best_reward(np.array([1.0, 3.0])) == 2.0  # fewer than 10 steps: all of them
-    assert best_reward(np.arange(30.0)) == pytest.approx(np.mean(np.arange(20.0, 30.0)))
-    assert final_reward(np.array([np.nan])) is None
+    assert best_reward(rewards) == pytest.approx(0.8)  # the best 2 consecutive steps are the last 2
+    assert best_reward(np.array([1.0, 3.0])) == 3.0  # under 20 steps: the window is 1 step
+    assert best_reward(np.arange(30.0)) == pytest.approx(np.mean(np.arange(27.0, 30.0)))  # 3-step windows
+    assert best_reward(np.array([5.0] * 10 + [0.0] * 10)) == 5.0  # after a collapse: the best 2 steps
+    assert final_reward(np.array([np.nan])) is None and best_reward(np.array([np.nan])) is None
+
+
+def test_best_reward_is_never_below_final_reward():
+    """Issue 23: a short run's best (a 10-step average) fell below its final reward (its last step)."""
+    assert best_reward(np.array([0.2, 0.1, 0.3, 0.6])) == final_reward(np.array([0.2, 0.1, 0.3, 0.6])) == 0.6
+    generator = np.random.default_rng(0)
+    for size in [1, 2, 5, 9, 10, 11, 19, 20, 21, 99, 100, 101, 1000]:
+        for _ in range(20):
+            rewards = generator.random(size) * generator.choice([1e-3, 1.0, 1e3])
+            rewards[generator.random(size) < 0.1] = np.nan
+            if np.isfinite(rewards).any():
+                assert best_reward(rewards) >= final_reward(rewards)
 
 
 def test_moving_average_ignores_nan():
@@ -104,28 +119,19 @@ def test_moving_average_ignores_nan():
     assert out.tolist() == [1.0, 1.0, 3.0, 4.0]
 
 
-def test_bootstrap_interval_is_sane_and_deterministic():
-    diffs = [0.1, 0.2, 0.15, 0.3, 0.05]
-    low, high = bootstrap_ci(diffs)
-    assert min(diffs) <= low < np.mean(diffs) < high <= max(diffs)
-    assert bootstrap_ci(diffs) == (low, high)
-    assert bootstrap_ci([-d for d in diffs]) == pytest.approx((-high, -low))
-    assert bootstrap_ci([0.4]) is None
-
-
 def test_numbers_match_the_fixtures(compare_dir: Path):
     data = analyse(load_inputs([compare_dir]))
     runs = {(r["arm"], r["seed"]): r for r in data["runs"]}
     fp16_0 = runs[FP16, 0]
     assert fp16_0["final_reward"] == pytest.approx((0.69 + 0.70) / 2)  # last 2 of 20 steps
-    assert fp16_0["best_reward"] == pytest.approx(0.5 + 0.155)  # steps 11..20
+    assert fp16_0["best_reward"] == pytest.approx(0.5 + 0.195)  # rising: the best 2 steps are the last 2
     assert fp16_0["median_logp_abs_diff"] == pytest.approx(0.0105)
     assert fp16_0["steps_per_s"] == 2.0
     collapsed = runs[BF16, 1]
     assert collapsed["status"] == "stopped_on_collapse"
     assert (collapsed["steps_completed"], collapsed["collapse_step"]) == (15, 13)
     assert collapsed["final_reward"] == 0.0  # last 15 // 10 = 1 step
-    assert collapsed["best_reward"] == pytest.approx(0.45 + 0.055)  # steps 1..10 of seed 1
+    assert collapsed["best_reward"] == pytest.approx(0.45 + 0.10)  # 1-step windows: step 10 of seed 1
     assert collapsed["median_logp_abs_diff"] == pytest.approx(0.08)
 
     arms = {a["arm"]: a for a in data["arms"]}
@@ -140,8 +146,8 @@ def test_numbers_match_the_fixtures(compare_dir: Path):
     assert per_seed["0"] == pytest.approx(0.1) and per_seed["2"] == pytest.approx(0.1)
     assert per_seed["1"] == pytest.approx(0.745)
     assert comparison["final_reward_diff_mean"] == pytest.approx(0.315)
-    low, high = comparison["final_reward_diff_ci"]
-    assert 0.1 - 1e-9 <= low < 0.315 < high <= 0.745 + 1e-9
+    low, high = comparison["final_reward_diff_ci"]  # Student t: sd 0.3724, se = sd / sqrt(3) = 0.215
+    assert (low, high) == pytest.approx((0.315 - 4.302653 * 0.215, 0.315 + 4.302653 * 0.215), abs=1e-5)
     ratios = comparison["logp_abs_diff_ratio_per_seed"]
     assert ratios["0"] == pytest.approx(0.1) and ratios["1"] == pytest.approx(0.0105 / 0.08)
     assert comparison["logp_abs_diff_diff_per_seed"]["0"] == pytest.approx(0.0105 - 0.105)
@@ -149,15 +155,17 @@ def test_numbers_match_the_fixtures(compare_dir: Path):
     assert comparison["collapses"] == {"arm": [0, 3], "reference": [1, 3]}
 
 
-def test_conclusion_follows_the_data_and_flips_with_the_reference(compare_dir: Path):
-    inputs = load_inputs([compare_dir])
-    (line,) = analyse(inputs)["conclusion"]
-    assert line.startswith(f"{FP16} vs {BF16}: final reward higher by +0.315 [")
-    assert "3 paired seeds" in line and "collapses 0/3 vs 1/3" in line and "x lower" in line
+def test_conclusion_follows_the_data_and_flips_with_the_reference(tmp_path: Path):
+    inputs = load_inputs([write_compare(tmp_path / "cmp", seeds=tuple(range(10)))])  # diffs: 0.1 x 9, 0.745
+    data = analyse(inputs)
+    line = data["conclusion"][0]
+    assert data["comparisons"][0]["final_reward_diff_mean"] == pytest.approx(0.1645)
+    assert line.startswith(f"{FP16} vs {BF16}: final reward higher by +0.16") and "[+0.019, +0.310]" in line
+    assert "10 paired seeds" in line and "collapses 0/10 vs 1/10" in line and "x lower" in line
     swapped = analyse(inputs, reference=FP16)
-    (line,) = swapped["conclusion"]
-    assert line.startswith(f"{BF16} vs {FP16}: final reward lower by -0.315 [")
-    assert "collapses 1/3 vs 0/3" in line and "x higher" in line
+    line = swapped["conclusion"][0]
+    assert line.startswith(f"{BF16} vs {FP16}: final reward lower by -0.16") and "[-0.310, -0.019]" in line
+    assert "collapses 1/10 vs 0/10" in line and "x higher" in line
     forward = analyse(inputs)["comparisons"][0]["final_reward_diff_ci"]
     assert swapped["comparisons"][0]["final_reward_diff_ci"] == pytest.approx((-forward[1], -forward[0]))
 
@@ -168,9 +176,10 @@ def test_no_clear_difference_when_the_interval_includes_zero(tmp_path: Path):
         records = [{**r, "reward/mean": r["reward/mean"] + shift} for r in fp16_records(0)]
         write_run(tmp_path / f"b{seed}", arm="B", seed=seed, dtype="float16", records=records)
     paths = [tmp_path / f"{x}{s}" for x in "ab" for s in SEEDS]
-    (line,) = analyse(load_inputs(paths))["conclusion"]
-    assert line.startswith("B vs A: no clear difference in final reward: +0.007 [")
-    assert "includes 0" in line and "median |Δlogp| ratio 1 [1, 1]: no clear difference (interval includes 1)" in line
+    line = analyse(load_inputs(paths))["conclusion"][0]
+    assert line.startswith("B vs A: cannot decide on final reward with 3 paired seeds (a decision needs at least 6): "
+                           "+0.007 [")
+    assert "median |Δlogp| ratio 1 [1, 1]: no clear difference (interval includes 1)" in line
 
 
 def test_report_files(compare_dir: Path, tmp_path: Path):
@@ -186,7 +195,7 @@ def test_report_files(compare_dir: Path, tmp_path: Path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "report.json").read_text())
     assert data["conclusion"] and data["comparisons"][0]["paired_seeds"] == [0, 1, 2]
-    assert data["method"]["bootstrap_resamples"] == 10_000
+    assert data["method"]["min_paired_seeds"] == 6
 
 
 def test_output_folder_is_not_overwritten_by_accident(compare_dir: Path, tmp_path: Path):
@@ -212,7 +221,7 @@ def test_plots_only_metrics_that_exist(tmp_path: Path):
 
 def test_single_seed_says_no_interval(tmp_path: Path):
     cmp = write_compare(tmp_path / "cmp", seeds=(0,))
-    (line,) = analyse(load_inputs([cmp]))["conclusion"]
+    line = analyse(load_inputs([cmp]))["conclusion"][0]
     assert "+0.100 on 1 paired seed (no interval can be computed from a single seed)" in line
     assert "10x lower" in line  # 0.0105 / 0.105
 
@@ -301,3 +310,22 @@ def test_log_panel_with_only_non_positive_values(tmp_path: Path):
     run = write_run(tmp_path / "run", arm=None, seed=0, dtype="float16", records=records)
     html = build_report([run], tmp_path / "out")
     assert html.is_file() and (tmp_path / "out" / "grad_norm.png").is_file()
+
+
+def test_run_table_counts_skipped_steps(tmp_path: Path):
+    """Issue 23: the report had no column for skipped fp16 steps."""
+    totals = [0, 0, 1, 1, 3, 3]  # optim/skipped_steps_total after each step
+    records = [{**r, "optim/skipped_steps_total": float(total)} for r, total in zip(fp16_records(0), totals)]
+    write_run(tmp_path / "fp16", arm="A", seed=0, dtype="float16", records=records)
+    old = [{**r, "optim/step_skipped": 1.0 if r["step"] in (2, 7) else 0.0} for r in fp16_records(0)]
+    write_run(tmp_path / "old", arm="B", seed=0, dtype="float16", records=old)  # only the per-step flag logged
+    write_run(tmp_path / "none", arm="C", seed=0, dtype="float16", records=fp16_records(0))
+    data = analyse(load_inputs([tmp_path / "fp16", tmp_path / "old", tmp_path / "none"]))
+    assert {r["arm"]: r["skipped_steps"] for r in data["runs"]} == {"A": 3, "B": 2, "C": None}
+    build_report([tmp_path / "fp16", tmp_path / "old", tmp_path / "none"], tmp_path / "out")
+    lines = (tmp_path / "out" / "report.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "skipped steps" in line)  # the run table's header
+    rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)] for line in lines[start:]]  # not at \|
+    rows = rows[:next(i for i, row in enumerate(rows) if len(row) == 1)]  # up to the blank line after it
+    column = rows[0].index("skipped steps")
+    assert {row[1]: row[column] for row in rows[2:]} == {"A": "3", "B": "2", "C": "-"}

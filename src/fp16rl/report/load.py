@@ -44,7 +44,8 @@ class Run:
         return int(step) if step is not None else None
 
     def values(self, metric: str) -> np.ndarray:
-        """The metric at every logged step, NaN where missing or non-finite ("nan"/"inf" strings)."""
+        """The metric at every logged step, NaN where missing or non-finite (null in metrics.jsonl, or the
+        "nan"/"inf" strings of older files)."""
         return np.array([as_float(r.get(metric)) for r in self.records], dtype=float)
 
     @property
@@ -53,6 +54,16 @@ class Run:
 
     def has(self, metric: str) -> bool:
         return bool(np.isfinite(self.values(metric)).any())
+
+    @property
+    def skipped_steps(self) -> int | None:
+        """Optimizer steps skipped (fp16 overflow, a non-finite gradient) up to the last logged step: the
+        last ``optim/skipped_steps_total``, else the sum of ``optim/step_skipped``; None when neither is logged."""
+        for metric, last_or_sum in (("optim/skipped_steps_total", lambda v: v[-1]), ("optim/step_skipped", np.sum)):
+            values = self.values(metric)
+            if np.isfinite(values).any():
+                return int(last_or_sum(values[np.isfinite(values)]))
+        return None
 
 
 @dataclass

@@ -51,19 +51,32 @@ def arm_table(arms: list[ArmStats]) -> tuple[list[str], list[list[str]]]:
 
 def run_table(rows: list[RunStats]) -> tuple[list[str], list[list[str]]]:
     headers = ["arm", "seed", "status", "steps", "final reward", "best reward", "collapse step (rule)",
-               "median |Δlogp|", "median seq KL", "steps/s"]
+               "median |Δlogp|", "median seq KL", "steps/s", "skipped steps"]
     body = [[r.arm, _fmt(r.seed, "{}"), r.status,
              f"{r.steps_completed}/{r.total_steps}" if r.total_steps else str(r.steps_completed),
              _fmt(r.final_reward), _fmt(r.best_reward), _collapse_cell(r),
              _fmt(r.median_logp_abs_diff, "{:.2e}"), _fmt(r.median_seq_kl, "{:.2e}"),
-             _fmt(r.steps_per_s, "{:.3g}")]
+             _fmt(r.steps_per_s, "{:.3g}"), _fmt(r.skipped_steps, "{}")]
             for r in rows]
     return headers, body
 
 
+def _equivalence_cell(c: Comparison) -> str:
+    eq = c.equivalence
+    if eq is None:
+        return "-"
+    verdict = "equivalent" if eq.equivalent else "not shown"
+    return f"±{eq.margin:.3g}: [{eq.ci[0]:+.3f}, {eq.ci[1]:+.3f}], p={eq.p:.3g} ({verdict})"
+
+
+def _seeds_needed_cell(c: Comparison) -> str:
+    return " / ".join("-" if n is None else str(n) for n in (c.seeds_needed["observed"], c.seeds_needed["margin"]))
+
+
 def comparison_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
-    headers = ["arm", "paired seeds", "Δ final reward, mean [95% CI]", "Δ final reward per seed",
-               "|Δlogp| ratio, geo. mean [95% CI]", "|Δlogp| ratio per seed", "collapses (arm vs ref.)"]
+    headers = ["arm", "paired seeds", "Δ final reward, mean [95% t CI]", "sign-flip p", "equivalence (TOST): margin, "
+               "90% CI, p", "decision", "seeds for 80% power (observed / margin)", "Δ final reward per seed",
+               "|Δlogp| ratio, geo. mean [95% t CI]", "|Δlogp| ratio per seed", "collapses (arm vs ref.)"]
     rows = []
     for c in comparisons:
         ci, rci = c.final_reward_diff_ci, c.logp_abs_diff_ratio_ci
@@ -71,11 +84,28 @@ def comparison_table(comparisons: list[Comparison]) -> tuple[list[str], list[lis
         rows.append([
             c.arm, ", ".join(map(str, c.paired_seeds)) or "none",
             _fmt(c.final_reward_diff_mean, "{:+.3f}") + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (no interval)"),
+            _fmt(c.final_reward_sign_flip_p, "{:.3g}"), _equivalence_cell(c), c.decision, _seeds_needed_cell(c),
             ", ".join(f"{s}: {d:+.3f}" for s, d in c.final_reward_diff_per_seed.items()) or "-",
             _fmt(c.logp_abs_diff_ratio, "{:.3g}") + (f" [{rci[0]:.3g}, {rci[1]:.3g}]" if rci else ""),
             ", ".join(f"{s}: {r:.3g}" for s, r in c.logp_abs_diff_ratio_per_seed.items()) or "-",
             f"{k_arm}/{n_arm} vs {k_ref}/{n_ref}",
         ])
+    return headers, rows
+
+
+def prompt_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
+    """Per prompt (step, uid in samples/): reward in each arm, the difference, better/worse/tied, sign test."""
+    headers = ["arm", "prompts", "steps", "seeds", "reward (ref. / arm)", "mean Δ reward", "better / worse / tied",
+               "sign test p"]
+    rows = []
+    for c in comparisons:
+        pp = c.per_prompt
+        if pp is None:
+            rows.append([c.arm, "0", "-", "-", "-", "-", "-", "-"])
+            continue
+        rows.append([c.arm, str(pp.prompts), str(pp.steps), ", ".join(map(str, pp.seeds)),
+                     f"{pp.reference_mean:.3f} / {pp.arm_mean:.3f}", f"{pp.diff_mean:+.3f}",
+                     f"{pp.better} / {pp.worse} / {pp.tied}", f"{pp.sign_test_p:.3g}"])
     return headers, rows
 
 
@@ -91,7 +121,8 @@ def build_blocks(data: Analysis, inputs: list[str], figures: list[tuple[str, str
     blocks += [("h2", "Arms"), ("table", *arm_table(data.arms))]
     if data.comparisons:
         blocks += [("h2", f"Paired comparison with the reference arm ({data.reference})"),
-                   ("table", *comparison_table(data.comparisons))]
+                   ("table", *comparison_table(data.comparisons)),
+                   ("h2", "Per-prompt paired comparison (samples/)"), ("table", *prompt_table(data.comparisons))]
     blocks += [("h2", "Runs"), ("table", *run_table(data.runs)), ("h2", "Figures")]
     blocks += [("figure", name, title) for name, title in figures]
     blocks += [("h2", "Method"), ("list", METHOD)]
@@ -172,17 +203,18 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, overwrite: bool = False, reference: str | None = None,
-                 smooth: int | None = None) -> Path:
+                 smooth: int | None = None, margin: float | None = None) -> Path:
     """Load the runs under ``paths``, write report.html/.md/.json and the PNGs into ``out``; return report.html.
 
     ``reference``: the arm the others are compared with (default: the first arm). ``smooth``: moving
-    average window in steps for the plots (default: about 1/40 of the longest run; 1 = none). Every
+    average window in steps for the plots (default: about 1/40 of the longest run; 1 = none).
+    ``margin``: the equivalence margin in reward units (default: 10% of the reward range). Every
     file is written atomically, so a reader never sees half a report.
     """
     if smooth is not None and smooth < 1:
         raise ReportError(f"--smooth must be >= 1 (1 = no smoothing), got {smooth}")
     inputs = load_inputs(paths)
-    analysis = analyse(inputs, reference)  # bad input fails before any write
+    analysis = analyse(inputs, reference, margin)  # bad input fails before any write
     out = Path(out)
     prepare_output_dir(out, overwrite)
     window = smooth if smooth is not None else auto_window(inputs.runs)
