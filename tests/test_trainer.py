@@ -120,9 +120,12 @@ def test_resume_is_exact(tmp_path):
     shutil.rmtree(split / "checkpoints" / "step-6")
     lines = (split / "metrics.jsonl").read_text().splitlines()[:4]
     (split / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    resumed = Trainer(toy_config(split, max_steps=6, save_steps=3, resume=True))
+    resumed = Trainer(toy_config(split, max_steps=6, save_steps=3, resume=True, save_total_limit=5))
     assert resumed.start_step == 3
     resumed.train(show_progress=False)
+    # config.yaml keeps a trace of what the resume changed, once, through the rewrite after its first step
+    resumes = yaml.safe_load((split / "config.yaml").read_text())["resumes"]
+    assert resumes == [{"at_step": 3, "changed": {"save_total_limit": [None, 5]}}]
     full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     again = _comparable(read_metrics(split / "metrics.jsonl"))
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]

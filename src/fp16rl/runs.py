@@ -95,6 +95,16 @@ def recorded_threads(run_dir: Path) -> int | None:
     return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
 
 
+def resume_history(run_dir: Path, options: dict[str, Any], step: int) -> list[dict[str, Any]]:
+    """config.yaml's ``resumes``: the earlier entries, plus this resume's step and every option it changed
+    (``{name: [before, now]}``), so a resumed run's config.yaml shows what it ran with before."""
+    previous = load_yaml_mapping(run_dir / "config.yaml", "run config")
+    before = previous.get("config") or {}
+    changed = {name: [before[name], value] for name, value in options.items()
+               if name in before and before[name] != value and name != "resume"}
+    return [*(previous.get("resumes") or []), {"at_step": step, "changed": changed}]
+
+
 def check_ranks(config: TrainConfig, world_size: int) -> None:
     """Options the ranks of a launch cannot run, refused by every rank alike: the CLI asks before torch
     loads (``launched_ranks``), so no process group is set up for a run that cannot start."""

@@ -41,7 +41,7 @@ from fp16rl.outcomes import outcome_metrics, sample_records
 from fp16rl.ppo import ppo_policy_loss, ppo_value_loss
 from fp16rl.precision import PrecisionPolicy, check_observed
 from fp16rl.reference import ReferencePolicy
-from fp16rl.runs import check_ranks, plan_run, summarize_run
+from fp16rl.runs import check_ranks, plan_run, resume_history, summarize_run
 from fp16rl.sampler import Sampler, SamplingParams
 from fp16rl.seeds import seed_everything, step_seed
 from fp16rl.tasks import make_task
@@ -81,6 +81,7 @@ class Trainer:
         self.status = "running"
         self.saved_steps: set[int] = set()
         self.resumed_from = plan.resume_from
+        self.resumes: list[dict] | None = None  # config.yaml's record of what each resume changed
         self.notes = self._notes()  # once everything loaded: a refused run prints its one error line only
         for note in self.notes if self.parallel.is_main else []:
             logger.warning(note)
@@ -255,6 +256,9 @@ class Trainer:
         }
         if hasattr(self.task, "describe"):
             document["task_details"] = self.task.describe()
+        if self.resumed_from is not None:  # read before the first rewrite of this run, kept for the later ones
+            self.resumes = self.resumes or resume_history(self.run_dir, document["config"], self.start_step)
+            document["resumes"] = self.resumes
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
 
     # --- the loop ------------------------------------------------------------------------------
