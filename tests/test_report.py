@@ -219,6 +219,15 @@ def test_plots_only_metrics_that_exist(tmp_path: Path):
     assert data["conclusion"][0].startswith("only one arm")
 
 
+def test_arc_runs_plot_the_copy_share(tmp_path: Path):
+    records = [{"step": t, "reward/mean": 0.1 * t, "arc/copy_fraction": 0.05 * t} for t in range(1, 6)]
+    run = write_run(tmp_path / "run", arm=None, seed=0, dtype="fp16", records=records)
+    out = tmp_path / "out"
+    build_report([run], out)
+    assert sorted(p.name for p in out.glob("*.png")) == ["copy_fraction.png", "reward.png"]
+    assert "copy_fraction.png" in json.loads((out / "report.json").read_text())["figures"]
+
+
 def test_single_seed_says_no_interval(tmp_path: Path):
     cmp = write_compare(tmp_path / "cmp", seeds=(0,))
     line = analyse(load_inputs([cmp]))["conclusion"][0]

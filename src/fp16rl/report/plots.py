@@ -43,6 +43,10 @@ FIGURES = (
     FigureSpec("grad_norm.png", "Gradient norm (log scale)", (Panel("optim/grad_norm", "optim/grad_norm", True),)),
     FigureSpec("loss_scale.png", "fp16 loss scale (log scale)",
                (Panel("optim/loss_scale", "optim/loss_scale", True, smooth=False, log_base=2),)),
+    # ARC runs only: a reward that rises or falls with this share is reward hacking, not skill (monitor rule
+    # reward_hacking).
+    FigureSpec("copy_fraction.png", "ARC: share of completions judged to copy the shown outputs",
+               (Panel("arc/copy_fraction", "arc/copy_fraction", False),)),
 )
 
 
