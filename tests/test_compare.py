@@ -114,3 +114,16 @@ def test_parallel_runs_are_placed_one_per_gpu(monkeypatch):
     assert visible_gpus() == ["3", "5"]  # the names the user's CUDA_VISIBLE_DEVICES gave
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert visible_gpus() == ["0", "1"]
+
+
+def test_an_interrupted_attempt_is_set_aside_never_deleted(tmp_path):
+    from fp16rl.experiments import aside_name
+
+    run = tmp_path / "seed-0"
+    for attempt in range(3):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(f"attempt {attempt}\n")
+        run.rename(aside_name(run))
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["seed-0.incomplete", "seed-0.incomplete-2", "seed-0.incomplete-3"]
+    assert (tmp_path / "seed-0.incomplete" / "metrics.jsonl").read_text() == "attempt 0\n"

@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -174,9 +173,7 @@ def run_comparison(
             return str(spec.run_dir), "kept"
         if state == "fresh" and spec.run_dir.exists():
             # Interrupted before its first checkpoint: nothing to resume from; keep its partial output aside.
-            aside = spec.run_dir.with_name(spec.run_dir.name + ".incomplete")
-            shutil.rmtree(aside, ignore_errors=True)
-            spec.run_dir.rename(aside)
+            spec.run_dir.rename(aside_name(spec.run_dir))
         args = spec.train_args(Path(base_config)) + (["--resume"] if state == "resume" else [])
         on_event(spec, "resuming" if state == "resume" else "starting")
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +190,16 @@ def run_comparison(
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return dict(pool.map(execute, specs))
+
+
+def aside_name(run_dir: Path) -> Path:
+    """Where a run interrupted before its first checkpoint is kept: ``<run>.incomplete``, or
+    ``<run>.incomplete-2``, ``-3``... when earlier attempts are already there (none is ever deleted)."""
+    candidate, index = run_dir.with_name(run_dir.name + ".incomplete"), 1
+    while candidate.exists():
+        index += 1
+        candidate = run_dir.with_name(f"{run_dir.name}.incomplete-{index}")
+    return candidate
 
 
 def comparison_threads(parallel: int) -> int:
