@@ -97,8 +97,14 @@ def test_what_the_ranks_cannot_run_is_refused_before_torch_and_named_for_torchru
 
 @pytest.mark.slow
 def test_torchrun_ppo_is_one_error_line_and_torchruns_report_names_it(tmp_path):
+    """Rank 0 starts 3 s late, as on a loaded CI machine: rank 1, refusing first, must not exit (torchrun
+    would then stop rank 0 before it prints the line: CI saw no error line at all)."""
+    late_rank0 = tmp_path / "late_rank0.py"
+    late_rank0.write_text("import os, runpy, sys, time\n"
+                          "if os.environ['RANK'] == '0':\n    time.sleep(3)\n"
+                          "sys.argv[0] = 'fp16rl'\nrunpy.run_module('fp16rl', run_name='__main__')\n")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "fp16rl", "train", "--model-path", "tiny", "--dataset-path", "toy:digits",
+                           str(late_rank0), "train", "--model-path", "tiny", "--dataset-path", "toy:digits",
                            "--algorithm", "ppo", "--max-steps", "1", "--output-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     output = done.stdout + done.stderr
