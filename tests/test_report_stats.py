@@ -4,6 +4,9 @@ conclusions on runs where the answer is known (equal arms, shifted arms, 2 seeds
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import math
 from pathlib import Path
 
@@ -250,3 +253,16 @@ def test_report_and_cli_print_equivalence_and_per_prompt(tmp_path):
         "error: --margin must be a positive number of reward units, got -1.0"]
     assert not (tmp_path / "out2").exists()
     assert analyse(load_inputs(paths), "ref", 0.001).comparisons[0].decision == "inconclusive"  # margin not met
+
+
+def test_per_prompt_means_do_not_depend_on_string_hashing():
+    """The per-prompt means were summed in a set's order, which Python's string hashing changes
+    from process to process: two `fp16rl report` runs of the same folders differed in the last digit."""
+    program = ("import random; from fp16rl.report.prompts import compare_prompts; rng = random.Random(0)\n"
+               "ref = {0: {(s, f'uid-{u}'): rng.random() / 3 for s in range(4) for u in range(40)}}\n"
+               "arm = {0: {key: rng.random() / 7 for key in ref[0]}}\n"
+               "print(repr(compare_prompts(ref, arm)))")
+    outputs = {subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+               for seed in (1, 2, 3)}
+    assert len(outputs) == 1, outputs

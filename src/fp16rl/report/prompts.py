@@ -83,7 +83,7 @@ def compare_prompts(reference: dict[int, dict[PromptKey, float]],
         shared = set(reference[seed]) & set(arm[seed])
         if shared:
             seeds.append(seed)
-        for key in shared:
+        for key in sorted(shared):  # a fixed order: the means' float sums must not depend on string hashing
             by_prompt[key].append((reference[seed][key], arm[seed][key]))
     if not by_prompt:
         return None
