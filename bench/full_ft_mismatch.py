@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fp16rl.config import TrainConfig
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import TrainConfig
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 
 
 def run(dtype: str, steps: int, seed: int, **extra) -> float:

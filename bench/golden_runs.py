@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from fp16rl.config import TrainConfig
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import TrainConfig
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 
 COMMON = dict(dtype="float32", max_steps=4, save_steps=2, seed=0, beta=0.01)
 TOY = dict(model_path="tiny", dataset_path="toy:digits", learning_rate=2e-3, num_generations=8, prompts_per_step=4,
@@ -31,7 +31,8 @@ TOY = dict(model_path="tiny", dataset_path="toy:digits", learning_rate=2e-3, num
 
 
 def runs() -> dict[str, dict]:
-    from fp16rl.tasks.arc.lite import ARC_LITE_RL_OPTIONS, arc_lite_dataset, arc_lite_warm_model
+    from fp16rl.tasks.arc.lite import ARC_LITE_RL_OPTIONS, arc_lite_dataset
+    from fp16rl.tools.arc_lite import arc_lite_warm_model
 
     arc = {**ARC_LITE_RL_OPTIONS, "model_path": str(arc_lite_warm_model()), "dataset_path": str(arc_lite_dataset())}
     return {

@@ -33,10 +33,11 @@ from typing import Any, Sequence
 
 import torch
 
-from fp16rl.config import TrainConfig
-from fp16rl.seeds import derived_seed
-from fp16rl.tasks.base import PromptItem, Scores
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import TrainConfig
+from fp16rl.core.seeds import derived_seed
+from fp16rl.tasks.base import PromptItem
+from fp16rl.core.scores import Scores
+from fp16rl.train.trainer import Trainer
 
 PRESETS = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 2, 176, 512),
@@ -71,7 +72,7 @@ class FixedLengthTask:
 def write_model(folder: Path, size: str, dtype: torch.dtype) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fp16rl.models import build_tiny_tokenizer
+    from fp16rl.model.loading import build_tiny_tokenizer
 
     hidden, layers, heads, kv_heads, intermediate, vocab = PRESETS[size]
     tokenizer = build_tiny_tokenizer()

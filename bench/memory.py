@@ -32,10 +32,12 @@ def measure(variant: str, tokens: int, rows: int, dtype: str) -> dict:
 
     import torch
 
-    from fp16rl.logprobs import LogitHead, TokenBatch, completion_logprobs
-    from fp16rl.models import LoraSettings, enable_gradient_checkpointing, load_trainer_model, model_folder
-    from fp16rl.precision import PrecisionPolicy
-    from fp16rl.weights import MasterWeights
+    from fp16rl.learner.logprobs import LogitHead, completion_logprobs
+
+    from fp16rl.model.forward import TokenBatch
+    from fp16rl.model.loading import LoraSettings, enable_gradient_checkpointing, load_trainer_model, model_folder
+    from fp16rl.model.precision import PrecisionPolicy
+    from fp16rl.learner.weights import MasterWeights
 
     logging.getLogger("fp16rl").setLevel(logging.ERROR)
     torch.set_num_threads(1)

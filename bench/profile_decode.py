@@ -15,8 +15,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fp16rl.models import load_model, load_tokenizer, model_folder
-from fp16rl.sampler import Sampler, SamplingParams
+from fp16rl.model.loading import load_model, load_tokenizer, model_folder
+from fp16rl.rollout.sampler import Sampler, SamplingParams
 
 
 def main() -> None:

@@ -16,8 +16,10 @@ import contextlib
 
 import torch
 
-from fp16rl.logprobs import build_token_batch, completion_logprobs
-from fp16rl.models import TinyModelSpec, enable_gradient_checkpointing, load_model, tiny_model_path
+from fp16rl.learner.logprobs import completion_logprobs
+
+from fp16rl.model.forward import build_token_batch
+from fp16rl.model.loading import TinyModelSpec, enable_gradient_checkpointing, load_model, tiny_model_path
 
 
 def measure(device: str, dtype: torch.dtype, lora: bool, checkpointing: bool) -> tuple[float, float]:

@@ -19,8 +19,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fp16rl.fast_decode import LlamaFamilyDecoder
-from fp16rl.precision import parse_dtype
+from fp16rl.rollout.fast_decode import LlamaFamilyDecoder
+from fp16rl.model.precision import parse_dtype
 
 SMOLLM2_135M_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,

@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from fp16rl.models import load_model, load_tokenizer, tiny_model_path
-from fp16rl.precision import dtype_name, parse_dtype
-from fp16rl.sampler import Sampler, SamplingParams
+from fp16rl.model.loading import load_model, load_tokenizer, tiny_model_path
+from fp16rl.model.precision import dtype_name, parse_dtype
+from fp16rl.rollout.sampler import Sampler, SamplingParams
 
 # Prompt texts of varied length, so batches are left-padded as in real use.
 TEXTS = [

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from fp16rl.config import DEFAULT_LORA_TARGETS, TrainConfig
-from fp16rl.models import load_tokenizer, model_folder
+from fp16rl.config.options import DEFAULT_LORA_TARGETS, TrainConfig
+from fp16rl.model.loading import load_tokenizer, model_folder
 from fp16rl.tasks.toy import DigitsTask, digit_share
-from fp16rl.trainer import Trainer
+from fp16rl.train.trainer import Trainer
 
 LEARNING_RATE, LORA_R, TOP_P = 1e-5, 16, 0.95
 # fp16rl's settings where its defaults differ from GRPOConfig's, so both engines learn alike and draw
@@ -118,7 +118,7 @@ def measure(engine: str, model: str, dtype: str, lora: bool, args: argparse.Name
     for name in ("fp16rl", "transformers", "trl"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if engine == "trl" and args.trl_keep_freed_memory:
-        from fp16rl.hardware import keep_freed_memory
+        from fp16rl.model.hardware import keep_freed_memory
 
         keep_freed_memory()
     steps = fp16rl_steps if engine == "fp16rl" else trl_steps

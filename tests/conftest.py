@@ -25,13 +25,13 @@ def fp16rl_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(fp16rl_home: Path) -> Path:
-    from fp16rl.models import tiny_model_path
+    from fp16rl.model.loading import tiny_model_path
 
     return tiny_model_path()
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_path: Path):
-    from fp16rl.models import load_tokenizer
+    from fp16rl.model.loading import load_tokenizer
 
     return load_tokenizer(tiny_path)

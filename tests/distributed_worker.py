@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fp16rl.config import TrainConfig
-from fp16rl.fsdp import full_tensor
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import TrainConfig
+from fp16rl.learner.fsdp import full_tensor
+from fp16rl.train.trainer import Trainer
 
 
 def fingerprint(trainer: Trainer) -> dict:

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Callable
 
-from fp16rl.config import TrainConfig
+from fp16rl.config.options import TrainConfig
 
 
 def toy_config(out: Path, **overrides) -> TrainConfig:
@@ -19,8 +19,8 @@ def toy_config(out: Path, **overrides) -> TrainConfig:
 
 def assert_resume_is_exact(tmp_path: Path, make_config: Callable[..., TrainConfig], **options) -> None:
     """3 steps straight == 2 steps, then a resumed third: every logged metric but timings, bit for bit."""
-    from fp16rl.tracking import read_metrics
-    from fp16rl.trainer import Trainer
+    from fp16rl.runs.tracking import read_metrics
+    from fp16rl.train.trainer import Trainer
 
     Trainer(make_config(tmp_path / "straight", max_steps=3, **options)).train(show_progress=False)
     Trainer(make_config(tmp_path / "split", max_steps=2, **options)).train(show_progress=False)
@@ -41,7 +41,7 @@ def assert_toy_reward_rises(run_dir: Path) -> list[dict]:
     """The toy task's learning check shared by the algorithms' slow tests (the thresholds of GRPO's
     tests/test_trainer.py::test_toy_reward_rises): the mean reward of the last 5 of 25 steps is above 0.4
     and 3x the first 5's, which are below 0.15. Returns the step records."""
-    from fp16rl.tracking import read_metrics
+    from fp16rl.runs.tracking import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl")
     rewards = [r["reward/mean"] for r in records]

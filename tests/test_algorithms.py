@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fp16rl.algorithms import Correction, LossSettings, group_advantages, k3
-from fp16rl.algorithms import policy_loss as _policy_loss
-from fp16rl.batch import RolloutBatch
+from fp16rl.algo.grpo import Correction, LossSettings, group_advantages, k3
+from fp16rl.algo.grpo import policy_loss as _policy_loss
+from fp16rl.algo.batch import RolloutBatch
 
 
 def test_group_advantages_group_std():

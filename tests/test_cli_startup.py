@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from fp16rl import hardware
-from fp16rl.trainer import Trainer
+from fp16rl.model import hardware
+from fp16rl.train.trainer import Trainer
 from support import toy_config
 
 LIGHT = """

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fp16rl.config import ConfigError
-from fp16rl.experiments import arm_slug, parse_arm, plan_comparison, run_comparison
+from fp16rl.config.options import ConfigError
+from fp16rl.compare import parse_arm, plan_comparison, run_comparison
+from fp16rl.runs.folders import arm_slug
 from fp16rl.tasks.arc.synthetic import write_synthetic
 
 
@@ -103,7 +104,7 @@ def test_cli_accepts_several_arms_after_one_flag_and_fails_cleanly(tmp_path):
 
 
 def test_parallel_runs_are_placed_one_per_gpu(monkeypatch):
-    from fp16rl.experiments import gpu_placement, visible_gpus
+    from fp16rl.compare import gpu_placement, visible_gpus
 
     assert gpu_placement(2, ["0", "1", "2"]) == ["0", "1"]  # one GPU per run
     assert gpu_placement(3, ["4", "6"]) == ["4", "6", "4"]  # more runs than GPUs: dealt round-robin
@@ -117,7 +118,7 @@ def test_parallel_runs_are_placed_one_per_gpu(monkeypatch):
 
 
 def test_an_interrupted_attempt_is_set_aside_never_deleted(tmp_path):
-    from fp16rl.experiments import aside_name
+    from fp16rl.compare import aside_name
 
     run = tmp_path / "seed-0"
     for attempt in range(3):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fp16rl.config import ConfigError, TrainConfig, parse_train_args
+from fp16rl.config.options import ConfigError, TrainConfig, parse_train_args
 
 # The seed's command line (README, "The seed's bf16-vs-fp16 experiment"), variables expanded.
 SEED_COMMAND = """
@@ -130,7 +130,7 @@ def test_cli_train_help_lists_both_spellings():
 def test_models_tiny_writes_loadable_folder(tmp_path):
     result = _cli("models", "tiny", "--output", str(tmp_path / "m"), "--arch", "qwen2")
     assert result.returncode == 0, result.stderr
-    from fp16rl.models import load_model, load_tokenizer
+    from fp16rl.model.loading import load_model, load_tokenizer
 
     model = load_model(tmp_path / "m")
     assert type(model).__name__ == "Qwen2ForCausalLM" and load_tokenizer(tmp_path / "m").chat_template

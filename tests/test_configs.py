@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fp16rl.config import TrainConfig, load_yaml_options, parse_train_args
+from fp16rl.config.options import TrainConfig, load_yaml_options, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fp16rl.demo import MAX_STEPS, MIN_STEPS, REPORT_S, RUN_OVERHEAD_S, DemoPlan, fresh_dir, run_demo
+from fp16rl.cli.demo import MAX_STEPS, MIN_STEPS, REPORT_S, RUN_OVERHEAD_S, DemoPlan, fresh_dir, run_demo
 
 
 def test_fresh_dir_never_reuses_a_folder_in_use(tmp_path):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from fp16rl.checkpoint import checkpoint_dirs, read_trainer_state
-from fp16rl.distributed import DataParallel
-from fp16rl.tasks.base import Scores
-from fp16rl.tracking import read_metrics
+from fp16rl.runs.checkpoint import checkpoint_dirs, read_trainer_state
+from fp16rl.learner.distributed import DataParallel
+from fp16rl.core.scores import Scores
+from fp16rl.runs.tracking import read_metrics
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 BASE = dict(model_path="tiny", dataset_path="toy:digits", dtype="float32", learning_rate=2e-3, num_generations=4,

@@ -11,14 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp16rl.config import ConfigError, TrainConfig, build_parser
-from fp16rl.dpo import dpo_batch, dpo_losses, select_pairs
-from fp16rl import loss_batches
-from fp16rl.experiments import parse_arm, plan_comparison
-from fp16rl.logprobs import TokenBatch, completion_logprobs
-from fp16rl.tasks.base import Scores
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import ConfigError, TrainConfig, build_parser
+from fp16rl.algo.dpo import dpo_batch, dpo_losses, select_pairs
+from fp16rl.train import loss_batches
+from fp16rl.compare import parse_arm, plan_comparison
+from fp16rl.learner.logprobs import completion_logprobs
+from fp16rl.model.forward import TokenBatch
+from fp16rl.core.scores import Scores
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 
 from support import assert_resume_is_exact, assert_toy_reward_rises, toy_config
 
@@ -152,7 +153,7 @@ def test_compare_arm_can_set_the_algorithm(tmp_path):
     base.write_text("model_path: tiny\ndataset_path: toy:digits\nmax_steps: 2\n")
     specs = plan_comparison(base, ["algorithm=online_dpo,dtype=bfloat16", "algorithm=online_dpo,dtype=float16"],
                             [0], tmp_path / "cmp")
-    from fp16rl.config import parse_train_args
+    from fp16rl.config.options import parse_train_args
 
     configs = [parse_train_args(spec.train_args(base)) for spec in specs]
     assert [(c.algorithm, c.dtype, c.arm) for c in configs] == [

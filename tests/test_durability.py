@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from fp16rl import atomic
-from fp16rl.checkpoint import checkpoint_dirs, checkpoint_problem
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.core import atomic
+from fp16rl.runs.checkpoint import checkpoint_dirs, checkpoint_problem
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 from support import toy_config
 
 TRAIN_ARGS = ["--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype", "float32", "--lora-r", "0",
@@ -28,7 +28,7 @@ TRAIN_ARGS = ["--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype",
 # checkpoint is half written (weights and optimizer state on disk, manifest not yet, not renamed).
 KILLER = """
 import os, signal, sys
-import fp16rl.checkpoint as checkpoint
+import fp16rl.runs.checkpoint as checkpoint
 write_manifest = checkpoint._write_manifest
 def killing_write_manifest(folder):
     if folder.name.startswith(".step-{step}."):
@@ -189,7 +189,7 @@ def test_ctrl_c_on_the_cli_stops_with_a_checkpoint_and_plain_progress_lines(tmp_
 # its first files exist: a first Ctrl-C during start-up, before the stop handler is installed.
 START_UP_CTRL_C = """
 import os, signal, sys
-import fp16rl.tracking as tracking
+import fp16rl.runs.tracking as tracking
 start = tracking.RunTracker.__init__
 def interrupted_start(self, *args, **kwargs):
     start(self, *args, **kwargs)
@@ -256,7 +256,7 @@ def test_only_a_folder_without_anything_of_value_is_reused(tmp_path):
     ended (no summary.json: it may be starting up right now) keep a folder in use; the messages of a
     stopped run advise --resume only where a checkpoint exists."""
     from fp16rl.cli.interrupts import next_move
-    from fp16rl.run_reuse import discard_run_entries, ended_before_step_one
+    from fp16rl.runs.reuse import discard_run_entries, ended_before_step_one
 
     def leftover(name: str, summary: str | None = "failed") -> Path:
         run = tmp_path / name

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp16rl.config import TrainConfig
-from fp16rl.perfectible import PerfectibleSettings, run_perfectible
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import TrainConfig
+from fp16rl.tools.perfectible import PerfectibleSettings, run_perfectible
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 
 from support import toy_config
 
@@ -27,7 +27,7 @@ def test_export_round_trip(tmp_path, lora_r, merge):
     """The exported folder loads with from_pretrained and computes the trained model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from fp16rl.export import export_checkpoint
+    from fp16rl.tools.export import export_checkpoint
 
     trainer = Trainer(toy_config(tmp_path / "run", lora_r=lora_r, lora_alpha=8, learning_rate=1e-2,
                                  max_steps=2, save_steps=2))
@@ -38,7 +38,7 @@ def test_export_round_trip(tmp_path, lora_r, merge):
     if lora_r and not merge:
         from peft import PeftModel
 
-        from fp16rl.models import load_model
+        from fp16rl.model.loading import load_model
 
         assert (out / "adapter_config.json").is_file()
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -54,7 +54,7 @@ def test_export_round_trip(tmp_path, lora_r, merge):
 
 def test_perfectible_is_deterministic_resumable_and_trainable(tmp_path, monkeypatch):
     pytest.importorskip("reasoning_gym")
-    import fp16rl.perfectible as perfectible
+    import fp16rl.tools.perfectible as perfectible
 
     def settings(output: Path, batch: int) -> PerfectibleSettings:
         return PerfectibleSettings(model_path="tiny", dataset_path="reasoning-gym:basic_arithmetic",
@@ -158,7 +158,7 @@ def test_merged_export_is_written_in_the_trained_dtype_with_usual_file_modes(tmp
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from fp16rl.export import export_checkpoint
+    from fp16rl.tools.export import export_checkpoint
 
     Trainer(toy_config(tmp_path / "run", dtype="float16", lora_r=4, lora_alpha=8, max_steps=1, save_steps=1,
                        num_generations=2, prompts_per_step=2, max_completion_length=4)).train(show_progress=False)
@@ -183,8 +183,8 @@ def test_merged_export_is_written_in_the_trained_dtype_with_usual_file_modes(tmp
 
 
 def test_export_refuses_weights_beyond_float16():
-    from fp16rl.errors import ConfigError
-    from fp16rl.export import _cast_checked
+    from fp16rl.core.errors import ConfigError
+    from fp16rl.tools.export import _cast_checked
 
     layer = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_metrics_file_writes_non_finite_values_as_json_null(tmp_path):
 
     import pandas as pd
 
-    from fp16rl.tracking import RunTracker
+    from fp16rl.train.trackers import RunTracker
 
     tracker = RunTracker(tmp_path / "run", report_to=["none"])
     tracker.log(1, {"optim/loss": float("nan"), "optim/grad_norm": float("inf"), "reward/mean": 0.5})
@@ -236,8 +236,8 @@ def test_metrics_file_writes_non_finite_values_as_json_null(tmp_path):
 
 
 def test_collapse_monitor_sees_a_logged_non_finite_loss_when_it_replays_the_file(tmp_path):
-    from fp16rl.monitor import CollapseMonitor
-    from fp16rl.tracking import RunTracker
+    from fp16rl.train.monitor import CollapseMonitor
+    from fp16rl.train.trackers import RunTracker
 
     tracker = RunTracker(tmp_path / "run", report_to=["none"])
     tracker.log(1, {"optim/loss": float("nan"), "reward/mean": 0.5})
@@ -251,7 +251,7 @@ def test_console_names_only_the_trackers_in_use(tmp_path):
     from typer.testing import CliRunner
 
     from fp16rl.cli import app
-    from fp16rl.tracking import output_lines
+    from fp16rl.train.trackers import output_lines
 
     run = tmp_path / "run"
     args = ["train", "--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype", "float32", "--lora-r", "0",
@@ -273,7 +273,7 @@ def test_progress_line_shows_skipped_steps_and_the_loss_scale():
 
     from rich.console import Console
 
-    from fp16rl.tracking import ProgressDisplay, progress_stats
+    from fp16rl.runs.tracking import ProgressDisplay, progress_stats
 
     healthy = {"reward/mean": 0.5, "optim/loss_scale": 65536.0, "optim/step_skipped": 0.0,
                "optim/skipped_steps_total": 0.0}

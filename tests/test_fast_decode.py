@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from fp16rl.fast_decode import LlamaFamilyDecoder, unsupported_reason
-from fp16rl.logprobs import build_token_batch, causal_lm, completion_logprobs
-from fp16rl.models import LoraSettings, TinyModelSpec, apply_lora, load_model, tiny_model_path
-from fp16rl.sampler import HFCacheDecoder, Sampler, SamplingParams, cast_parameters, left_pad
+from fp16rl.rollout.fast_decode import LlamaFamilyDecoder, unsupported_reason
+from fp16rl.learner.logprobs import completion_logprobs
+from fp16rl.model.forward import build_token_batch, causal_lm
+from fp16rl.model.loading import LoraSettings, TinyModelSpec, apply_lora, load_model, tiny_model_path
+from fp16rl.rollout.sampler import HFCacheDecoder, Sampler, SamplingParams, cast_parameters, left_pad
 
 PAD = 0
 PADDED_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]
@@ -260,7 +261,7 @@ def test_shared_prompt_kv_needs_the_fast_engine():
 def test_lean_lora_projections_compute_what_peft_computes(dtype):
     """The decode loop's LoRA projections and MLP (``_lean``) skip peft's bookkeeping, not its maths:
     bitwise equal to the peft modules in every dtype; with the adapters disabled they defer to peft."""
-    from fp16rl.fast_decode import _lean, _lean_mlp
+    from fp16rl.rollout.fast_decode import _lean, _lean_mlp
 
     torch.manual_seed(0)
     model = _model("llama", lora=True).to(dtype)
@@ -281,7 +282,7 @@ def test_lean_plain_modules_compute_what_the_modules_compute(arch, dtype):
     """Without LoRA the decode loop calls the projections, SiLU and RMSNorms as functions (no
     ``nn.Module.__call__``): bitwise equal to the modules in every dtype; a module with a forward hook
     is called as a module, so the hook runs."""
-    from fp16rl.fast_decode import _lean, _lean_mlp, _lean_norm
+    from fp16rl.rollout.fast_decode import _lean, _lean_mlp, _lean_norm
 
     model = _model(arch).to(dtype)
     body = causal_lm(model).model
@@ -309,7 +310,7 @@ def test_lean_fp32_norm_is_the_module_at_any_width(width):
     are and are not multiples of a vector register, rows of very different scales, and an eps that matters."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from fp16rl.fast_decode import _lean_norm
+    from fp16rl.rollout.fast_decode import _lean_norm
 
     norm = LlamaRMSNorm(width, eps=1e-2)
     generator = torch.Generator().manual_seed(width)

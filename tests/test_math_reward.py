@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fp16rl.rewards import RewardError, RewardSet, math_format_reward, math_reward
+from fp16rl.tasks.rewards import RewardError, RewardSet, math_format_reward, math_reward
 
 QUESTION = "What is 5 + 17?"
 
@@ -69,7 +69,7 @@ def test_the_gold_answer_may_be_a_solution_column_or_a_worked_solution():
 
 
 def test_builtin_rewards_import_like_trl_rewards():
-    import fp16rl.rewards as rewards
+    import fp16rl.tasks.rewards as rewards
 
     assert {"math_reward", "math_format_reward", "reasoning_gym"} <= set(rewards.__all__)
     assert RewardSet.build(["math", "math_format"]).functions == [math_reward, math_format_reward]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fp16rl.mismatch import effective_sample_size, mismatch_metrics, pearson, sampling_metrics
+from fp16rl.algo.mismatch import effective_sample_size, mismatch_metrics, pearson, sampling_metrics
 
 DOC_NAMES = {
     "mismatch/token_kl_k1", "mismatch/token_kl_k3", "mismatch/seq_kl", "mismatch/logp_abs_diff_mean",

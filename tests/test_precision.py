@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fp16rl.precision import DtypeRecorder, PrecisionError, PrecisionPolicy, check_observed, parse_dtype
+from fp16rl.model.precision import DtypeRecorder, PrecisionError, PrecisionPolicy, check_observed, parse_dtype
 
 
 @pytest.mark.parametrize("name,dtype", [("fp16", torch.float16), ("float16", torch.float16), ("bf16", torch.bfloat16),
@@ -68,8 +68,8 @@ def test_check_observed_allows_declared_ablation():
 
 @pytest.mark.parametrize("compute,residual", [("half_copy", "float16"), ("autocast", "float32")])
 def test_recorder_observes_residual_stream_and_logits(tiny_path, compute, residual):
-    from fp16rl.models import load_model
-    from fp16rl.weights import MasterWeights
+    from fp16rl.model.loading import load_model
+    from fp16rl.learner.weights import MasterWeights
 
     policy = PrecisionPolicy.from_options("float16", trainer_compute=compute)
     model = load_model(tiny_path)

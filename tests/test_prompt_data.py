@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from fp16rl import TrainConfig, train
-from fp16rl.errors import UserError
-from fp16rl.outcomes import reward_means
-from fp16rl.rewards import RewardError, RewardSet
+from fp16rl.core.errors import UserError
+from fp16rl.train.outcomes import reward_means
+from fp16rl.tasks.rewards import RewardError, RewardSet
 from fp16rl.tasks import dataset_kind
 from fp16rl.tasks.dataset import PromptDatasetTask, prompt_data
 from fp16rl.tasks.math import math_format_reward, math_reward
-from fp16rl.tracking import read_metrics
+from fp16rl.runs.tracking import read_metrics
 
 ROWS = [{"prompt": f"What is {i} + {i}? Put the answer in \\boxed{{}}.", "answer": str(2 * i), "level": i % 3}
         for i in range(10)]
@@ -288,7 +288,7 @@ def test_python_api_example_in_the_readme_runs(tmp_path, monkeypatch):
 
 def test_arms_see_the_same_prompts_on_a_prompt_dataset(tmp_path):
     """fp16rl compare pairs arms on prompt datasets too: same prompts per step, different dtype."""
-    from fp16rl.experiments import run_comparison
+    from fp16rl.compare import run_comparison
     from fp16rl.report import analyse, load_inputs
 
     data = tmp_path / "rows.jsonl"
@@ -314,8 +314,8 @@ def test_math_reward_on_a_jsonl_file_rises(tmp_path):
     writes, so a 30-step warm start first teaches it to write "The answer is <digit>." with every digit
     alike; every gold answer is 7, and RL must move it to 7. fp32, whose kernels give the same numbers
     on every x86-64 CPU; measured: first 5 steps 0.18, last 10 0.97."""
-    from fp16rl.models import load_tokenizer, tiny_model_path
-    from fp16rl.sft import warm_start
+    from fp16rl.model.loading import load_tokenizer, tiny_model_path
+    from fp16rl.tools.sft import warm_start
     from fp16rl.tasks.base import render_chat
 
     base = tiny_model_path()

@@ -5,10 +5,11 @@ whose attention does not take a prefix cache."""
 import pytest
 import torch
 
-from fp16rl import prompt_forward
-from fp16rl.logprobs import backbone, build_token_batch, completion_logprobs
-from fp16rl.models import TinyModelSpec, enable_gradient_checkpointing, load_model, tiny_model_path
-from fp16rl.trainer import Trainer
+from fp16rl.learner import prompt_forward
+from fp16rl.learner.logprobs import completion_logprobs
+from fp16rl.model.forward import backbone, build_token_batch, length_dependent_rope
+from fp16rl.model.loading import TinyModelSpec, enable_gradient_checkpointing, load_model, tiny_model_path
+from fp16rl.train.trainer import Trainer
 
 from support import toy_config
 
@@ -241,7 +242,7 @@ def test_length_dependent_rope_runs_the_plain_forward_and_is_announced(tmp_path,
     path = tiny_model_path(LENGTH_DEPENDENT_ROPE[rope])
     decoder = backbone(load_model(path))
     assert f"rope_type {rope}" in prompt_forward.check(decoder)
-    assert prompt_forward.length_dependent_rope(load_model(tiny_model_path()).config) is None
+    assert length_dependent_rope(load_model(tiny_model_path()).config) is None
     caplog.set_level("WARNING", logger="fp16rl")
     trainer = Trainer(toy_config(tmp_path / "run", model_path=str(path), max_steps=1, share_prompt_forward=True))
     assert trainer.share_prompts is False

@@ -18,12 +18,12 @@ import yaml
 from safetensors.torch import load_file
 from bitsandbytes.nn import Linear4bit
 
-from fp16rl import models
+from fp16rl.model import loading as models
 from fp16rl.cli import app
-from fp16rl.models import ModelError, load_model, tiny_model_path
-from fp16rl.sampler import Sampler
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.model.loading import ModelError, load_model, tiny_model_path
+from fp16rl.rollout.sampler import Sampler
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 from support import toy_config
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from fp16rl.errors import FolderInUseError, ReportError
-from fp16rl.experiments import arm_slug
+from fp16rl.core.errors import FolderInUseError, ReportError
+from fp16rl.runs.folders import arm_slug
 from fp16rl.report import arm_label, build_report, load_inputs, moving_average
 from fp16rl.report import analyse as analyse_typed
-from fp16rl.tracking import best_reward, final_reward
+from fp16rl.runs.tracking import best_reward, final_reward
 
 
 def analyse(inputs, reference=None):

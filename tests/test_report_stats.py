@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fp16rl.errors import ReportError
+from fp16rl.core.errors import ReportError
 from fp16rl.report import analyse, load_inputs, sign_flip_p, t_interval, tost
 from fp16rl.report.inference import (betainc, min_seeds_for_decision, seeds_needed, sign_test_p, t_cdf, t_quantile,
                                      t_test_power)

@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
-from fp16rl.logprobs import build_token_batch, completion_logprobs
-from fp16rl.models import LoraSettings, apply_lora, load_model
-from fp16rl.precision import PrecisionPolicy
-from fp16rl.logprobs import left_pad
-from fp16rl.sampler import Sampler, SamplingParams, TokenNoise, row_keys
+from fp16rl.learner.logprobs import completion_logprobs
+
+from fp16rl.model.forward import build_token_batch
+from fp16rl.model.loading import LoraSettings, apply_lora, load_model
+from fp16rl.model.precision import PrecisionPolicy
+from fp16rl.model.forward import left_pad
+from fp16rl.rollout.sampler import Sampler, SamplingParams, TokenNoise, row_keys
 
 
 def _prompts(tokenizer, count=4):
@@ -213,7 +215,7 @@ def test_token_noise_is_exponential_and_the_race_draws_from_p():
 def test_the_int32_hash_gives_the_bits_of_the_int64_one():
     """The noise hashes in int32 (wrapping products, masked shifts) for speed; every bit pattern it
     produces must be the uint32 hash's, so draws are those of earlier runs and of any device."""
-    from fp16rl.sampler import _as_int32, _mix32_int32, mix32
+    from fp16rl.rollout.sampler import _as_int32, _mix32_int32, mix32
 
     edges = torch.tensor([0, 1, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**31 + 1, 0xFFFF0000, 2**32 - 1])
     x = torch.cat([edges, torch.randint(0, 2**32, (200_000,), generator=torch.Generator().manual_seed(0))])
@@ -228,7 +230,7 @@ def test_the_int32_hash_gives_the_bits_of_the_int64_one():
 
 def _noise_by_formula(keys: torch.Tensor, vocab: int, position: int) -> torch.Tensor:
     """``TokenNoise``'s numbers for every key's row at ``position``, by its formula in uint32 arithmetic."""
-    from fp16rl.sampler import _LOW32, exponential_from_bits, mix32
+    from fp16rl.rollout.sampler import _LOW32, exponential_from_bits, mix32
 
     base = mix32(keys ^ mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32))
     token_hash = mix32((torch.arange(vocab) * 0x9E3779B1 + 0x7F4A7C15) & _LOW32)
@@ -336,7 +338,7 @@ def test_tied_top_k_keeps_every_tie_and_gives_no_candidates():
 def test_exponential_noise_is_positive_at_the_top_bit_pattern():
     """The largest 24-bit pattern once gave u = 1 in fp32, E = -0 and a NaN in the race that drew a token
     top-p had removed; every E is now finite and > 0, and the race keeps to the processed support."""
-    from fp16rl.sampler import exponential_from_bits
+    from fp16rl.rollout.sampler import exponential_from_bits
 
     bits = torch.tensor([0, 1, 2**23, 2**24 - 2, 2**24 - 1], dtype=torch.int64)
     e = exponential_from_bits(bits)

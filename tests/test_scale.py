@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp16rl.checkpoint import checkpoint_dirs
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.runs.checkpoint import checkpoint_dirs
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 
 from support import toy_config
 
@@ -108,7 +108,7 @@ def test_cuda_devices_always_carry_their_index(monkeypatch):
     ``cuda`` and ``auto`` resolve to ``cuda:<current>``, and an index past the last GPU is a clear error."""
     import torch
 
-    from fp16rl.models import ModelError, resolve_device
+    from fp16rl.model.loading import ModelError, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -131,8 +131,8 @@ def test_the_sampler_kv_budget_counts_rows_in_whole_prompt_groups(tiny_path):
     prompt (--share-prompt-kv) is counted once per group."""
     import torch
 
-    from fp16rl.models import load_model
-    from fp16rl.sampler import Sampler
+    from fp16rl.model.loading import load_model
+    from fp16rl.rollout.sampler import Sampler
 
     model = load_model(tiny_path, dtype=torch.float32)
     sampler = Sampler(model, torch.float16, pad_token_id=0, eos_token_ids=[1])

@@ -10,11 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import fp16rl.sft as sft
-from fp16rl.config import parse_train_args
-from fp16rl.models import load_model, load_tokenizer
-from fp16rl.sft import IGNORE_INDEX, completion_loss, encode_pairs, read_warm_start_log, warm_start
-from fp16rl.tasks.arc.lite import ArcLiteSettings, arc_lite_dataset, arc_lite_warm_model
+import fp16rl.tools.sft as sft
+from fp16rl.config.options import parse_train_args
+from fp16rl.model.loading import load_model, load_tokenizer
+from fp16rl.tools.sft import IGNORE_INDEX, completion_loss, encode_pairs, read_warm_start_log, warm_start
+from fp16rl.tasks.arc.lite import arc_lite_dataset
+from fp16rl.tools.arc_lite import ArcLiteSettings, arc_lite_warm_model
 from fp16rl.cli.arc import app
 from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.encoders import DigitEncoder

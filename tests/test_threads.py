@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from fp16rl.config import parse_train_args
-from fp16rl.experiments import plan_comparison
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import parse_train_args
+from fp16rl.compare import plan_comparison
+from fp16rl.train.trainer import Trainer
 
 from support import toy_config
 
@@ -21,7 +21,7 @@ def thread_pool(monkeypatch) -> dict[str, int]:
     pool = {"threads": torch.get_num_threads(), "auto": 3}
     monkeypatch.setattr(torch, "set_num_threads", lambda n: pool.update(threads=n))
     monkeypatch.setattr(torch, "get_num_threads", lambda: pool["threads"])
-    monkeypatch.setattr("fp16rl.hardware.auto_threads", lambda device: pool["auto"])
+    monkeypatch.setattr("fp16rl.model.hardware.auto_threads", lambda device: pool["auto"])
     return pool
 
 
@@ -53,7 +53,7 @@ def test_every_arm_of_a_comparison_gets_one_thread_count(tmp_path, monkeypatch):
     re-planning (missing or interrupted runs) keeps it though the machine's idle cores changed; an arm or base
     config that sets --threads keeps its own."""
     idle = {"cores": 2}
-    monkeypatch.setattr("fp16rl.experiments.comparison_threads", lambda parallel: idle["cores"] // parallel)
+    monkeypatch.setattr("fp16rl.compare.comparison_threads", lambda parallel: idle["cores"] // parallel)
     base = tmp_path / "base.yaml"
     base.write_text("model_path: tiny\ndataset_path: toy:digits\nmax_steps: 2\n")
     arms = ["dtype=bfloat16", "dtype=float16", "dtype=float32,threads=1"]

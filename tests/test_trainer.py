@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from fp16rl.config import ConfigError
-from fp16rl.precision import PrecisionError
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import ConfigError
+from fp16rl.model.precision import PrecisionError
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 from support import toy_config
 
 # Every per-step metric docs/design.md names that the toy task can produce.
@@ -145,7 +145,7 @@ def test_output_dir_in_use_is_refused(tmp_path):
 
 def test_undeclared_precision_disagreement_is_an_error(tmp_path):
     trainer = Trainer(toy_config(tmp_path / "run", dtype="float16", max_steps=1))
-    from fp16rl.sampler import cast_parameters
+    from fp16rl.rollout.sampler import cast_parameters
 
     cast_parameters(trainer.sampler.model, torch.bfloat16)  # a sampler that silently ignored --dtype
     with pytest.raises(PrecisionError, match="sampler matmuls computed in bfloat16, expected float16"):

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from fp16rl.config import ConfigError
-from fp16rl.errors import ModelError
-from fp16rl.logprobs import LogitHead, build_token_batch, completion_logprobs
-from fp16rl.models import TinyModelSpec, load_model, load_tokenizer, stop_token_ids, tiny_model_path
-from fp16rl.sampler import Sampler, SamplingParams
-from fp16rl.tracking import read_metrics
-from fp16rl.trainer import Trainer
+from fp16rl.config.options import ConfigError
+from fp16rl.core.errors import ModelError
+from fp16rl.learner.logprobs import LogitHead, completion_logprobs
+from fp16rl.model.forward import build_token_batch
+from fp16rl.model.loading import TinyModelSpec, load_model, load_tokenizer, stop_token_ids, tiny_model_path
+from fp16rl.rollout.sampler import Sampler, SamplingParams
+from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 
 from support import toy_config
 
@@ -94,7 +95,7 @@ def test_full_finetune_reference_starts_equal_to_the_policy(tmp_path, dtype, com
 def test_full_finetune_reference_stays_the_initial_policy(tmp_path):
     """The frozen copy computes with its own lm_head, not the policy's trained one (tied to the
     embeddings here): after training, its logprobs are the initial model's."""
-    from fp16rl.logprobs import build_token_batch
+    from fp16rl.model.forward import build_token_batch
 
     trainer = Trainer(toy_config(tmp_path / "run", beta=0.05, max_steps=2, learning_rate=5e-2))
     trainer.train(show_progress=False)
@@ -185,7 +186,7 @@ def test_threads_option_sets_the_pool_and_auto_never_raises_it(tmp_path):
     """--threads N sets torch's CPU pool (recorded in config.yaml); auto keeps at most the current count."""
     import yaml
 
-    from fp16rl.hardware import auto_threads
+    from fp16rl.model.hardware import auto_threads
 
     before = torch.get_num_threads()
     try:
@@ -207,7 +208,7 @@ def test_keep_freed_memory_applies_with_glibc_unless_the_user_chose(monkeypatch)
     a user's own MALLOC_* setting stands. The setting does not change what is computed."""
     import platform
 
-    from fp16rl.hardware import keep_freed_memory
+    from fp16rl.model.hardware import keep_freed_memory
 
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
     assert keep_freed_memory() is False

@@ -4,15 +4,16 @@
 first use, so ``import fp16rl`` and the command line start without torch.
 """
 
+from importlib import metadata
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = metadata.version("fp16rl")
 __all__ = ["TrainConfig", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "TrainConfig":
-        from fp16rl.config import TrainConfig
+        from fp16rl.config.options import TrainConfig
 
         return TrainConfig
     if name == "train":

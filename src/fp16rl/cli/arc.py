@@ -92,8 +92,9 @@ def warmstart(
 ) -> None:
     """Warm-start the tiny model on arc-lite (cached after the first time) so it writes runnable code;
     print its path, the arc-lite RL dataset and an `fp16rl train` command that uses both."""
-    from fp16rl.sft import read_warm_start_log
-    from fp16rl.tasks.arc.lite import ArcLiteSettings, arc_lite_dataset, arc_lite_warm_model
+    from fp16rl.tools.sft import read_warm_start_log
+    from fp16rl.tasks.arc.lite import arc_lite_dataset
+    from fp16rl.tools.arc_lite import ArcLiteSettings, arc_lite_warm_model
 
     given = {"steps": steps, "num_tasks": num_tasks, "seed": seed}
     settings = ArcLiteSettings(**{name: value for name, value in given.items() if value is not None})

@@ -14,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fp16rl.atomic import atomic_write_text
-from fp16rl.errors import UserError
-from fp16rl.ranks import is_main_process
+from fp16rl.core.atomic import atomic_write_text
+from fp16rl.core.errors import UserError
+from fp16rl.core.ranks import is_main_process
 
 console = Console(stderr=True)
 # Bad input of any kind ends in one line naming the problem and exit code 2.

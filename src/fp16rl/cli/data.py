@@ -6,7 +6,7 @@ import typer
 
 from fp16rl.cli.common import USER_ERRORS, fail, quiet_libraries
 from fp16rl.cli.options import settings_command
-from fp16rl.perfectible import PerfectibleSettings
+from fp16rl.tools.perfectible import PerfectibleSettings
 
 app = typer.Typer(name="data", help="Dataset tools.", no_args_is_help=True)
 
@@ -14,7 +14,7 @@ app = typer.Typer(name="data", help="Dataset tools.", no_args_is_help=True)
 def _perfectible(settings: PerfectibleSettings) -> None:
     """Sample every problem --samples times and keep those solved within the --keep pass-rate band
     (the paper's sanity test: a sound algorithm reaches ~100% reward on them). Resumable, deterministic."""
-    from fp16rl.perfectible import run_perfectible
+    from fp16rl.tools.perfectible import run_perfectible
 
     try:
         settings.train_config()  # every option checked before the model loads

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, get_args, get_origin, get_type_hints
 
 import typer
 
-from fp16rl.errors import ConfigError
+from fp16rl.core.errors import ConfigError
 
 
 def _kind(hint: Any) -> tuple[type, type | None, bool]:

@@ -17,19 +17,20 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fp16rl.batch import measure_rollouts
-from fp16rl.hardware import auto_threads
-from fp16rl.logprobs import LogitHead
-from fp16rl.mismatch import mismatch_metrics
-from fp16rl.models import (LoraSettings, load_model, load_tokenizer, load_trainer_model, model_folder, resolve_device,
+from fp16rl.measure.rollouts import measure_rollouts
+from fp16rl.model.hardware import auto_threads
+from fp16rl.learner.logprobs import LogitHead
+from fp16rl.algo.mismatch import mismatch_metrics
+from fp16rl.model.loading import (LoraSettings, load_model, load_tokenizer, load_trainer_model, model_folder, resolve_device,
                            stop_token_ids)
-from fp16rl.precision import PrecisionPolicy, check_observed
+from fp16rl.model.precision import PrecisionPolicy, check_observed
 from fp16rl.probe.range_check import fp16_range_check
 from fp16rl.probe.settings import BUILTIN_PROMPTS, ProbeSettings, encode_prompts, read_prompt_texts
-from fp16rl.sampler import Sampler, SamplingParams
-from fp16rl.seeds import derived_seed
-from fp16rl.tracking import Progress, library_versions
-from fp16rl.weights import MasterWeights
+from fp16rl.rollout.sampler import Sampler, SamplingParams
+from fp16rl.core.seeds import derived_seed
+from fp16rl.runs.tracking import Progress
+from fp16rl.model.hardware import library_versions
+from fp16rl.learner.weights import MasterWeights
 
 
 @dataclass

@@ -8,11 +8,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fp16rl.atomic import atomic_directory
+from fp16rl.core.atomic import atomic_directory
 from fp16rl.probe.measure import ConfigResult, ProbeResult
 from fp16rl.probe.range_check import fp16_range_summary
-from fp16rl.runs import refuse_used_folder
-from fp16rl.tracking import jsonable
+from fp16rl.runs.folders import refuse_used_folder
+from fp16rl.runs.tracking import jsonable
 
 # Column order of the terminal and markdown tables: (metric key, header, format).
 TABLE_COLUMNS = (

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from fp16rl.config import opt, train_option
-from fp16rl.dtypes import canonical_dtype
-from fp16rl.errors import PrecisionError, ProbeError
+from fp16rl.config.options import opt, train_option
+from fp16rl.config.dtypes import canonical_dtype
+from fp16rl.core.errors import PrecisionError, ProbeError
 from fp16rl.tasks.base import encode_text
 
 ATTENTION_KINDS = ("sdpa", "eager")

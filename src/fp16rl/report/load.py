@@ -11,11 +11,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from fp16rl.dtypes import canonical_dtype
-from fp16rl.errors import PrecisionError, ReportError
-from fp16rl.experiments import arm_slug
-from fp16rl.runs import DONE_STATUSES  # a run whose outcome is known
-from fp16rl.tracking import read_metrics
+from fp16rl.config.dtypes import canonical_dtype
+from fp16rl.core.errors import PrecisionError, ReportError
+from fp16rl.runs.folders import arm_slug
+from fp16rl.runs.folders import DONE_STATUSES  # a run whose outcome is known
+from fp16rl.runs.tracking import read_metrics
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fp16rl.errors import ReportError
+from fp16rl.core.errors import ReportError
 from fp16rl.report.inference import sign_test_p
 from fp16rl.report.load import as_float
 

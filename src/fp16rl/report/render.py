@@ -10,13 +10,13 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from fp16rl.atomic import atomic_write_bytes, atomic_write_text
-from fp16rl.errors import ReportError
+from fp16rl.core.atomic import atomic_write_bytes, atomic_write_text
+from fp16rl.core.errors import ReportError
 from fp16rl.report.load import load_inputs
 from fp16rl.report.plots import FIGURES, auto_window, plot_figure
 from fp16rl.report.stats import METHOD, Analysis, ArmStats, Comparison, RunStats, analyse
-from fp16rl.runs import refuse_used_folder
-from fp16rl.tracking import jsonable
+from fp16rl.runs.folders import refuse_used_folder
+from fp16rl.runs.tracking import jsonable
 
 REPORT_FILES = ("report.html", "report.md", "report.json")
 

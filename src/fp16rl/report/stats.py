@@ -13,13 +13,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fp16rl.errors import ReportError
+from fp16rl.core.errors import ReportError
 from fp16rl.report.inference import (ALPHA, EXACT_FLIPS_MAX_N, FLIP_SEED, MONTE_CARLO_FLIPS, POWER, Equivalence,
                                      min_seeds_for_decision, seeds_needed, sign_flip_p, t_interval, tost)
 from fp16rl.report.load import Inputs, Run, as_float
 from fp16rl.report.prompts import PromptComparison, compare_prompts, read_prompt_rewards
-from fp16rl.runs import DONE_STATUSES
-from fp16rl.tracking import best_reward, final_reward
+from fp16rl.runs.folders import DONE_STATUSES
+from fp16rl.runs.tracking import best_reward, final_reward
 
 REWARD = "reward/mean"
 LOGP_DIFF = "mismatch/logp_abs_diff_mean"

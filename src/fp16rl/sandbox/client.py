@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-from fp16rl.ranks import cpus_per_rank
+from fp16rl.core.ranks import cpus_per_rank
 from fp16rl.sandbox.common import (
     DISABLE_ENV,
     EXIT_OK,

@@ -12,7 +12,7 @@ import gzip
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fp16rl.config import PROCEDURAL_PREFIX, ConfigError, TrainConfig
+from fp16rl.config.options import PROCEDURAL_PREFIX, ConfigError, TrainConfig
 from fp16rl.tasks.base import Task
 
 

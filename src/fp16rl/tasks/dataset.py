@@ -24,10 +24,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fp16rl.errors import DatasetError
-from fp16rl.rewards import RewardSet
+from fp16rl.core.errors import DatasetError
+from fp16rl.tasks.rewards import RewardSet
 from fp16rl.tasks.data_files import invalid_table_problem, text_file_problem
-from fp16rl.tasks.base import PromptItem, Scores, count_tokens, render_chat
+from fp16rl.tasks.base import PromptItem, count_tokens, render_chat
+from fp16rl.core.scores import Scores
 
 DATASET_KINDS = ("JSON Lines (.jsonl)", "JSON (.json, a list of records)", "Parquet (.parquet)", "CSV (.csv)",
                  "a folder written by datasets' save_to_disk", "reasoning-gym:<name>")
@@ -156,8 +157,8 @@ class PromptData:
 def prompt_data(config: Any, dataset: Any = None, reward_funcs: Sequence[Any] | None = None) -> PromptData:
     """Load and check the dataset ``config`` names (or ``dataset`` from the Python API), load the
     reward functions and try each on the first row."""
-    from fp16rl.config import PROCEDURAL_PREFIX
-    from fp16rl.paths import fp16rl_home
+    from fp16rl.config.options import PROCEDURAL_PREFIX
+    from fp16rl.core.paths import fp16rl_home
 
     default_rewards: list[str] = []
     system_prompt = config.system_prompt

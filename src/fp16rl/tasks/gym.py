@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from fp16rl.errors import DatasetError
+from fp16rl.core.errors import DatasetError
 from fp16rl.tasks.math import completion_text
 
 PREFIX = "reasoning-gym:"

@@ -11,7 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from fp16rl.tasks.base import PromptItem, Scores, render_chat
+from fp16rl.tasks.base import PromptItem, render_chat
+
+from fp16rl.core.scores import Scores
 
 TOY_TASKS = ("digits",)
 

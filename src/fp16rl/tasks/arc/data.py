@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fp16rl.errors import DatasetError
+from fp16rl.core.errors import DatasetError
 
 Grid = list[list[int]]
 Pair = dict[str, Grid]

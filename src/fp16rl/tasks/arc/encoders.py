@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from fp16rl.config.options import GRID_ENCODERS, ConfigError, grid_encoder_key
 from fp16rl.tasks.arc.data import Grid
 
 COLOR_NAMES = ("Black", "Blue", "Red", "Green", "Yellow", "Gray", "Pink", "Orange", "Purple", "Brown")
@@ -69,24 +70,11 @@ class DigitEncoder(_TokenEncoder):
     tokens = tuple(str(d) for d in range(10))
 
 
-_ENCODERS: dict[str, type[_TokenEncoder]] = {
-    "colornameencoder": ColorNameEncoder,
-    "colornames": ColorNameEncoder,
-    "colournames": ColorNameEncoder,
-    "colors": ColorNameEncoder,
-    "colours": ColorNameEncoder,
-    "digitencoder": DigitEncoder,
-    "digits": DigitEncoder,
-}
-
-
 def get_encoder(name: str) -> GridEncoder:
-    """Encoder by name; accepts the seed CLI spelling ``ColorNameEncoder()`` and short names."""
-    key = name.strip()
-    key = key[:-2] if key.endswith("()") else key
-    key = key.lower().replace("-", "").replace("_", "")
-    if key not in _ENCODERS:
-        raise ValueError(
-            f"unknown grid encoder {name!r}; choose ColorNameEncoder() (color-names) or DigitEncoder() (digits)"
-        )
-    return _ENCODERS[key]()
+    """Encoder by name; accepts the seed CLI spelling ``ColorNameEncoder()`` and short names
+    (``fp16rl.config.options.GRID_ENCODERS``). Raises ``ValueError`` for an unknown name."""
+    try:
+        key = grid_encoder_key(name)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return {"ColorNameEncoder": ColorNameEncoder, "DigitEncoder": DigitEncoder}[GRID_ENCODERS[key]]()

