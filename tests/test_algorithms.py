@@ -164,3 +164,28 @@ def test_bad_settings_rejected():
         Correction("clip")
     with pytest.raises(ValueError, match="clip"):
         Correction("token_mask", clip_max=1.0, clip_min=2.0)
+
+
+def test_the_algorithm_registry_covers_the_declared_names():
+    """``--algorithm`` is checked against config's names before torch loads; each has its step module."""
+    from fp16rl.config import options
+    from fp16rl.train.algorithm import Algorithm
+    from fp16rl.train.algorithms import ALGORITHMS
+
+    assert tuple(ALGORITHMS) == options.ALGORITHMS
+    assert all(issubclass(cls, Algorithm) for cls in ALGORITHMS.values())
+
+
+@pytest.mark.parametrize("name, overrides, passes, recomputes, reference", [
+    ("grpo", {}, 1, False, False),  # one pass: pi_old from the training forward
+    ("grpo", {"num_iterations": 3, "beta": 0.04}, 3, True, True),
+    ("ppo", {"ppo_epochs": 2}, 2, True, False),  # GAE reads pi_old before the loss
+    ("online_dpo", {}, 1, True, True),  # the pairs' loss weights come from pi_old; DPO always has a reference
+])
+def test_each_algorithm_says_what_its_step_needs(tmp_path, name, overrides, passes, recomputes, reference):
+    from fp16rl.train.algorithms import make_algorithm
+    from support import toy_config
+
+    algorithm = make_algorithm(toy_config(tmp_path, algorithm=name, **overrides))
+    assert (algorithm.passes, algorithm.recomputes_pi_old, algorithm.uses_reference) == (passes, recomputes, reference)
+    assert algorithm.critic is None  # PPO's is built by ``attach``, once the sampler has copied the policy

@@ -14,7 +14,7 @@ from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.literals import digits_of
 from fp16rl.tasks.arc.reward import REWARDS, Evaluation, evaluate
 from fp16rl.tasks.arc.synthetic import read_programs, write_synthetic
-from fp16rl.tasks.arc.task import ArcTask
+from fp16rl.tasks.arc.task import ArcTask, ArcTaskSettings
 
 FLIP = "def transform(grid):\n    return grid[::-1]\n"  # 68b16354: flip upside down
 VALID_WRONG = {
@@ -133,7 +133,7 @@ def test_digits_of_any_size_and_base() -> None:
 def test_arc_lite_task_logs_copy_share_and_details(tmp_path: Path) -> None:
     path, _ = write_synthetic(tmp_path / "lite.json.gz", num_tasks=2, seed=3)
     references = read_programs(path)
-    task = ArcTask(path, None, augment=False, n_jobs=2, timeout_s=3.0)
+    task = ArcTask(path, None, ArcTaskSettings(augment=False, n_jobs=2, timeout_s=3.0))
     try:
         items = task.batch(0, 2)
         copies = [static_encodings(item.meta)["nested_eq"] for item in items]

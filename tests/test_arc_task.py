@@ -13,7 +13,7 @@ from fp16rl.tasks.arc.augment import augmentation_for
 from fp16rl.tasks.arc.data import load_dataset
 from fp16rl.tasks.arc.prompts import DEFAULT_ASSISTANT_PREFIX, PromptTemplate
 from fp16rl.tasks.arc.synthetic import write_synthetic
-from fp16rl.tasks.arc.task import ArcTask
+from fp16rl.tasks.arc.task import ArcTask, ArcTaskSettings
 from fp16rl.tasks.base import Task
 
 CHAT_TEMPLATE = (
@@ -58,24 +58,24 @@ def _snapshot(items) -> list:
 
 
 def test_is_a_task_and_counts_steps(lite: Path) -> None:
-    task = ArcTask(lite, _tokenizer(), prompts_per_step=5)
+    task = ArcTask(lite, _tokenizer(), ArcTaskSettings(prompts_per_step=5))
     assert isinstance(task, Task)
     assert task.num_steps_per_epoch == 3
 
 
 def test_batch_is_a_pure_function_of_seed_and_step(lite: Path) -> None:
     tok = _tokenizer()
-    run = ArcTask(lite, tok, seed=4)
+    run = ArcTask(lite, tok, ArcTaskSettings(seed=4))
     full = [_snapshot(run.batch(step, 3)) for step in range(6)]
-    resumed = ArcTask(lite, tok, seed=4, reward_name="arc-v1")  # another arm, resumed at step 4
+    resumed = ArcTask(lite, tok, ArcTaskSettings(seed=4, reward_name="arc-v1"))  # another arm, resumed at step 4
     assert _snapshot(resumed.batch(4, 3)) == full[4]
     assert _snapshot(resumed.batch(1, 3)) == full[1]
-    other = ArcTask(lite, tok, seed=5)
+    other = ArcTask(lite, tok, ArcTaskSettings(seed=5))
     assert _snapshot(other.batch(4, 3)) != full[4]
 
 
 def test_epochs_visit_every_task_once_in_seeded_orders(lite: Path) -> None:
-    task = ArcTask(lite, None, augment=False)
+    task = ArcTask(lite, None, ArcTaskSettings(augment=False))
     n = len(task.task_ids)
     epoch0 = [task.batch(s, 1)[0].meta["task_id"] for s in range(n)]
     epoch1 = [task.batch(s, 1)[0].meta["task_id"] for s in range(n, 2 * n)]
@@ -86,24 +86,24 @@ def test_epochs_visit_every_task_once_in_seeded_orders(lite: Path) -> None:
 
 def test_augmentation_applies_to_prompt_and_scoring_grids(lite: Path) -> None:
     raw = load_dataset(lite).tasks
-    aug_task = ArcTask(lite, _tokenizer(), seed=2)
+    aug_task = ArcTask(lite, _tokenizer(), ArcTaskSettings(seed=2))
     item = aug_task.batch(3, 2)[1]
     aug = augmentation_for(2, 3, 1)
     assert item.meta["train"] == aug.apply_task(raw[item.meta["task_id"]])["train"]
     assert item.meta["augmentation"] == aug.describe()
-    plain = ArcTask(lite, _tokenizer(), seed=2, augment=False).batch(3, 2)[1]
+    plain = ArcTask(lite, _tokenizer(), ArcTaskSettings(seed=2, augment=False)).batch(3, 2)[1]
     assert plain.meta["train"] == raw[plain.meta["task_id"]]["train"]
 
 
 def test_prompt_rendering_with_and_without_chat_template(lite: Path) -> None:
-    item = ArcTask(lite, _tokenizer(), augment=False).batch(0, 1)[0]
+    item = ArcTask(lite, _tokenizer(), ArcTaskSettings(augment=False)).batch(0, 1)[0]
     assert item.text.startswith("<|system|>\nYou are a world-class puzzle solver")
     assert "## Example 1\n\nInput:\n" in item.text and "## Test input" in item.text
     assert item.text.endswith("<|assistant|>\n" + DEFAULT_ASSISTANT_PREFIX)
-    plain = ArcTask(lite, _tokenizer(chat=False), augment=False).batch(0, 1)[0]
+    plain = ArcTask(lite, _tokenizer(chat=False), ArcTaskSettings(augment=False)).batch(0, 1)[0]
     assert plain.text.startswith("System: ") and "\n\nAssistant: " + DEFAULT_ASSISTANT_PREFIX in plain.text
     custom = PromptTemplate(system="S", user="Solve:\n{examples}Test:\n{test_input}", assistant_prefix="Code:")
-    text = ArcTask(lite, None, augment=False, encoder="digits", template=custom).batch(0, 1)[0].text
+    text = ArcTask(lite, None, ArcTaskSettings(augment=False, encoder="digits", template=custom)).batch(0, 1)[0].text
     assert text.startswith("System: S\n\nUser: Solve:\n") and text.endswith("Assistant: Code:")
     with pytest.raises(ValueError, match="lacks placeholders"):
         PromptTemplate(user="no grids here")
@@ -112,7 +112,7 @@ def test_prompt_rendering_with_and_without_chat_template(lite: Path) -> None:
 def test_long_prompts_are_skipped_and_counted(tmp_path: Path) -> None:
     path = _tile_dataset(tmp_path / "tile.json")
     tok = _tokenizer()
-    task = ArcTask(path, tok, augment=False, max_prompt_tokens=600)
+    task = ArcTask(path, tok, ArcTaskSettings(augment=False, max_prompt_tokens=600))
     stream = [task.batch(s, 1)[0] for s in range(2 * len(task.task_ids))]
     assert all(i.meta["task_id"] != "huge" for i in stream)
     skipped = [i for i in stream if i.meta["skipped_long_prompts"]]
@@ -120,14 +120,14 @@ def test_long_prompts_are_skipped_and_counted(tmp_path: Path) -> None:
     scores = task.score([skipped[0]] * 2, ["no code", "no code"], [False, False])
     assert scores.counts["data/skipped_long_prompts"] == 1.0  # the repeated prompt counts once
     with pytest.raises(ValueError, match="consecutive prompts exceed max_prompt_tokens=5"):
-        ArcTask(path, tok, max_prompt_tokens=5).batch(0, 1)
+        ArcTask(path, tok, ArcTaskSettings(max_prompt_tokens=5)).batch(0, 1)
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        ArcTask(path, None, max_prompt_tokens=5)
+        ArcTask(path, None, ArcTaskSettings(max_prompt_tokens=5))
 
 
 def test_score_runs_completions_on_augmented_grids(tmp_path: Path) -> None:
     path = _tile_dataset(tmp_path / "tile.json")
-    task = ArcTask(path, None, seed=1, n_jobs=2, timeout_s=5.0)
+    task = ArcTask(path, None, ArcTaskSettings(seed=1, n_jobs=2, timeout_s=5.0))
     items = task.batch(0, 2)
     assert any(i.meta["augmentation"] != "rot0-c0123456789" for i in items)
     good = f"{DEFAULT_ASSISTANT_PREFIX}\n```python\n{TILE}```"
@@ -155,15 +155,15 @@ def test_score_runs_completions_on_augmented_grids(tmp_path: Path) -> None:
 
 def test_bad_configuration_fails_at_construction(lite: Path) -> None:
     with pytest.raises(ValueError, match="unknown reward"):
-        ArcTask(lite, None, reward_name="nope")
+        ArcTask(lite, None, ArcTaskSettings(reward_name="nope"))
     with pytest.raises(ValueError, match="unknown grid encoder"):
-        ArcTask(lite, None, encoder="Hex()")
+        ArcTask(lite, None, ArcTaskSettings(encoder="Hex()"))
     with pytest.raises(ValueError, match="seed"):
-        ArcTask(lite, None, seed=-1)
+        ArcTask(lite, None, ArcTaskSettings(seed=-1))
 
 
 def test_memory_limit_is_counted_as_its_own_outcome(lite: Path) -> None:
-    task = ArcTask(lite, None, n_jobs=1, memory_limit_mb=1024)
+    task = ArcTask(lite, None, ArcTaskSettings(n_jobs=1, memory_limit_mb=1024))
     hog = "```python\ndef transform(grid):\n    hog = bytearray(2**33)\n    return grid\n```"
     items = task.batch(0, 1) * 2
     try:
@@ -175,7 +175,7 @@ def test_memory_limit_is_counted_as_its_own_outcome(lite: Path) -> None:
 
 
 def test_describe_records_dataset_and_sandbox_layers(lite: Path) -> None:
-    task = ArcTask(lite, _tokenizer(), encoder="digits", n_jobs=1)
+    task = ArcTask(lite, _tokenizer(), ArcTaskSettings(encoder="digits", n_jobs=1))
     try:
         info = task.describe()
     finally:

@@ -68,15 +68,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fine(completions, **kwargs):
     return [0.0] * len(completions)
 
-def raises(completions, **kwargs):
-    raise RuntimeError("no idea")
-
-def wrong_length(completions, **kwargs):
-    return [0.0, 1.0, 2.0]
-
-def text(completions, **kwargs):
-    return ["high"] * len(completions)
-
 def narrow(completions):
     return [0.0] * len(completions)
 
@@ -188,14 +179,10 @@ CASES = [
     (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/syntax_error.py:f"], "SyntaxError"),
     (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:NOT_A_FUNCTION"],
      "'NOT_A_FUNCTION' is not callable"),
-    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:raises"],
-     "reward function 'raises' raised RuntimeError: no idea (on dataset rows 0)"),
-    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:wrong_length"],
-     "'wrong_length' returned 3 values for 1 completions"),
-    (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:text"],
-     "'text' returned 'high' for dataset row 0"),
+    # (A function that raises or returns bad values fails on the first real batch, not before the run:
+    # tests/test_trl_rewards.py. Its signature is checked before, without a call.)
     (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:narrow"],
-     "'narrow' raised TypeError"),
+     "reward function 'narrow' cannot be called as TRL calls reward functions"),
     (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "{ws}/rewards.py:fine,math",
       "--reward-weights", "1"], "--reward-weights has 1 values for 2 --reward-funcs"),
     (["train", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "math", "--reward-name", "math"],

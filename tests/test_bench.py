@@ -32,7 +32,7 @@ def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
     In a subprocess: TRL imports trackio, which fixes its database folder when first imported."""
     path = Path(__file__).resolve().parents[1] / "bench" / "step_vs_trl.py"
     done = subprocess.run([sys.executable, str(path), "--model", "tiny", "--steps", "1", "--generations", "2",
-                           "--completion-tokens", "8", "--modes", "full", "--dtypes", "float32,float16", "--rounds", "2"],
+                           "--completion-tokens", "8", "--modes", "full", "--dtypes", "float32,float16", "--rounds", "1"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| float")]

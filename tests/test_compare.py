@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fp16rl.config.options import ConfigError
+from fp16rl.core.errors import ConfigError
 from fp16rl.compare import parse_arm, plan_comparison, run_comparison
 from fp16rl.runs.folders import arm_slug
 from fp16rl.tasks.arc.synthetic import write_synthetic

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from fp16rl.config.options import ConfigError, TrainConfig, parse_train_args
+from fp16rl.config.options import TrainConfig
+from fp16rl.config.parse import parse_train_args
+from fp16rl.core.errors import ConfigError
 
 # The seed's command line (README, "The seed's bf16-vs-fp16 experiment"), variables expanded.
 SEED_COMMAND = """

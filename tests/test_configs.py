@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fp16rl.config.options import TrainConfig, load_yaml_options, parse_train_args
+from fp16rl.config.options import TrainConfig
+from fp16rl.config.parse import load_yaml_options, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -16,8 +16,10 @@ import pytest
 
 from fp16rl.runs.checkpoint import checkpoint_dirs, read_trainer_state
 from fp16rl.learner.distributed import DataParallel
+from fp16rl.config.options import TrainConfig
 from fp16rl.core.scores import Scores
 from fp16rl.runs.tracking import read_metrics
+from fp16rl.train.trainer import Trainer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 BASE = dict(model_path="tiny", dataset_path="toy:digits", dtype="float32", learning_rate=2e-3, num_generations=4,
@@ -41,6 +43,13 @@ def launch(tmp_path: Path, name: str, ranks: int, **spec) -> tuple[Path, list[di
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = [json.loads((Path(spec["report"]) / f"rank-{r}.json").read_text()) for r in range(ranks)]
     return run, reports
+
+
+def one_process(run: Path, options: dict) -> Path:
+    """The one-process reference, in this process (a subprocess would only add its start-up: the
+    trainer is the same code; --fsdp is ignored at one rank)."""
+    Trainer(TrainConfig(**{**BASE, "output_dir": str(run), **options})).train(show_progress=False)
+    return run
 
 
 def comparable(run: Path) -> list[dict]:
@@ -77,7 +86,7 @@ def assert_ranks_identical(reports: list[dict]) -> None:
     dict(lora_r=0, algorithm="online_dpo", dpo_loss_type="ipo", fsdp=True),
 ], ids=["lora-bnpo", "full-dapo-ga2", "fsdp-dapo-ga2-kl", "fsdp-checkpointing", "dpo-ga2-rows1", "dpo-ipo-fsdp"])
 def test_two_ranks_match_one_process(tmp_path, tiny_path, options):
-    single, _ = launch(tmp_path, "one", 1, config=options)
+    single = one_process(tmp_path / "one", options)
     double, reports = launch(tmp_path, "two", 2, config=options)
     assert_same_metrics(comparable(single), comparable(double))
     assert_ranks_identical(reports)

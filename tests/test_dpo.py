@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp16rl.config.options import ConfigError, TrainConfig, build_parser
-from fp16rl.algo.dpo import dpo_batch, dpo_losses, select_pairs
-from fp16rl.train import loss_batches
+from fp16rl.config.options import TrainConfig
+from fp16rl.config.parse import build_parser
+from fp16rl.core.errors import ConfigError
+from fp16rl.algo.dpo import Collectives, dpo_batch, dpo_losses, select_pairs
 from fp16rl.compare import parse_arm, plan_comparison
 from fp16rl.learner.logprobs import completion_logprobs
 from fp16rl.model.forward import TokenBatch
@@ -86,8 +87,8 @@ def test_dpo_batch_matches_trl_transcription(loss_type):
     rewards = [0.1, 0.7, 0.3, 0.2, 0.0, 0.5, 0.5, 0.9]  # two groups of 4
     pairs = select_pairs(rewards, 4, [True] * rows)
     assert (pairs.chosen, pairs.rejected) == ([1, 7], [0, 4])
-    built = dpo_batch(pairs, slice(0, rows), _tokens(rows, width), logprobs, mask, rewards,
-                      lambda selected: ref[[1, 7, 0, 4]], beta, loss_type, lambda v: list(v), lambda n: n)
+    built = dpo_batch(pairs, slice(0, rows), _tokens(rows, width), logprobs, mask,
+                      lambda selected: ref[[1, 7, 0, 4]], beta, loss_type, Collectives(lambda v: list(v), lambda n: n))
     chosen, rejected = torch.tensor(pairs.chosen), torch.tensor(pairs.rejected)
     expected, _ = _trl_online_dpo(logprobs, ref, mask, chosen, rejected, beta, loss_type)
     for key, value in expected.items():
@@ -108,8 +109,8 @@ def test_a_rank_with_fewer_pairs_pads_with_rows_that_weigh_nothing():
     rewards = [0.1, 0.9, 0.5, 0.5] + [0.3] * 4
     pairs = select_pairs(rewards, 4, [True] * 8)
     logprobs, mask = -torch.ones(4, 3), torch.ones(4, 3, dtype=torch.bool)
-    built = dpo_batch(pairs, slice(4, 8), _tokens(4, 3), logprobs, mask, rewards, lambda t: pytest.fail("no rows"),
-                      0.1, "sigmoid", lambda v: [v[0] + 1.0] + list(v[1:]), lambda n: max(n, 2))
+    built = dpo_batch(pairs, slice(4, 8), _tokens(4, 3), logprobs, mask, lambda t: pytest.fail("no rows"),
+                      0.1, "sigmoid", Collectives(lambda v: [v[0] + 1.0] + list(v[1:]), lambda n: max(n, 2)))
     assert built.pairs == 1 and built.batch.advantages.tolist() == [0.0, 0.0]
     assert built.batch.loss_mask.shape == (2, 3) and not built.batch.loss_mask.any()
     assert built.batch.tokens.input_ids.shape[0] == 2
@@ -123,6 +124,7 @@ def test_pairs_are_highest_and_lowest_reward_ties_and_short_groups_skipped():
     candidates = [True] * 8 + [False, False, False, True] + [True] * 4
     pairs = select_pairs(rewards, 4, candidates)
     assert pairs.chosen == [1, 14] and pairs.rejected == [3, 12]
+    assert pairs.margins == [0.9 - 0.1, 0.8 - 0.3]  # dpo/scores_margin's terms
     assert (pairs.groups, pairs.tied, pairs.unpaired) == (4, 1, 1)
     # A truncated (non-candidate) row with the best reward is never chosen.
     assert select_pairs([1.0, 0.5, 0.2], 3, [False, True, True]).chosen == [1]
@@ -153,7 +155,7 @@ def test_compare_arm_can_set_the_algorithm(tmp_path):
     base.write_text("model_path: tiny\ndataset_path: toy:digits\nmax_steps: 2\n")
     specs = plan_comparison(base, ["algorithm=online_dpo,dtype=bfloat16", "algorithm=online_dpo,dtype=float16"],
                             [0], tmp_path / "cmp")
-    from fp16rl.config.options import parse_train_args
+    from fp16rl.config.parse import parse_train_args
 
     configs = [parse_train_args(spec.train_args(base)) for spec in specs]
     assert [(c.algorithm, c.dtype, c.arm) for c in configs] == [
@@ -170,10 +172,10 @@ def _first_step(tmp_path, name, check_direct=False, **overrides):
     trainer = Trainer(dpo_config(tmp_path / name, max_steps=1, prompts_per_step=2, num_generations=4,
                                  max_completion_length=12, **overrides))
     captured = {}
-    build, step = loss_batches._dpo_batch, trainer._optimizer_step
+    build, step = trainer.algorithm.pairs_batch, trainer._optimizer_step
 
-    def keep(*args):
-        captured["dpo"] = build(*args)
+    def keep(rows):
+        captured["dpo"] = build(rows)
         return captured["dpo"]
 
     def capture():
@@ -183,7 +185,7 @@ def _first_step(tmp_path, name, check_direct=False, **overrides):
         return step()
 
     trainer._optimizer_step = capture
-    with mock.patch.object(loss_batches, "_dpo_batch", keep):
+    with mock.patch.object(trainer.algorithm, "pairs_batch", keep):
         metrics = trainer.step(1)
     return metrics, captured
 
@@ -193,7 +195,7 @@ def _direct_gradients(trainer, dpo):
     trainer.weights.zero_grad()
     cfg = trainer.config
     logprobs, _ = completion_logprobs(trainer.model, batch.tokens, cfg.temperature, head=trainer.head)
-    ref = trainer.reference.logprobs(trainer, batch.tokens)
+    ref = trainer.reference.logprobs(trainer.logprobs, batch.tokens)
     seq, seq_ref = (logprobs * batch.loss_mask).sum(1), (ref * batch.loss_mask).sum(1)
     h = (seq[:pairs] - seq_ref[:pairs]) - (seq[pairs:] - seq_ref[pairs:])
     dpo_losses(h, cfg.dpo_beta, cfg.dpo_loss_type).mean().backward()
@@ -249,7 +251,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_a_step_without_pairs_trains_nothing_and_is_counted(tmp_path, caplog):
     trainer = Trainer(dpo_config(tmp_path / "run", max_steps=1))
-    trainer.task.score = lambda items, completions, truncated, ids: Scores(rewards=[0.5] * len(completions))
+    trainer.task.score = lambda items, completions, truncated, ids, progress=None: Scores(rewards=[0.5] * len(completions))
     before = [m.detach().clone() for m in trainer.weights.masters]
     with caplog.at_level(logging.WARNING, logger="fp16rl"):
         metrics = trainer.step(1)

@@ -11,9 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from fp16rl.rollout.fast_decode import LlamaFamilyDecoder, unsupported_reason
 from fp16rl.learner.logprobs import completion_logprobs
-from fp16rl.model.forward import build_token_batch, causal_lm
+from fp16rl.model.forward import build_token_batch, causal_lm, left_pad
 from fp16rl.model.loading import LoraSettings, TinyModelSpec, apply_lora, load_model, tiny_model_path
-from fp16rl.rollout.sampler import HFCacheDecoder, Sampler, SamplingParams, cast_parameters, left_pad
+from fp16rl.rollout.hf_decoder import HFCacheDecoder
+from fp16rl.rollout.sampler import Sampler, SamplingParams, cast_parameters
 
 PAD = 0
 PADDED_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]

@@ -102,7 +102,7 @@ class ScriptedTask:
                                                   add_generation_prompt=True)
         return [PromptItem(text=text, uid=f"s{step}", meta={"step": step}) for _ in range(num_prompts)]
 
-    def score(self, items, completions, truncated, completion_ids=None):
+    def score(self, items, completions, truncated, completion_ids=None, progress=None):
         step = items[0].meta["step"]
         level = 0.0 if step < 10 else (1.0 if step < 20 else 0.0)
         return Scores(rewards=[level + 0.01 * i for i in range(len(completions))])

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from fp16rl.algo.grpo import LossSettings
 from fp16rl.algo.batch import RolloutBatch
-from fp16rl.config.options import ConfigError, TrainConfig, build_parser
+from fp16rl.config.options import TrainConfig
+from fp16rl.config.parse import build_parser
+from fp16rl.core.errors import ConfigError
 from fp16rl.compare import plan_comparison
 from fp16rl.algo.ppo import (clipped_value_loss, explained_variance, gae, masked_whiten, ppo_policy_loss, ppo_value_loss,
                         token_rewards)
@@ -155,7 +157,7 @@ def test_compare_arm_can_set_ppo(tmp_path):
     base.write_text("model_path: tiny\ndataset_path: toy:digits\nmax_steps: 2\n")
     specs = plan_comparison(base, ["algorithm=ppo,dtype=bfloat16", "algorithm=ppo,dtype=float16"], [0],
                             tmp_path / "cmp")
-    from fp16rl.config.options import parse_train_args
+    from fp16rl.config.parse import parse_train_args
 
     configs = [parse_train_args(spec.train_args(base)) for spec in specs]
     assert [(c.algorithm, c.dtype, c.arm) for c in configs] == [
@@ -213,7 +215,7 @@ def test_micro_batches_do_not_change_the_step(tmp_path, monkeypatch):
     -6.8e-3 at GA 2 and 2.1e-2 at GA 4 for 4.2e-4 whole). At step 1 (one epoch: ratio 1) the policy loss is
     minus the mean of whitened advantages, 0, so optim/loss is vf_coef x value/loss: what is logged is what
     was backpropagated."""
-    monkeypatch.setattr("fp16rl.train.trainer.stop_token_ids", lambda model, tokenizer: list(range(3, 512, 12)))
+    monkeypatch.setattr("fp16rl.train.setup.stop_token_ids", lambda model, tokenizer: list(range(3, 512, 12)))
     runs, weights, lengths = {}, {}, {}
     for name, extra in [("whole", {}), ("ga2", dict(gradient_accumulation_steps=2)),
                         ("ga4", dict(gradient_accumulation_steps=4)), ("rows", dict(per_device_train_batch_size=2))]:

@@ -55,7 +55,7 @@ def test_every_format_gives_the_same_rows_in_the_same_order(tmp_path, tiny_token
     rows = [row for step in batches["jsonl"] for row, _ in step]
     assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:20]) == list(range(10))
     assert rows[:10] != list(range(10))
-    assert "<|im_start|>user\nWhat is" in batches["jsonl"][0][0][1]  # rendered with the chat template
+    assert batches["jsonl"][0][0][1].startswith("What is")  # a text prompt is fed as it is, as in TRL
 
 
 def test_columns_reach_the_reward_functions_trl_style(tmp_path):
@@ -170,8 +170,6 @@ def test_rewards_that_are_all_none_are_announced_once(caplog):
 
     with caplog.at_level(logging.WARNING, logger="fp16rl"):
         rewards = RewardSet.build([nothing])
-        rewards.check("p", {}, conversational=False)  # an empty completion may be "not applicable": no warning
-        assert _warnings(caplog) == []
         for _ in range(2):
             assert rewards(["p"] * 3, ["a", "b", "c"], [[]] * 3, {}, [4, 5, 6]).rewards == [0.0] * 3
         (message,) = _warnings(caplog)
@@ -325,7 +323,9 @@ def test_math_reward_on_a_jsonl_file_rises(tmp_path):
              for p in prompts for digit in range(10)]
     warm = warm_start(base, pairs, tmp_path / "warm", steps=30, learning_rate=1e-2, batch_size=16, seed=0)
     data = tmp_path / "seven.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
+    # Conversations: rendered with the chat template, as the warm start's pairs were (text is fed raw).
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}], "answer": "7"}) + "\n"
+                            for p in prompts))
     train(TrainConfig(model_path=str(warm), dataset_path=str(data), reward_funcs=["math"], output_dir=str(tmp_path / "run"),
                       dtype="float32", lora_r=0, learning_rate=2e-3, num_generations=8, prompts_per_step=4,
                       max_completion_length=12, max_seq_length=256, beta=0.0, max_grad_norm=1.0, warmup_ratio=0.0,

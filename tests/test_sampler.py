@@ -12,7 +12,9 @@ from fp16rl.model.forward import build_token_batch
 from fp16rl.model.loading import LoraSettings, apply_lora, load_model
 from fp16rl.model.precision import PrecisionPolicy
 from fp16rl.model.forward import left_pad
-from fp16rl.rollout.sampler import Sampler, SamplingParams, TokenNoise, row_keys
+from fp16rl.rollout.draw import draw_tokens, process_logits
+from fp16rl.rollout.noise import TokenNoise, row_keys
+from fp16rl.rollout.sampler import Sampler, SamplingParams
 
 
 def _prompts(tokenizer, count=4):
@@ -215,7 +217,7 @@ def test_token_noise_is_exponential_and_the_race_draws_from_p():
 def test_the_int32_hash_gives_the_bits_of_the_int64_one():
     """The noise hashes in int32 (wrapping products, masked shifts) for speed; every bit pattern it
     produces must be the uint32 hash's, so draws are those of earlier runs and of any device."""
-    from fp16rl.rollout.sampler import _as_int32, _mix32_int32, mix32
+    from fp16rl.rollout.noise import _as_int32, _mix32_int32, mix32
 
     edges = torch.tensor([0, 1, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**31 + 1, 0xFFFF0000, 2**32 - 1])
     x = torch.cat([edges, torch.randint(0, 2**32, (200_000,), generator=torch.Generator().manual_seed(0))])
@@ -230,7 +232,7 @@ def test_the_int32_hash_gives_the_bits_of_the_int64_one():
 
 def _noise_by_formula(keys: torch.Tensor, vocab: int, position: int) -> torch.Tensor:
     """``TokenNoise``'s numbers for every key's row at ``position``, by its formula in uint32 arithmetic."""
-    from fp16rl.rollout.sampler import _LOW32, exponential_from_bits, mix32
+    from fp16rl.rollout.noise import _LOW32, exponential_from_bits, mix32
 
     base = mix32(keys ^ mix32((position * 0x85EBCA6B + 0x165667B1) & _LOW32))
     token_hash = mix32((torch.arange(vocab) * 0x9E3779B1 + 0x7F4A7C15) & _LOW32)
@@ -258,7 +260,7 @@ def test_behaviour_logprobs_are_the_processed_distribution_by_hand():
     """Top-p 0.8 on p = softmax([2, 1, 0, -1]) = [.644, .237, .087, .032]: the prefix reaching 0.8 is the
     first two tokens (0.644 < 0.8 <= 0.881), renormalised; the kept mass is their unprocessed sum."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    processed, _ = Sampler._process(logits, None, SamplingParams(max_new_tokens=1, top_p=0.8))
+    processed, _ = process_logits(logits, None, SamplingParams(max_new_tokens=1, top_p=0.8))
     p = torch.softmax(logits, -1)[0]
     kept = (p[0] + p[1]).item()
     assert torch.isinf(processed[0, 2:]).all() and torch.isfinite(processed[0, :2]).all()
@@ -266,7 +268,7 @@ def test_behaviour_logprobs_are_the_processed_distribution_by_hand():
     assert behaviour[0].item() == pytest.approx(math.log(p[0].item() / kept), abs=1e-6)
     assert behaviour[1].item() == pytest.approx(math.log(p[1].item() / kept), abs=1e-6)
     plain = SamplingParams(max_new_tokens=1)
-    assert Sampler._process(logits, None, plain) == (logits, None)  # nothing active: the same tensor, no copy
+    assert process_logits(logits, None, plain) == (logits, None)  # nothing active: the same tensor, no copy
 
 
 @pytest.mark.parametrize("params", [dict(top_p=0.8), dict(top_k=3), dict(top_p=0.9, top_k=5)], ids=str)
@@ -306,7 +308,7 @@ def test_candidates_hold_every_kept_token_and_the_race_among_them_is_the_full_ra
     scale = torch.tensor([12.0, 8.0, 5.0, 2.0, 0.5, 0.1])[:, None]  # from peaked to nearly uniform
     logits = torch.randn(6, vocab, generator=generator) * scale
     sampling = SamplingParams(max_new_tokens=1, **params)
-    processed, candidates = Sampler._process(logits, None, sampling)
+    processed, candidates = process_logits(logits, None, sampling)
     expected = logits
     if "top_k" in params:
         expected = expected.masked_fill(expected < torch.topk(expected, params["top_k"], dim=-1).values[:, -1:],
@@ -316,7 +318,7 @@ def test_candidates_hold_every_kept_token_and_the_race_among_them_is_the_full_ra
     assert torch.equal(processed, expected)
     if candidates is None:  # top-p sorted the vocabulary for a flat row, with no top-k before it
         assert "top_k" not in params and bool((torch.isfinite(processed).sum(-1) > 64).any())
-        processed, candidates = processed[:3], Sampler._process(logits[:3], None, sampling)[1]  # peaked rows
+        processed, candidates = processed[:3], process_logits(logits[:3], None, sampling)[1]  # peaked rows
     kept = torch.isfinite(processed)
     covered = torch.zeros_like(kept).scatter(1, candidates, True)
     assert not (kept & ~covered).any()
@@ -324,26 +326,26 @@ def test_candidates_hold_every_kept_token_and_the_race_among_them_is_the_full_ra
     noise = TokenNoise(row_keys(seed=3, slots=range(6), num_generations=1), vocab)
     rows = torch.arange(len(processed))
     for position in range(50):
-        full = Sampler._draw(processed, noise.exponential(rows, position))
-        among = Sampler._draw(processed, noise.exponential(rows, position, candidates), candidates)
+        full = draw_tokens(processed, noise.exponential(rows, position))
+        among = draw_tokens(processed, noise.exponential(rows, position, candidates), candidates)
         assert torch.equal(full, among)
 
 
 def test_tied_top_k_keeps_every_tie_and_gives_no_candidates():
     logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
-    processed, candidates = Sampler._process(logits, None, SamplingParams(max_new_tokens=1, top_k=2))
+    processed, candidates = process_logits(logits, None, SamplingParams(max_new_tokens=1, top_k=2))
     assert torch.isfinite(processed).tolist() == [[True, True, True, True, False]] and candidates is None
 
 
 def test_exponential_noise_is_positive_at_the_top_bit_pattern():
     """The largest 24-bit pattern once gave u = 1 in fp32, E = -0 and a NaN in the race that drew a token
     top-p had removed; every E is now finite and > 0, and the race keeps to the processed support."""
-    from fp16rl.rollout.sampler import exponential_from_bits
+    from fp16rl.rollout.noise import exponential_from_bits
 
     bits = torch.tensor([0, 1, 2**23, 2**24 - 2, 2**24 - 1], dtype=torch.int64)
     e = exponential_from_bits(bits)
     assert torch.isfinite(e).all() and (e > 0).all()
     assert e[-1].item() == pytest.approx(2**-24, rel=1e-3)  # -log(1 - 2^-24)
     processed = torch.tensor([[0.0, float("-inf"), float("-inf")]])
-    winner = Sampler._draw(processed, e[None, [4, 4, 4]])
+    winner = draw_tokens(processed, e[None, [4, 4, 4]])
     assert winner.item() == 0

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from fp16rl.sandbox import ExecutionResult, Outcome, Sandbox, SandboxLimits, interpret
-from fp16rl.sandbox.client import _interpret
+from fp16rl.sandbox.results import _interpret
 from fp16rl.sandbox.common import clean_text
 
 LIMITS = SandboxLimits(timeout_s=1.0, memory_mb=512)

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import fp16rl.tools.sft as sft
-from fp16rl.config.options import parse_train_args
+from fp16rl.config.parse import parse_train_args
 from fp16rl.model.loading import load_model, load_tokenizer
 from fp16rl.tools.sft import IGNORE_INDEX, completion_loss, encode_pairs, read_warm_start_log, warm_start
 from fp16rl.tasks.arc.lite import arc_lite_dataset

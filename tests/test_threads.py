@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from fp16rl.config.options import parse_train_args
+from fp16rl.config.parse import parse_train_args
 from fp16rl.compare import plan_comparison
 from fp16rl.train.trainer import Trainer
 

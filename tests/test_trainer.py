@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from fp16rl.config.options import ConfigError
+from fp16rl.core.errors import ConfigError
 from fp16rl.model.precision import PrecisionError
 from fp16rl.runs.tracking import read_metrics
 from fp16rl.train.trainer import Trainer

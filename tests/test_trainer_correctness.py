@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from fp16rl.config.options import ConfigError
-from fp16rl.core.errors import ModelError
+from fp16rl.core.errors import ConfigError, ModelError
 from fp16rl.learner.logprobs import LogitHead, completion_logprobs
 from fp16rl.model.forward import build_token_batch
 from fp16rl.model.loading import TinyModelSpec, load_model, load_tokenizer, stop_token_ids, tiny_model_path
@@ -104,7 +103,7 @@ def test_full_finetune_reference_stays_the_initial_policy(tmp_path):
     tokens = build_token_batch([[1, 17, 23]], 2, completions, torch.ones_like(completions, dtype=torch.bool), 0)
     expected = initial.logprobs(initial.model, tokens)
     assert (trainer.logprobs(trainer.model, tokens) - expected).abs().max() > 1e-3  # the policy moved
-    torch.testing.assert_close(trainer.reference.logprobs(trainer, tokens), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(trainer.reference.logprobs(trainer.logprobs, tokens), expected, rtol=0, atol=1e-6)
 
 
 def test_half_copy_trainer_computes_what_the_sampler_computes(tmp_path):

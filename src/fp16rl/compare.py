@@ -23,7 +23,9 @@ from typing import Callable, Sequence
 
 from fp16rl.core.atomic import atomic_write_text
 from fp16rl.runs.checkpoint import checkpoint_dirs
-from fp16rl.config.options import ConfigError, TrainConfig, load_yaml_options, option_names, parse_train_args
+from fp16rl.config.options import TrainConfig
+from fp16rl.config.parse import load_yaml_options, option_names, parse_train_args
+from fp16rl.core.errors import ConfigError
 from fp16rl.core.paths import TINY, resolve_model_path
 from fp16rl.runs.folders import arm_slug, DONE_STATUSES, refuse_used_folder
 from fp16rl.tasks.checks import check_dataset

@@ -53,6 +53,7 @@ class Pairs:
 
     chosen: list[int]
     rejected: list[int]
+    margins: list[float]  # each pair's reward difference, chosen - rejected (``dpo/scores_margin``)
     groups: int  # prompts in the batch
     tied: int  # groups whose candidates all have the same reward
     unpaired: int  # groups with fewer than two candidates (truncated completions masked out)
@@ -61,7 +62,7 @@ class Pairs:
 def select_pairs(rewards: Sequence[float], num_generations: int, candidates: Sequence[bool]) -> Pairs:
     """Per group of ``num_generations`` rows: chosen = highest reward, rejected = lowest, among the
     ``candidates``; the first such row on equal rewards (deterministic). Ties and short groups are skipped."""
-    chosen, rejected, tied, unpaired = [], [], 0, 0
+    chosen, rejected, margins, tied, unpaired = [], [], [], 0, 0
     groups = len(rewards) // num_generations
     for g in range(groups):
         rows = [r for r in range(g * num_generations, (g + 1) * num_generations) if candidates[r]]
@@ -75,7 +76,18 @@ def select_pairs(rewards: Sequence[float], num_generations: int, candidates: Seq
             continue
         chosen.append(best)
         rejected.append(worst)
-    return Pairs(chosen, rejected, groups, tied, unpaired)
+        margins.append(rewards[best] - rewards[worst])
+    return Pairs(chosen, rejected, margins, groups, tied, unpaired)
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """What a DPO batch needs of the data-parallel ranks. ``total``: element-wise sums over the ranks
+    (``DataParallel.sum``); ``pad_to(n)``: the row count every rank must have, the ranks' largest, so that
+    they run the same number of forwards and backwards. One process: the list itself, and ``n``."""
+
+    total: Callable[[list[float]], list[float]]
+    pad_to: Callable[[int], int]
 
 
 @dataclass
@@ -90,16 +102,18 @@ class DpoBatch:
 
 
 def dpo_batch(pairs: Pairs, rows: slice, tokens: TokenBatch, old_logprobs: torch.Tensor, loss_mask: torch.Tensor,
-              rewards: Sequence[float], reference: Callable[[TokenBatch], torch.Tensor], beta: float, loss_type: str,
-              total: Callable[[list[float]], list[float]], pad_to: Callable[[int], int]) -> DpoBatch:
+              reference: Callable[[TokenBatch], torch.Tensor], beta: float, loss_type: str,
+              ranks: Collectives) -> DpoBatch:
     """Build this rank's part of the DPO step. ``rows``: this rank's rows of the generation batch (``pairs``
-    index the whole batch); ``reference(tokens)``: the reference's token logprobs (no grad); ``total``: sums
-    over ranks (``DataParallel.sum``); ``pad_to(n)``: the row count every rank must have (the ranks' largest,
-    so they run the same number of forwards and backwards; ``n`` with one process)."""
-    mine = [(c - rows.start, r - rows.start) for c, r in zip(pairs.chosen, pairs.rejected)
+    index the whole batch; ``tokens``, ``old_logprobs`` and ``loss_mask`` are this rank's); ``reference(tokens)``:
+    the reference's token logprobs (no grad)."""
+    total = ranks.total
+    mine = [(c - rows.start, r - rows.start, margin)
+            for c, r, margin in zip(pairs.chosen, pairs.rejected, pairs.margins)
             if rows.start <= c < rows.stop]  # a group's rows are all on one rank
     count = len(mine)
-    index = torch.tensor([c for c, _ in mine] + [r for _, r in mine], dtype=torch.long, device=old_logprobs.device)
+    index = torch.tensor([c for c, _, _ in mine] + [r for _, r, _ in mine], dtype=torch.long,
+                         device=old_logprobs.device)
     mask = loss_mask[index]
     selected = tokens.select(index)
     seq_pi = (old_logprobs[index] * mask).sum(dim=1)
@@ -113,7 +127,7 @@ def dpo_batch(pairs: Pairs, rows: slice, tokens: TokenBatch, old_logprobs: torch
     with torch.no_grad():
         chosen_reward = beta * (s[:count] - seq_ref[:count])
         rejected_reward = beta * (s[count:] - seq_ref[count:])
-        score_gap = sum(rewards[rows.start + c] - rewards[rows.start + r] for c, r in mine)
+        score_gap = sum(margin for _, _, margin in mine)
         sums = total([losses.sum().item(), chosen_reward.sum().item(), rejected_reward.sum().item(),
                       (h > 0).float().sum().item(), s[:count].sum().item(), s[count:].sum().item(), score_gap])
     mean = [v / max(pairs_total, 1) for v in sums]
@@ -125,7 +139,7 @@ def dpo_batch(pairs: Pairs, rows: slice, tokens: TokenBatch, old_logprobs: torch
         "dpo/pairs": float(pairs_total), "dpo/tied_fraction": pairs.tied / groups,
         "dpo/unpaired_fraction": pairs.unpaired / groups,
     }
-    target = pad_to(2 * count) if pairs_total else 0
+    target = ranks.pad_to(2 * count) if pairs_total else 0
     if target > 2 * count:  # zero-weight rows with no loss token: a rank with fewer pairs joins every backward
         extra = target - 2 * count
         index = torch.cat([index, torch.zeros(extra, dtype=torch.long, device=index.device)])

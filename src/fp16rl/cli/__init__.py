@@ -1,4 +1,19 @@
-"""The ``fp16rl`` command: train | compare | report | probe | export | demo | models | data | arc."""
+"""The ``fp16rl`` command: train | compare | report | probe | export | demo | models | data | arc.
+\f
+The top layer (``--help`` shows only the line above). Commands parse and check their options with the
+light packages (config, runs, core) and import torch only once the input is valid.
+
+__init__.py    the app and the train, models, probe, compare, demo, report and export commands
+arc.py         ``fp16rl arc ...``: run a program on a task, generate arc-lite data, warm-start the tiny model
+data.py        ``fp16rl data perfectible``
+demo.py        ``fp16rl demo``: warm start, bf16 vs fp16 compare, SmolLM2 probe, report
+common.py      the one way to fail (an ``error:`` line, exit 2) and fp16rl's warnings
+interrupts.py  what a Ctrl-C outside the training loop's safe points says
+options.py     typer options generated from a settings dataclass
+
+Imports: every package below it (compare, train, probe, report, tools and down, pyproject.toml
+[tool.importlinter]); not its siblings ``fp16rl.api`` and ``fp16rl.rewards``.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +35,7 @@ from fp16rl.cli.data import app as data_app
 from fp16rl.cli.common import USER_ERRORS, console, fail, install_warning_handler
 from fp16rl.cli.common import quiet_libraries as _quiet_libraries
 from fp16rl.cli.options import option, settings_command
-from fp16rl.config.options import parse_train_args
+from fp16rl.config.parse import parse_train_args
 from fp16rl.core.paths import fp16rl_home
 from fp16rl.probe.settings import ProbeSettings
 

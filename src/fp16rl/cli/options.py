@@ -3,7 +3,7 @@
 ``settings_command(Settings, run)`` returns a function typer turns into a command whose options are
 the dataclass's fields: name (``--lora-r`` and ``--lora_r``), type, default and help text (from the
 field's metadata, as ``config.opt`` writes it). Tuples and lists are comma-separated on the
-command line. ``fp16rl train`` has its own argparse parser (``config.build_parser``) generated from
+command line. ``fp16rl train`` has its own argparse parser (``config.parse.build_parser``) generated from
 ``TrainConfig`` the same way, because the seed's command line mixes both spellings freely.
 """
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
 from fp16rl.learner.logprobs import LogitHead
-
 from fp16rl.model.forward import TokenBatch
 
-if TYPE_CHECKING:
-    from fp16rl.train.trainer import Trainer
+LogprobsFn = Callable[[torch.nn.Module, TokenBatch, LogitHead | None], torch.Tensor]
+"""``score(model, tokens, head)``: the trainer's token logprobs ``[N, C]`` of a batch under ``model``, in
+the policy's compute path (micro-batches, compute context), with ``head`` (None: the policy's lm_head);
+``Trainer.logprobs`` and ``measure.rollouts.TrainerForward.score``."""
 
 
 class ReferencePolicy:
@@ -35,6 +36,7 @@ class ReferencePolicy:
         self.head = None if adapters else LogitHead.of(self.model)
 
     @torch.no_grad()
-    def logprobs(self, trainer: Trainer, tokens: TokenBatch) -> torch.Tensor:
+    def logprobs(self, score: LogprobsFn, tokens: TokenBatch) -> torch.Tensor:
+        """The reference's token logprobs of ``tokens``, computed by ``score`` as the policy's are."""
         with self.model.disable_adapter() if self.adapters else contextlib.nullcontext():
-            return trainer.logprobs(self.model, tokens, self.head)
+            return score(self.model, tokens, self.head)

@@ -3,7 +3,7 @@ mismatch metrics compare mu with and what the IS correction divides by mu.
 
 Two ways to get it, with the same numbers (tests/test_pi_old.py):
 
-- a separate no-grad forward right after sampling (``batch.measure_rollouts``): needed whenever the
+- a separate no-grad forward right after sampling (``rollouts.measure_rollouts``): needed whenever the
   loss uses pi_old before its own forward (several optimizer passes per batch, PPO, online DPO) and
   at the first step, whose forward also records the dtypes the trainer computed in;
 - the training forward itself (``FromTrainingForward``): with one optimizer pass per batch (GRPO,

@@ -1,9 +1,13 @@
 """``fp16rl probe``: a model's sampler/trainer mismatch per dtype without training, and its fp16 range.
 
 settings.py   ProbeSettings (the CLI options are generated from it) and the prompts
-measure.py    the measurement (through ``batch.measure_rollouts``, as a training step), metrics, results
+measure.py    the measurement (through ``fp16rl.measure.rollouts.measure_rollouts``, as a training step),
+              metrics, results
 range_check.py  the largest activation per layer against the fp16 maximum
 output.py     probe.json, probe.md, figures, terminal tables
+
+Imports: ``fp16rl.measure`` and every row below it (pyproject.toml [tool.importlinter]); not its
+siblings train, report and tools.
 """
 
 import importlib

@@ -2,8 +2,8 @@
 
 For each (dtype, attention, batch size) configuration the real sampler draws completions and records
 their token logprobs mu; the trainer's model, built as a run with the same options builds it,
-recomputes the same tokens (pi_old) through ``batch.measure_rollouts``, the function every training
-step calls. The difference is exactly what a training run in that configuration sees at step 1,
+recomputes the same tokens (pi_old) through ``fp16rl.measure.rollouts.measure_rollouts``, the function
+every training step calls. The difference is exactly what a training run in that configuration sees at step 1,
 before any update makes it grow.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fp16rl.measure.rollouts import measure_rollouts
+from fp16rl.measure.rollouts import RolloutRequest, TrainerForward, measure_rollouts
 from fp16rl.model.hardware import auto_threads
 from fp16rl.learner.logprobs import LogitHead
 from fp16rl.algo.mismatch import mismatch_metrics
@@ -157,7 +157,7 @@ def measure_config(
 
     The trainer's model is built as ``Trainer`` builds it (``load_trainer_model`` + ``MasterWeights``:
     LoRA or full fine-tuning, ``trainer_compute``), the sampler from it, and every chunk of
-    ``batch_size`` samples goes through ``batch.measure_rollouts``, the function the trainer's step
+    ``batch_size`` samples goes through ``measure.rollouts.measure_rollouts``, the function the trainer's step
     calls. Sample ``j`` draws the noise of slot ``j`` in every configuration (paired draws).
     """
     policy = PrecisionPolicy.from_options(dtype, trainer_compute=settings.trainer_compute)
@@ -178,8 +178,10 @@ def measure_config(
     timings = {"sampler": 0.0, "trainer": 0.0}
     for start in range(0, settings.num_samples, batch_size):
         rows = range(start, min(start + batch_size, settings.num_samples))
-        measured = measure_rollouts(sampler, model, head, policy, [prompts[j % len(prompts)] for j in rows], 1,
-                                    params, derived_seed(settings.seed), rows, len(rows), 2048, pad_token_id)
+        request = RolloutRequest([prompts[j % len(prompts)] for j in rows], 1, params, derived_seed(settings.seed),
+                                 rows)
+        forward = TrainerForward(model, head, policy, params.temperature, len(rows), 2048)
+        measured = measure_rollouts(sampler, request, forward, pad_token_id)
         timings["sampler"] += measured.sample_s
         timings["trainer"] += measured.recompute_s
         if not observed:

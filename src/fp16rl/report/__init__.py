@@ -15,6 +15,10 @@ report.html (self-contained), report.md (+ the PNG files), report.json (the numb
 load.py (reading runs), stats.py (typed numbers and the conclusion), inference.py (intervals,
 tests, power), prompts.py (the per-prompt comparison), plots.py, render.py (the documents and
 ``build_report``).
+
+Imports: ``fp16rl.measure`` and every row below it (pyproject.toml [tool.importlinter]), in practice
+runs, config and core; not its siblings train, probe and tools; never torch, transformers or peft
+(a report is built from files, on any machine).
 """
 
 from fp16rl.report.load import Inputs, Run, arm_label, load_inputs

@@ -43,8 +43,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from fp16rl.model.forward import causal_lm, prefill_forward
-from fp16rl.model.forward import not_full_attention
+from fp16rl.model.forward import causal_lm, length_dependent_rope, not_full_attention, prefill_forward
 
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
@@ -276,8 +275,9 @@ class LlamaFamilyDecoder:
         # Static RoPE (default, linear, llama3, yarn...): cos/sin are a function of the position alone, so
         # they are computed once per call for every position it reaches; dynamic and longrope frequencies
         # depend on the longest position seen, so those run the module at every step as transformers does.
-        rope_type = getattr(self.rotary_emb, "rope_type", "default")
-        self.rope_table = isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope"
+        # The rule is ``fp16rl.model.forward.length_dependent_rope``'s, read from the config the rotary
+        # module takes its ``rope_type`` from.
+        self.rope_table = length_dependent_rope(lm.config) is None
         self.lm_head = _lean(lm.lm_head)
         self.eager = lm.config._attn_implementation == "eager"
         attn = body.layers[0].self_attn

@@ -7,45 +7,31 @@ is exactly what the trainer evaluates; top-p/top-k/repetition penalty only shape
 
 Speed over ``model.generate()`` comes from prefilling each prompt once and fanning its KV cache
 out to the ``n`` samples, from dropping finished rows out of the batch, and from a lean loop. Two
-decoding engines share that loop: ``HFCacheDecoder`` (any HF causal LM, DynamicCache) and, for
-Llama/Qwen2/Mistral, ``fast_decode.LlamaFamilyDecoder`` (preallocated cache, no per-step HF
+decoding engines share that loop: ``hf_decoder.HFCacheDecoder`` (any HF causal LM, DynamicCache) and,
+for Llama/Qwen2/Mistral, ``fast_decode.LlamaFamilyDecoder`` (preallocated cache, no per-step HF
 overhead; bitwise equal to the HF path in tests). Opt-in ``share_prompt_kv`` makes the fast engine
 keep each prompt's K/V once for its ``n`` rows instead of copying it into each (memory at long
 prompts; its own attention formula, so not bitwise equal to the HF path).
+
+Each step's token is drawn by ``draw`` (processing, exponential race) with ``noise.TokenNoise``'s
+numbers, which make a completion a function of ``(seed, slot, g)``, the prompt and the weights alone.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from fp16rl.rollout.fast_decode import LlamaFamilyDecoder, unsupported_reason
-from fp16rl.model.forward import causal_lm, left_pad, prefill_forward
+from fp16rl.model.forward import causal_lm, left_pad
 from fp16rl.model.loading import set_4bit_compute_dtype
 from fp16rl.model.precision import DtypeRecorder
-from fp16rl.core.seeds import derived_seed
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How completions are drawn; the defaults are those of the seed workload (T=1, top_p 0.95)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (divide positive logits, multiply negative)
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (logprobs are those of the temperature-scaled distribution)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+from fp16rl.rollout.draw import SamplingParams, draw_tokens, process_logits, prompt_tokens_seen
+from fp16rl.rollout.fast_decode import LlamaFamilyDecoder, unsupported_reason
+from fp16rl.rollout.hf_decoder import HFCacheDecoder
+from fp16rl.rollout.noise import TokenNoise, row_keys
 
 
 @dataclass
@@ -87,6 +73,72 @@ class Rollouts:
 
     def completion_lists(self) -> list[list[int]]:
         return [row[mask].tolist() for row, mask in zip(self.completion_ids, self.completion_mask)]
+
+
+@dataclass
+class CompletionBuffers:
+    """What one decode call writes: ``[rows, max_new]`` buffers, column ``t`` filled at step ``t``.
+
+    ``behaviour`` and ``kept_mass`` are written only where processing (penalty, top-k, top-p) is active,
+    which sets ``processing``; without it the distribution drawn from is mu itself, so ``rollouts``
+    takes ``logprobs`` for the behaviour logprobs (no copy per step)."""
+
+    tokens: torch.Tensor  # long, pad_token_id where nothing was drawn
+    logprobs: torch.Tensor  # fp32 mu: log_softmax(logits / T) at the drawn token
+    behaviour: torch.Tensor  # fp32 log_softmax(processed logits) at the drawn token
+    kept_mass: torch.Tensor  # fp32 sum of mu's probabilities over the tokens the processing kept
+    lengths: torch.Tensor  # [rows] tokens in each completion (EOS included); max_new until one is drawn
+    finished_eos: torch.Tensor  # [rows] bool
+    processing: bool = False
+
+    @classmethod
+    def empty(cls, rows: int, max_new: int, pad_token_id: int, device: torch.device) -> "CompletionBuffers":
+        """Buffers before the first step: no token drawn, every row running to ``max_new``."""
+        return cls(tokens=torch.full((rows, max_new), pad_token_id, dtype=torch.long, device=device),
+                   logprobs=torch.zeros(rows, max_new, dtype=torch.float32, device=device),
+                   behaviour=torch.zeros(rows, max_new, dtype=torch.float32, device=device),
+                   kept_mass=torch.ones(rows, max_new, dtype=torch.float32, device=device),
+                   lengths=torch.full((rows,), max_new, dtype=torch.long, device=device),
+                   finished_eos=torch.zeros(rows, dtype=torch.bool, device=device))
+
+    def record(self, step: int, rows: torch.Tensor | None, drawn: torch.Tensor, scaled: torch.Tensor,
+               processed: torch.Tensor) -> None:
+        """Write step ``step``: the ``drawn`` tokens of output rows ``rows`` (None: every row, in order),
+        their logprobs under ``scaled`` (the temperature-scaled logits) and under ``processed``."""
+        unprocessed_logp = torch.log_softmax(scaled, dim=-1)
+        columns = [(self.tokens, drawn), (self.logprobs, unprocessed_logp.gather(1, drawn[:, None]).squeeze(1))]
+        if processed is not scaled:  # else the distribution sampled is mu itself (no copy per step)
+            self.processing = True
+            columns.append((self.behaviour, torch.log_softmax(processed, dim=-1).gather(1, drawn[:, None]).squeeze(1)))
+            columns.append((self.kept_mass, unprocessed_logp.exp().masked_fill(processed == float("-inf"), 0.0).sum(-1)))
+        for output, values in columns:
+            if rows is None:
+                output[:, step] = values
+            else:
+                output[rows, step] = values
+
+    def finish(self, rows: torch.Tensor, step: int) -> None:
+        """Output rows ``rows`` drew an EOS token at step ``step``: their completions end with it."""
+        self.finished_eos[rows] = True
+        self.lengths[rows] = step + 1
+
+    def rollouts(self, prompt_ids: Sequence[Sequence[int]], num_generations: int, pad_token_id: int,
+                 observed_dtype: dict[str, str]) -> Rollouts:
+        """The call's ``Rollouts`` on the CPU: columns up to the longest completion, masked past each end."""
+        width = int(self.lengths.max())
+        mask = torch.arange(width, device=self.lengths.device)[None, :] < self.lengths[:, None]
+        return Rollouts(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=self.tokens[:, :width].masked_fill(~mask, pad_token_id).cpu(),
+            completion_mask=mask.cpu(),
+            sampler_logprobs=self.logprobs[:, :width].masked_fill(~mask, 0.0).cpu(),
+            finish_reasons=["eos" if f else "length" for f in self.finished_eos.tolist()],
+            num_generations=num_generations,
+            observed_dtype=observed_dtype,
+            behaviour_logprobs=(self.behaviour if self.processing else self.logprobs)[:, :width]
+            .masked_fill(~mask, 0.0).cpu(),
+            kept_mass=self.kept_mass[:, :width].masked_fill(~mask, 1.0).cpu(),
+        )
 
 
 def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -194,7 +246,7 @@ class Sampler:
 
         Completion ``g`` of the prompt in slot ``slots[i]`` (default ``i``) is a pure function of
         ``(seed, slot, g)``, the prompt and the weights: its random numbers do not depend on which
-        other rows exist, when they finish, the batch size or the engine (see ``TokenNoise``).
+        other rows exist, when they finish, the batch size or the engine (see ``noise.TokenNoise``).
         ``max_rows`` bounds the rows decoded at once (the KV cache), in whole prompt groups.
         ``should_stop`` is called once per decoded token and may raise to abandon the call.
         """
@@ -220,349 +272,72 @@ class Sampler:
         keys: torch.Tensor,
         should_stop: Callable[[], None] | None,
     ) -> Rollouts:
+        """One decode call (``generate`` splits the prompts into calls of at most ``max_rows`` rows, at
+        least one prompt group): prefill each prompt once, fan its state out to ``num_generations`` rows,
+        decode them."""
         device = self.device
         recorder = DtypeRecorder()
-        n, max_new = num_generations, params.max_new_tokens
         input_ids, attention = (t.to(device) for t in left_pad(prompt_ids, self.pad_token_id))
-        batch = input_ids.shape[0] * n
-
-        decoder = self.make_decoder(max_new)
+        decoder = self.make_decoder(params.max_new_tokens)
         with recorder.watch(self.model):
             logits = decoder.prefill(input_ids, attention)
-        decoder.repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)
-        noise = TokenNoise(keys.to(device), logits.shape[-1])
+        decoder.repeat_interleave(num_generations)
+        logits = logits.repeat_interleave(num_generations, dim=0)
+        vocab = logits.shape[-1]
+        seen = (prompt_tokens_seen(input_ids, attention, num_generations, vocab)
+                if params.repetition_penalty != 1.0 else None)
+        out = CompletionBuffers.empty(len(logits), params.max_new_tokens, self.pad_token_id, device)
+        self._decode(decoder, logits, TokenNoise(keys.to(device), vocab), seen, params, out, should_stop)
+        return out.rollouts(prompt_ids, num_generations, self.pad_token_id, recorder.report())
 
-        seen = prompt_tokens_seen(input_ids, attention, n, logits.shape[-1]) if params.repetition_penalty != 1.0 else None
+    def _decode(
+        self,
+        decoder: HFCacheDecoder | LlamaFamilyDecoder,
+        logits: torch.Tensor,
+        noise: TokenNoise,
+        seen: torch.Tensor | None,
+        params: SamplingParams,
+        out: CompletionBuffers,
+        should_stop: Callable[[], None] | None,
+    ) -> None:
+        """The decode loop, from the prefill's ``logits`` ``[rows, V]``: each step draws one token per row
+        and records it in ``out``; rows that drew an EOS token leave the batch, the others take a step.
 
-        tokens = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-        behaviour = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-        kept_mass = torch.ones(batch, max_new, dtype=torch.float32, device=device)
-        processing = False
-        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
-        finished_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-        active = torch.arange(batch, device=device)  # original row of each row still in the batch
+        ``seen`` (repetition penalty only) holds which tokens each row's prompt and completion contain.
+        Until a row finishes, row i of the batch is row i of the outputs: each step's results go into
+        its output column by a plain copy, not by indexing with ``active`` (fewer operations a step)."""
+        device = self.device
+        active = torch.arange(len(logits), device=device)  # original row of each row still in the batch
         eos = self.eos_token_ids.to(device)
-
-        # Until a row finishes, row i of the batch is row i of the outputs: each step's results go into
-        # its output column by a plain copy, not by indexing with ``active`` (fewer operations a step).
-        everyone = True
-        for step in range(max_new):
+        everyone, last = True, params.max_new_tokens - 1
+        for step in range(params.max_new_tokens):
             if should_stop is not None:
                 should_stop()
             scaled = logits.float()
             if params.temperature != 1.0:
                 scaled = scaled / params.temperature
-            processed, candidates = self._process(scaled, seen, params)
-            next_tokens = self._draw(processed, noise.exponential(None if everyone else active, step, candidates),
-                                     candidates)
-            unprocessed_logp = torch.log_softmax(scaled, dim=-1)
-            columns = [(tokens, next_tokens), (logprobs, unprocessed_logp.gather(1, next_tokens[:, None]).squeeze(1))]
-            if processed is not scaled:  # else the distribution sampled is mu itself (no copy per step)
-                processing = True
-                columns.append((behaviour, torch.log_softmax(processed, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)))
-                columns.append((kept_mass, unprocessed_logp.exp().masked_fill(processed == float("-inf"), 0.0).sum(-1)))
-            for output, values in columns:
-                if everyone:
-                    output[:, step] = values
-                else:
-                    output[active, step] = values
+            processed, candidates = process_logits(scaled, seen, params)
+            rows = None if everyone else active
+            next_tokens = draw_tokens(processed, noise.exponential(rows, step, candidates), candidates)
+            out.record(step, rows, next_tokens, scaled, processed)
             done = torch.isin(next_tokens, eos) if len(eos) else None
             if done is not None and bool(done.any()):
-                finished_eos[active[done]] = True
-                lengths[active[done]] = step + 1
+                out.finish(active[done], step)
                 keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0 or step == max_new - 1:
+                if keep.numel() == 0 or step == last:
                     break
                 decoder.select(keep)
                 everyone = False
                 active, next_tokens = active[keep], next_tokens[keep]
                 seen = seen[keep] if seen is not None else None
-            if step == max_new - 1:
+            if step == last:
                 break
             if seen is not None:
                 seen[torch.arange(len(active), device=device), next_tokens] = True
             logits = decoder.step(next_tokens)
 
-        width = int(lengths.max())
-        completion_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
-        return Rollouts(
-            prompt_ids=[list(p) for p in prompt_ids],
-            completion_ids=tokens[:, :width].masked_fill(~completion_mask, self.pad_token_id).cpu(),
-            completion_mask=completion_mask.cpu(),
-            sampler_logprobs=logprobs[:, :width].masked_fill(~completion_mask, 0.0).cpu(),
-            finish_reasons=["eos" if f else "length" for f in finished_eos.tolist()],
-            num_generations=n,
-            observed_dtype=recorder.report(),
-            behaviour_logprobs=(behaviour if processing else logprobs)[:, :width].masked_fill(~completion_mask, 0.0).cpu(),
-            kept_mass=kept_mass[:, :width].masked_fill(~completion_mask, 1.0).cpu(),
-        )
-
-    def make_decoder(self, max_new_tokens: int) -> "HFCacheDecoder | LlamaFamilyDecoder":
+    def make_decoder(self, max_new_tokens: int) -> HFCacheDecoder | LlamaFamilyDecoder:
         """The decoding engine for one ``generate`` call (``self.engine``, resolved at construction)."""
         if self.engine == "fast":
             return LlamaFamilyDecoder(self.model, max_new_tokens, self.share_prompt_kv)
         return HFCacheDecoder(self.model, max_new_tokens)
-
-    @staticmethod
-    def _process(scaled: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The logits of the distribution actually sampled: repetition penalty, then top-k, then top-p
-        (``scaled`` itself, not a copy, when none is active). Removed tokens are ``-inf``.
-
-        Also the candidates: ``[rows, K]`` token ids in ascending order (so the race's ties go as over
-        the whole vocabulary) that include every token not removed (None: any token may be drawn), so
-        the draw hashes noise for K tokens, not the whole vocabulary."""
-        logits, candidates = scaled, None
-        if seen is not None:
-            penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-            logits = torch.where(seen, penalised, logits)
-        if params.top_k > 0 and params.top_k < logits.shape[-1]:
-            top = torch.topk(logits, params.top_k, dim=-1)
-            logits = logits.masked_fill(logits < top.values[:, -1:], float("-inf"))
-            if bool((torch.isfinite(logits).sum(-1) == params.top_k).all()):  # no tie at the k-th keeps more
-                candidates = top.indices
-        if params.top_p < 1.0:
-            logits, nucleus = _top_p(logits, params.top_p)
-            candidates = nucleus if nucleus is not None else candidates
-        return logits, None if candidates is None else candidates.sort(dim=-1).values
-
-    @staticmethod
-    def _draw(processed: torch.Tensor, exponential: torch.Tensor, candidates: torch.Tensor | None = None
-              ) -> torch.Tensor:
-        """Sample one token per row from the processed distribution (``_process``).
-
-        Exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` independent draws token ``v``
-        with probability ``p_v`` exactly (the Gumbel-max trick in another form), and is much cheaper
-        on CPU than ``torch.multinomial``. Tokens the processing removed have ``p = 0`` and never win.
-        With the same ``E`` and nearly the same ``p`` (bf16 vs fp16 arms) the same token wins unless
-        two candidates are nearly tied: that is what keeps paired arms' completions identical.
-
-        With ``candidates`` (ascending ids, ``[rows, K]``) ``exponential`` is their noise and the race
-        runs among them: every other token has ``p = 0``, so the winner is the full race's.
-        """
-        probs = torch.softmax(processed, dim=-1)
-        if candidates is None:
-            return (probs / exponential).argmax(dim=-1)
-        race = probs.gather(1, candidates) / exponential
-        return candidates.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
-
-
-# Candidate counts tried, row by row, before sorting the whole vocabulary for top-p: a peaked row reaches
-# top_p within its first 64 tokens (a 49k-token sort costs ~30 ms per step on a CPU core, top-64 0.4 ms).
-_TOP_P_CANDIDATES = (64, 1024)
-
-
-def _top_p(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Nucleus filtering: keep the smallest prefix of tokens, by probability, whose mass reaches
-    ``top_p`` (a token is dropped when the mass before it is ``>= top_p``; at least one is kept).
-
-    Each row takes its top 64, then 1024 tokens, then the whole vocabulary sorted, until the prefix
-    holds ``top_p``: the cumulative sums are those of a full sort, so the kept set is too. Returns the
-    filtered logits and ``[rows, K]`` ids holding every kept token (a row with fewer repeats its first),
-    or None when a row needed the whole vocabulary."""
-    probs = logits.softmax(-1)
-    rows, vocab = probs.shape
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    todo, stages = torch.arange(rows, device=probs.device), []
-    for k in (*_TOP_P_CANDIDATES, vocab):
-        if k >= vocab:
-            values, order = probs[todo].sort(dim=-1, descending=True)
-        else:
-            values, order = probs[todo].topk(k, dim=-1)
-        mass = values.cumsum(-1)
-        # Beyond the k-th token nothing is kept once the k tokens hold top_p.
-        reached = torch.ones_like(todo, dtype=torch.bool) if k >= vocab else mass[:, -1] >= top_p
-        done, order = todo[reached], order[reached]
-        keep[done] = torch.zeros(len(done), vocab, dtype=torch.bool, device=probs.device).scatter(
-            1, order, (mass - values)[reached] < top_p)
-        stages.append((done, order))
-        todo = todo[~reached]
-        if todo.numel() == 0:
-            break
-    filtered = logits.masked_fill(~keep, float("-inf"))
-    width = max(order.shape[1] for _, order in stages)
-    if width >= vocab:
-        return filtered, None
-    candidates = torch.empty(rows, width, dtype=torch.long, device=probs.device)
-    for done, order in stages:
-        candidates[done] = torch.cat([order, order[:, :1].expand(-1, width - order.shape[1])], dim=1)
-    return filtered, candidates
-
-
-def prompt_tokens_seen(input_ids: torch.Tensor, attention: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
-    """``[P * n, vocab]`` bool: which tokens each row's prompt holds (the repetition penalty's start)."""
-    # Pad positions point at an extra column that is dropped, so only real tokens count.
-    prompt_tokens = input_ids.masked_fill(attention == 0, vocab).repeat_interleave(n, dim=0)
-    seen = torch.zeros(prompt_tokens.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device)
-    return seen.scatter_(1, prompt_tokens, True)[:, :vocab].contiguous()
-
-
-# --- randomness that pairs arms ----------------------------------------------------------------
-
-_HASH_MULTIPLIER = 0x45D9F3B  # Thomas Mueller's 32-bit integer hash; < 2^27 so int64 products never overflow
-_LOW32 = 0xFFFFFFFF
-
-
-def mix32(x: Any) -> Any:
-    """A 32-bit integer hash of ints, or of int64 tensors holding values in [0, 2^32): every bit avalanches."""
-    x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _LOW32
-    x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _LOW32
-    return (x >> 16) ^ x
-
-
-def row_keys(seed: int, slots: Sequence[int], num_generations: int) -> torch.Tensor:
-    """One 32-bit key per completion row (prompt-major, as rows are laid out): a hash of (seed, slot, g)."""
-    keys = [derived_seed(seed, slot, g) for slot in slots for g in range(num_generations)]
-    return torch.tensor(keys, dtype=torch.int64)
-
-
-class TokenNoise:
-    """Counter-based Exp(1) noise: ``E[row, position, token] = -log U(hash(key_row, position, token))``.
-
-    Every number is a pure function of the row's key, the token position and the token id, computed
-    with integer hashing on the device: no generator state is shared between rows, so a row's draws
-    are the same whichever other rows exist or finish and whichever engine or device runs it.
-    ``U = (h >> 8 + 1/2) / 2^24`` lies in (0, 1), so ``E`` is finite and positive.
-
-    Why blocks: a decode step of a small model is bound by its number of operations, and the noise was
-    ~20 of them a step (~70 us of ~430 on a CPU core for 8 rows of a 512-token vocabulary). The rows'
-    position hashes are computed for ``POSITIONS`` positions at once, and the whole-vocabulary noise
-    (top_p 1, no top_k) for as many positions as fit ``block_bytes``; a step then indexes. The numbers
-    are the same elementwise operations on the same integers, so the same noise.
-    """
-
-    POSITIONS = 64
-
-    # 256 KB blocks stay in a core's cache through the ~20 passes: 1 MB ones were slower than none at 32
-    # rows of 512 tokens (63 against 60 us a step; 36 with 256 KB), bench/RESULTS.md.
-    def __init__(self, keys: torch.Tensor, vocab_size: int, block_bytes: int = 256 * 2**10):
-        self.keys = keys
-        self.token_hash = _as_int32(mix32((torch.arange(vocab_size, device=keys.device) * 0x9E3779B1 + 0x7F4A7C15)
-                                          & _LOW32))
-        self.bases: tuple[int, torch.Tensor] | None = None  # (first position, [rows, POSITIONS] int32)
-        self.vocab_positions = min(self.POSITIONS, block_bytes // (4 * vocab_size * max(1, len(keys))))
-        self.vocab_noise: tuple[int, torch.Tensor] | None = None  # (first position, [rows, positions, vocab])
-
-    def exponential(self, rows: torch.Tensor | None, position: int, tokens: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-        """``[len(rows), vocab]`` fp32 noise for rows ``rows`` (indices into the keys; None: every key's
-        row, in order) at ``position``; with ``tokens`` (``[len(rows), K]`` ids) only theirs, the same
-        numbers."""
-        if tokens is None and self.vocab_positions > 1:
-            if self.vocab_noise is None or not 0 <= position - self.vocab_noise[0] < self.vocab_positions:
-                bases = self._bases(position, self.vocab_positions)  # [all rows, positions]
-                self.vocab_noise = (position, self._noise(bases[:, :, None] ^ self.token_hash))
-            start, noise = self.vocab_noise
-            noise = noise[:, position - start]
-            return noise if rows is None else noise.index_select(0, rows)
-        token_hash = self.token_hash[None, :] if tokens is None else self.token_hash[tokens]
-        bases = self._bases(position, 1)
-        bases = bases if rows is None else bases.index_select(0, rows)
-        return self._noise(bases[:, None] ^ token_hash)
-
-    def _bases(self, position: int, count: int) -> torch.Tensor:
-        """``[all rows, count]`` int32 row-position hashes for positions ``position ..``; with ``count``
-        1, ``[all rows]`` at ``position``, taken from a cached block of ``POSITIONS``."""
-        if self.bases is None or not self.bases[0] <= position <= self.bases[0] + self.POSITIONS - count:
-            positions = torch.arange(position, position + max(count, self.POSITIONS), device=self.keys.device)
-            position_hash = mix32((positions * 0x85EBCA6B + 0x165667B1) & _LOW32)
-            self.bases = (position, _as_int32(mix32(self.keys[:, None] ^ position_hash)))
-        start, bases = self.bases
-        offset = position - start
-        return bases[:, offset] if count == 1 else bases[:, offset:offset + count]
-
-    @staticmethod
-    def _noise(hashes: torch.Tensor) -> torch.Tensor:
-        """Exp(1) noise from the row-position-token hashes before their final mix."""
-        bits = _mix32_int32(hashes)
-        bits >>= 8
-        bits &= 0xFFFFFF
-        return exponential_from_bits(bits)
-
-
-def _as_int32(x: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) as the int32 tensor of the same 32 bits (two's complement)."""
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
-
-
-def _mix32_int32(x: torch.Tensor) -> torch.Tensor:
-    """``mix32`` on the 32 bits held in an int32 tensor, the same bits out.
-
-    Why: the ``[rows, vocab]`` hash is the noise's cost at top_p 1 (7 ms a step for 8 rows of a 49k
-    vocabulary in int64, whose multiply AVX2 lacks). In int32 the product wraps modulo 2^32 as the int64
-    one masked to 32 bits does, and a logical shift right by 16 is the arithmetic one masked to 16 bits."""
-    # In place on fresh tensors: one allocation a round instead of four (the same operations).
-    for multiply in (True, True, False):
-        y = x >> 16
-        y &= 0xFFFF
-        y ^= x
-        if multiply:
-            y *= _HASH_MULTIPLIER
-        x = y
-    return x
-
-
-def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Exp(1) draws ``-log u`` from 24 uniform bits, ``u = (bits + 0.5) / 2^24``, always > 0.
-
-    In fp32 the top value ``(2^24 - 0.5) / 2^24`` rounds to exactly 1, and ``-log 1 = -0`` would make
-    the race divide by zero: ``0 / -0`` is NaN, which ``argmax`` picks, so a token that top-p/top-k had
-    removed would be drawn (seen on SmolLM2: once in a few hundred row-steps of a 49k vocabulary). ``u``
-    is capped at the largest fp32 below 1; every other value is unchanged.
-    """
-    uniform = bits.to(torch.float32, copy=True)  # the rest in place on this copy
-    uniform.add_(0.5).mul_(1.0 / 2**24).clamp_(max=1.0 - 2**-24)
-    return uniform.log_().neg_()
-
-
-class HFCacheDecoder:
-    """Incremental decoding through any Hugging Face causal LM and its ``DynamicCache``.
-
-    The state of one ``generate`` call: KV cache, attention mask and positions of the rows still
-    decoding. ``prefill`` -> ``repeat_interleave(n)`` -> (``step`` | ``select``)*.
-    """
-
-    def __init__(self, model: torch.nn.Module, max_new_tokens: int):
-        self.model = model
-        self.max_new_tokens = max_new_tokens
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run the prompts; return the logits of their last position ``[P, V]``."""
-        out = prefill_forward(self.model, input_ids, attention_mask)
-        self.cache = out.cache
-        width = input_ids.shape[1]
-        # The mask for the whole call, filled column by column (no concatenation per step).
-        self.mask = torch.zeros(
-            input_ids.shape[0], width + self.max_new_tokens, dtype=torch.long, device=input_ids.device
-        )
-        self.mask[:, :width] = attention_mask
-        self.positions = attention_mask.sum(-1) - 1  # position of each row's last token
-        self.length = width
-        return out.logits[:, -1]
-
-    def repeat_interleave(self, n: int) -> None:
-        """Fan each prompt's state out to ``n`` rows (prefix sharing: one prefill per prompt)."""
-        self.cache.batch_repeat_interleave(n)
-        self.mask = self.mask.repeat_interleave(n, dim=0)
-        self.positions = self.positions.repeat_interleave(n, dim=0)
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only rows ``keep``: finished rows leave the batch."""
-        self.cache.batch_select_indices(keep)
-        self.mask, self.positions = self.mask[keep], self.positions[keep]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row; return the next-token logits ``[B, V]``."""
-        self.mask[:, self.length] = 1
-        self.length += 1
-        self.positions = self.positions + 1
-        out = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=self.mask[:, : self.length],
-            position_ids=self.positions[:, None],
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1]

@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fp16rl.config.options import ConfigError, load_yaml_mapping
-from fp16rl.core.errors import FolderInUseError
+from fp16rl.config.parse import load_yaml_mapping
+from fp16rl.core.errors import ConfigError, FolderInUseError
 
 DONE_STATUSES = ("finished", "stopped_on_collapse")  # a run in one of these needs no resume
 

@@ -9,8 +9,8 @@ How it is put together
 ----------------------
 * :mod:`.client` (trainer side): a pool of fork servers. Per program, two fresh pipes: the
   trainer writes the request (code and input grids) into one, reads at most
-  ``max_output_bytes`` of JSON lines from the other, and parses them with a total, bounded
-  parser that re-checks every grid as plain JSON. The server's observation of how the child
+  ``max_output_bytes`` of JSON lines from the other, and parses them with the total, bounded
+  parser of :mod:`.results` that re-checks every grid as plain JSON. The server's observation of how the child
   ended (exit status, signal, timeout) wins over anything the child wrote.
 * :mod:`.server` (one per worker, a fresh ``python -I -m fp16rl.sandbox.server``, never a fork
   of the trainer): has imported numpy and a small preamble; per program its :mod:`.zygote`,
@@ -42,9 +42,13 @@ Each optional layer is probed once per worker and reported as ``"active"``, ``"d
 that program (fail closed). Layers can be forced off with ``Sandbox(disable=...)`` or
 ``FP16RL_SANDBOX_DISABLE=landlock,seccomp``. Needs Linux (fork, pipes, setrlimit) on x86_64,
 aarch64, riscv64 or ppc64le (the zygote's clone(2) number).
+
+Imports: ``fp16rl.runs``, ``fp16rl.config``, ``fp16rl.core`` (the rows below it in pyproject.toml
+[tool.importlinter]); not its sibling ``fp16rl.model``; never torch, transformers or peft (the light
+contract: the fork server, a fresh ``python -I``, imports numpy and this package only).
 """
 
-from fp16rl.sandbox.client import Sandbox, interpret
+from fp16rl.sandbox.client import Sandbox
 from fp16rl.sandbox.common import (
     DISABLE_ENV,
     OPTIONAL_LAYERS,
@@ -54,6 +58,7 @@ from fp16rl.sandbox.common import (
     SandboxLimits,
 )
 from fp16rl.sandbox.grids import extract_code
+from fp16rl.sandbox.results import interpret
 
 __all__ = [
     "DISABLE_ENV",

@@ -1,11 +1,10 @@
-"""The trainer side: the worker pool, the per-program pipes, and the total result parser.
+"""The trainer side: the worker pool and the per-program pipes.
 
 Per program the trainer makes two pipes, hands the child's ends to a fork server over its unix
 socket, writes the request into one and reads at most ``max_output_bytes`` from the other while
 waiting for the server's short report of how the child ended. Nothing here ever raises because
-of what a program did: every byte it could control goes through :func:`interpret`, which maps
-any input to an :class:`ExecutionResult`, reads a bounded number of bounded lines, accepts only
-plain JSON and lets the server's observation (timeout, signal, exit status) win over the lines.
+of what a program did: every byte it could control goes through the total parser
+:func:`~fp16rl.sandbox.results.interpret`, which maps any input to an :class:`ExecutionResult`.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from typing import Any
 from fp16rl.core.ranks import cpus_per_rank
 from fp16rl.sandbox.common import (
     DISABLE_ENV,
-    EXIT_OK,
-    EXIT_SETUP_FAILED,
     OPTIONAL_LAYERS,
     ExecutionResult,
     Grid,
@@ -40,14 +37,13 @@ from fp16rl.sandbox.common import (
     SandboxLimits,
     clean_text,
 )
-from fp16rl.sandbox.grids import check_grid
+from fp16rl.sandbox.results import interpret
 from fp16rl.sandbox.undumpable import TrainerNotDumpable, trainer_exposed
 
 _HEADER_CAP = 4096  # bytes of one server message
 _WORKER_GRACE_S = 3.0  # how long past the program timeout a server may take to answer
 _START_TIMEOUT_S = 60.0  # a cold numpy import on a loaded machine can take seconds
 _READ_INTERVAL_S = 0.001  # the result pipe is read at most this often while a program runs
-_MEMORY_KILL_FRACTION = 0.8  # a crash at >= this share of memory_mb counts as MEMORY_LIMIT
 _F_SETPIPE_SZ = 1031
 
 
@@ -260,28 +256,11 @@ class _Worker:
                         wait_s = min(wait_s, next_read - now)
                 for fd, _ in poller.poll(max(1, math.ceil(wait_s * 1000))):
                     if fd == request_w:
-                        try:
-                            pending = pending[os.write(request_w, pending[: 1 << 16]):]
-                        except (BlockingIOError, InterruptedError):
-                            continue
-                        except OSError:  # the child is gone: the report will say why
-                            pending = pending[:0]
-                        if not pending:
-                            os.close(request_w)
-                            open_fds.discard(request_w)
+                        pending = _feed(request_w, pending, open_fds)
                     elif fd == result_r:
                         next_read = time.monotonic() + _READ_INTERVAL_S
-                        if _read_some(result_r, data, cap) is None:
-                            os.close(result_r)
-                            open_fds.discard(result_r)
-                        elif len(data) > cap:
+                        if self._collect(result_r, data, cap, open_fds):
                             oversize = True
-                            try:
-                                self._sock.send(b"kill")
-                            except OSError:
-                                pass  # the server is gone: reading its report will say so
-                            os.close(result_r)
-                            open_fds.discard(result_r)
                     else:
                         header = self._message(deadline)
             if result_r in open_fds:  # what the child wrote before it ended is in the pipe
@@ -292,6 +271,23 @@ class _Worker:
             for fd in open_fds:
                 os.close(fd)
         return header, bytes(data[:cap]), oversize
+
+    def _collect(self, result_r: int, data: bytearray, cap: int, open_fds: set[int]) -> bool:
+        """Read what the result pipe holds into ``data``; close it at end of file, or once past the
+        cap, when the server is also told to kill the program. Returns whether the cap was exceeded."""
+        assert self._sock is not None
+        if _read_some(result_r, data, cap) is None:
+            os.close(result_r)
+            open_fds.discard(result_r)
+        elif len(data) > cap:
+            try:
+                self._sock.send(b"kill")
+            except OSError:
+                pass  # the server is gone: reading its report will say so
+            os.close(result_r)
+            open_fds.discard(result_r)
+            return True
+        return False
 
     def _message(self, deadline: float) -> dict[str, Any]:
         """One JSON object from the server (its hello or a report)."""
@@ -330,6 +326,21 @@ class _Worker:
             self._proc = None
 
 
+def _feed(request_w: int, pending: memoryview, open_fds: set[int]) -> memoryview:
+    """Write what the request pipe takes of the unsent request; what is left to send. The pipe is
+    closed once all is written, or when the child is gone (its report will say why)."""
+    try:
+        pending = pending[os.write(request_w, pending[: 1 << 16]):]
+    except (BlockingIOError, InterruptedError):
+        return pending
+    except OSError:
+        pending = pending[:0]
+    if not pending:
+        os.close(request_w)
+        open_fds.discard(request_w)
+    return pending
+
+
 def _read_some(fd: int, data: bytearray, cap: int) -> int | None:
     """Append what is available (never more than cap + 1 bytes in all): how many bytes were
     read, 0 if none are waiting, None at end of file."""
@@ -339,161 +350,3 @@ def _read_some(fd: int, data: bytearray, cap: int) -> int | None:
         return 0
     data += chunk
     return len(chunk) or None
-
-
-# --- parsing what the child wrote and what the server saw ----------------------------------
-
-_PROGRAM_KINDS = {  # lines without "i": the whole program failed before any grid ran
-    "parse_error": Outcome.PARSE_ERROR,
-    "exception": Outcome.EXCEPTION,
-    "memory_limit": Outcome.MEMORY_LIMIT,
-    "setup_error": Outcome.EXCEPTION,
-}
-_GRID_KINDS = {
-    "exception": Outcome.EXCEPTION,
-    "memory_limit": Outcome.MEMORY_LIMIT,
-    "invalid_output": Outcome.INVALID_OUTPUT,
-}
-
-
-def interpret(header: Any, payload: bytes, n: int, limits: SandboxLimits, *,
-              oversize: bool = False) -> ExecutionResult:
-    """Turn the server's report and the child's bytes into a result; total, trusts nothing.
-
-    * The server's observation wins: unless the child exited with status 0 by itself, the
-      outcome is the timeout, signal or exit status, whatever lines it wrote (a program can
-      write well-formed lines for every grid and then hang, crash or exit 3).
-    * At most ``2 n + 8`` lines of at most a grid's worth of bytes are parsed, so a flood of
-      empty or nested lines costs the trainer next to nothing; longer lines are skipped.
-    * Only exact JSON types count; a field of the wrong type makes its line malformed.
-    * With a clean exit, the outcome is that of the first failure in grid order (grids run in
-      order, so this is also the first in time); an unreported grid is a failure.
-
-    Error texts are cut and stripped of control characters. Any exception inside (there should
-    be none; a fuzz test checks) still becomes an EXCEPTION result.
-    """
-    try:
-        return _interpret(header, payload, n, limits, oversize)
-    except Exception as exc:  # noqa: BLE001 - the parser must never stop a training run
-        return ExecutionResult(Outcome.EXCEPTION, [None] * n, f"unreadable result ({type(exc).__name__})")
-
-
-def _interpret(header: Any, payload: bytes, n: int, limits: SandboxLimits, oversize: bool) -> ExecutionResult:
-    """:func:`interpret` without the safety net (the fuzz test calls this one)."""
-    outputs: list[Grid | None] = [None] * n
-    failures: dict[int, tuple[Outcome, str]] = {}
-    reported = [False] * n
-    program_failure: tuple[Outcome, str] | None = None
-    for message in _messages(payload, 2 * n + 8, _line_cap(limits.max_grid_side)):
-        kind = message.get("kind")
-        kind = kind if type(kind) is str else None
-        error = clean_text(message.get("error"))
-        index = message.get("i", None)
-        if index is None:
-            if kind in _PROGRAM_KINDS:
-                prefix = "sandbox setup failed: " if kind == "setup_error" else ""
-                program_failure = (_PROGRAM_KINDS[kind], prefix + error)
-                break
-            continue
-        if type(index) is not int or not 0 <= index < n or reported[index]:
-            continue
-        reported[index] = True
-        if "grid" in message:
-            grid, reason = check_grid(message["grid"], limits.max_grid_side)
-            if grid is None:
-                failures[index] = (Outcome.INVALID_OUTPUT, f"grid {index}: {reason}")
-            outputs[index] = grid
-        elif kind in _GRID_KINDS:
-            failures[index] = (_GRID_KINDS[kind], f"grid {index}: {error}")
-        else:
-            failures[index] = (Outcome.EXCEPTION, f"grid {index}: malformed result")
-    process = _process_failure(header, limits, oversize, program_failure)
-    if process is not None:
-        return ExecutionResult(process[0], outputs, clean_text(process[1]))
-    if program_failure is not None:
-        return ExecutionResult(program_failure[0], [None] * n, clean_text(program_failure[1]))
-    if not all(reported):
-        first = reported.index(False)
-        failures.setdefault(first, (Outcome.EXCEPTION, f"program exited without reporting grid {first}"))
-    if failures:
-        outcome, error = failures[min(failures)]
-        return ExecutionResult(outcome, outputs, clean_text(error))
-    return ExecutionResult(Outcome.OK, outputs)
-
-
-def _line_cap(max_side: int) -> int:
-    """Bytes of the longest line an honest child writes: a full grid, or an escaped error."""
-    return 2 * (max_side + 2) * max_side + 4096
-
-
-def _messages(payload: bytes, max_lines: int, line_cap: int) -> Iterable[dict[str, Any]]:
-    """The JSON objects among the first max_lines complete lines (an unterminated last piece
-    is incomplete); lines over line_cap bytes and anything that is not an object are skipped."""
-    start = 0
-    max_brackets = line_cap // 16  # an honest line opens a few dozen; deep nesting is slow to reject
-    for _ in range(max_lines):
-        end = payload.find(b"\n", start)
-        if end < 0:
-            return
-        line = payload[start:end]
-        start = end + 1
-        if not line or len(line) > line_cap or line.count(b"[") + line.count(b"{") > max_brackets:
-            continue
-        try:
-            message = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if type(message) is dict:
-            yield message
-
-
-def _process_failure(header: Any, limits: SandboxLimits, oversize: bool,
-                     program_failure: tuple[Outcome, str] | None) -> tuple[Outcome, str] | None:
-    """What the server (or the trainer) observed, unless the child exited cleanly (None)."""
-    if oversize:
-        return Outcome.INVALID_OUTPUT, f"result larger than {limits.max_output_bytes} bytes"
-    if type(header) is not dict:
-        return Outcome.EXCEPTION, "sandbox worker broke protocol (report)"
-    status = header.get("status")
-    if status == "exited":
-        code = header.get("code")
-        if code == EXIT_OK and type(code) is int:
-            return None
-        if code == EXIT_SETUP_FAILED and program_failure is not None and program_failure[1].startswith("sandbox setup"):
-            return program_failure
-        shown = code if type(code) is int else "?"
-        return Outcome.EXCEPTION, f"program exited (code {shown}) without a valid result"
-    if status == "timeout":
-        return Outcome.TIMEOUT, f"timeout after {limits.timeout_s}s"
-    if status == "killed":  # the trainer asked for it after reading past the cap
-        return Outcome.INVALID_OUTPUT, f"result larger than {limits.max_output_bytes} bytes"
-    if status == "fork_failed":
-        return Outcome.EXCEPTION, f"sandbox could not start the program: {clean_text(header.get('error'))}"
-    if status != "signaled":
-        return Outcome.EXCEPTION, "sandbox worker broke protocol (status)"
-    number, cpu_s, maxrss_kb = header.get("signal"), header.get("cpu_s"), header.get("maxrss_kb")
-    if type(number) is not int or not (_finite(cpu_s) and _finite(maxrss_kb)):
-        return Outcome.EXCEPTION, "sandbox worker broke protocol (status)"
-    name = _signal_name(number)
-    if number == signal.SIGXCPU or (number == signal.SIGKILL and cpu_s >= limits.cpu_limit()):
-        return Outcome.TIMEOUT, f"CPU time limit of {limits.cpu_limit()}s exceeded ({name})"
-    peak_mb = maxrss_kb / 1024
-    # SIGKILL nobody asked for (kill is blocked) is the OOM killer; a crash near the cap is
-    # an allocation failure that C code did not turn into MemoryError.
-    if number == signal.SIGKILL or peak_mb >= _MEMORY_KILL_FRACTION * limits.memory_mb:
-        return Outcome.MEMORY_LIMIT, f"killed by {name} at {peak_mb:.0f} MB peak RSS (limit {limits.memory_mb} MB)"
-    return Outcome.EXCEPTION, f"killed by {name}"
-
-
-def _finite(value: Any) -> bool:
-    """A JSON number (not a bool) that fits a float and is finite."""
-    if type(value) is int:
-        return abs(value) < 2**53
-    return type(value) is float and math.isfinite(value)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"

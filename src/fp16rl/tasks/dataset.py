@@ -2,9 +2,10 @@
 
 Files are read through the ``datasets`` library (JSON Lines, JSON, Parquet, CSV, or a folder written
 by ``save_to_disk``), memory-mapped Arrow tables, so a million-row file does not sit in RAM; nothing
-is downloaded. A prompt is a string (rendered as a user turn) or a list of chat messages, rendered
-with the model's chat template; ``--system-prompt`` is put first. Every other column reaches the
-reward functions as a keyword argument.
+is downloaded. Prompts are fed as TRL's GRPOTrainer feeds them: a string as it is (no chat template), a
+list of chat messages through the model's chat template (refused when it has none); ``--system-prompt``
+is put first as a system turn, which makes a string prompt a conversation. Every other column reaches
+the reward functions as a keyword argument, except ``completion`` and ``completion_ids`` (TRL drops them).
 
 Order: prompt slot ``s`` of step ``t`` sits at position ``p = t * n + s``; epoch ``p // N`` visits the
 ``N`` rows in the order ``default_rng([seed, epoch]).permutation(N)``. A prompt longer than the budget
@@ -24,11 +25,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fp16rl.core.errors import DatasetError
-from fp16rl.tasks.rewards import RewardSet
-from fp16rl.tasks.data_files import invalid_table_problem, text_file_problem
-from fp16rl.tasks.base import PromptItem, count_tokens, render_chat
+from fp16rl.core.errors import ConfigError, DatasetError
 from fp16rl.core.scores import Scores
+from fp16rl.tasks.base import (PromptItem, RunProgress, chat_template_missing, count_tokens, has_chat_template,
+                               render_prompt)
+from fp16rl.tasks.data_files import invalid_table_problem, text_file_problem
+from fp16rl.tasks.reward_calls import CALL_KEYWORDS, DROPPED_COLUMNS, trainer_state
+from fp16rl.tasks.rewards import RewardSet
 
 DATASET_KINDS = ("JSON Lines (.jsonl)", "JSON (.json, a list of records)", "Parquet (.parquet)", "CSV (.csv)",
                  "a folder written by datasets' save_to_disk", "reasoning-gym:<name>")
@@ -151,12 +154,14 @@ class PromptData:
 
     @property
     def columns(self) -> list[str]:
-        return [c for c in self.dataset.column_names if c != self.prompt_column]
+        """The columns reward functions get as keywords: all but the prompt's (it comes as ``prompts``) and
+        those TRL drops."""
+        return [c for c in self.dataset.column_names if c != self.prompt_column and c not in DROPPED_COLUMNS]
 
 
 def prompt_data(config: Any, dataset: Any = None, reward_funcs: Sequence[Any] | None = None) -> PromptData:
     """Load and check the dataset ``config`` names (or ``dataset`` from the Python API), load the
-    reward functions and try each on the first row."""
+    reward functions and check that each can take the keywords it will get (none is called here)."""
     from fp16rl.config.options import PROCEDURAL_PREFIX
     from fp16rl.core.paths import fp16rl_home
 
@@ -180,9 +185,13 @@ def prompt_data(config: Any, dataset: Any = None, reward_funcs: Sequence[Any] | 
     functions = list(reward_funcs or config.reward_funcs or ([config.reward_name] if config.reward_name else [])
                      or default_rewards)
     rewards = RewardSet.build(functions, config.reward_weights, config.reward_on_error)
-    first = dataset[0]
-    rewards.check(first[column], {k: v for k, v in first.items() if k != column}, conversational)
-    return PromptData(dataset, source, column, conversational, system_prompt, rewards)
+    data = PromptData(dataset, source, column, conversational, system_prompt, rewards)
+    taken = [name for name in data.columns if name in CALL_KEYWORDS]
+    if taken:
+        raise DatasetError(f"{source}: the column {taken[0]!r} has the name of an argument reward functions get from "
+                           f"the trainer ({', '.join(CALL_KEYWORDS)}); rename it")
+    rewards.check_signatures(data.columns)
+    return data
 
 
 @lru_cache(maxsize=4)
@@ -200,9 +209,11 @@ class PromptDatasetTask:
                  prompts_per_step: int = 1):
         self.dataset, self.source, self.rewards = data.dataset, data.source, data.rewards
         self.prompt_column, self.conversational = data.prompt_column, data.conversational
-        self.system_prompt, self.columns = data.system_prompt, data.columns
+        self.system_prompt, self.columns = data.system_prompt or None, data.columns
         self.tokenizer, self.seed = tokenizer, seed
         self.max_prompt_tokens, self.prompts_per_step = max_prompt_tokens, prompts_per_step
+        if (self.conversational or self.system_prompt is not None) and not has_chat_template(tokenizer):
+            raise ConfigError(f"{self.source}: {chat_template_missing(not self.conversational)}")
 
     @property
     def num_steps_per_epoch(self) -> int:
@@ -213,10 +224,9 @@ class PromptDatasetTask:
         epoch, index = divmod(position, len(self.dataset))
         return int(epoch_order(self.seed, epoch, len(self.dataset))[index]), epoch
 
-    def messages(self, prompt: Any) -> list[dict[str, str]]:
-        turns = list(prompt) if self.conversational else [{"role": "user", "content": str(prompt)}]
-        turns = [{"role": str(m["role"]), "content": str(m["content"])} for m in turns]
-        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + turns
+    def render(self, prompt: Any) -> str:
+        """The text the sampler continues for a dataset prompt (:func:`~fp16rl.tasks.base.render_prompt`)."""
+        return render_prompt(list(prompt) if self.conversational else str(prompt), self.tokenizer, self.system_prompt)
 
     def batch(self, step: int, num_prompts: int) -> list[PromptItem]:
         """Prompts of ``step``: a pure function of (seed, step, num_prompts)."""
@@ -226,7 +236,7 @@ class PromptDatasetTask:
         lengths: list[int] = []
         for skipped in range(MAX_CONSECUTIVE_LONG):
             row, epoch = self.row_at(position + skipped)
-            text = render_chat(self.messages(self.dataset[row][self.prompt_column]), self.tokenizer)
+            text = self.render(self.dataset[row][self.prompt_column])
             if self.max_prompt_tokens is not None:
                 lengths.append(count_tokens(self.tokenizer, text))
                 if lengths[-1] > self.max_prompt_tokens:
@@ -237,14 +247,16 @@ class PromptDatasetTask:
                            f"{self.max_prompt_tokens} tokens (shortest {min(lengths)}); raise --max-seq-length")
 
     def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
-              completion_ids: Sequence[list[int]] | None = None) -> Scores:
+              completion_ids: Sequence[list[int]] | None = None, progress: RunProgress | None = None) -> Scores:
+        """The reward functions' scores; they get the dataset's prompts and columns, and ``progress`` as a
+        ``trainer_state`` (``epoch`` counted in this dataset's steps per epoch)."""
         rows = [item.meta["row"] for item in items]
         records = {row: self.dataset[row] for row in set(rows)}
         prompts = [records[row][self.prompt_column] for row in rows]
         shaped = [[{"role": "assistant", "content": c}] if self.conversational else c for c in completions]
         columns = {name: [records[row][name] for row in rows] for name in self.columns}
         ids = [list(t) for t in completion_ids] if completion_ids is not None else [[] for _ in completions]
-        scores = self.rewards(prompts, shaped, ids, columns, rows)
+        scores = self.rewards(prompts, shaped, ids, columns, rows, trainer_state(progress, self.num_steps_per_epoch))
         skips = {item.uid: item.meta["skipped_long_prompts"] for item in items}
         scores.counts["data/skipped_long_prompts"] = float(sum(skips.values()))
         return scores
@@ -255,4 +267,4 @@ class PromptDatasetTask:
                 "reward_weights": self.rewards.weights}
 
     def close(self) -> None:
-        pass
+        self.rewards.close()

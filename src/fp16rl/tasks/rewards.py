@@ -1,12 +1,19 @@
 """Reward functions in TRL's convention, so users bring theirs unchanged.
 
-A reward function is ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``:
-``prompts`` and ``completions`` are strings, or lists of chat messages when the dataset's prompts
-are conversational (a completion is then ``[{"role": "assistant", "content": text}]``);
-``completion_ids`` are the token ids; every other dataset column comes as a keyword argument (one
-value per completion). ``None`` means "not applicable to this row". Several functions combine as
-TRL combines them: ``reward = sum_f w_f * r_f``, a ``None`` counting as 0 (``nansum``), and each
-function's mean over the rows it scored is logged as ``reward/<name>/mean``.
+A reward function is called as TRL 1.16's GRPOTrainer calls it: ``fn(prompts=..., completions=...,
+completion_ids=..., trainer_state=..., log_metric=..., log_extra=..., **columns)`` and returns one value
+per completion. ``prompts`` and ``completions`` are strings, or lists of chat messages when the dataset's
+prompts are conversational (a completion is then ``[{"role": "assistant", "content": text}]``);
+``completion_ids`` are the token ids; ``trainer_state`` is a ``transformers.TrainerState`` of the step
+being scored; every other dataset column comes as a keyword argument (one value per completion), except
+``completion`` and ``completion_ids``, which TRL drops. ``async`` functions are awaited, concurrently
+(:mod:`fp16rl.tasks.reward_calls` has the calling convention, ``log_metric`` and ``log_extra``).
+
+A value is a number (a bool counts 1 or 0), or ``None`` or NaN for "not applicable to this row". Several
+functions combine as TRL combines them: ``reward = sum_f w_f * r_f``, a ``None``/NaN counting as 0
+(``nansum``), and each function's mean over the rows it scored is logged as ``reward/<name>/mean``.
+No function is called before the first real batch (a reward may count its calls or assume whole
+groups); before the run starts each one's signature is checked against the keywords it will get.
 
 Functions are named ``module:function``, ``path/to/file.py:function`` or a built-in name (``math``,
 ``math_format``, ``reasoning_gym``); a Python caller can pass callables, the built-ins included, as
@@ -22,8 +29,8 @@ never for restating the question's arithmetic; ``math_format_reward`` pays 1.0 f
 ``\\boxed{}``; ``reasoning_gym`` is reasoning-gym's verifier on a ``gym_entry`` column
 (:mod:`fp16rl.tasks.math` and :mod:`fp16rl.tasks.gym` hold the details).
 
-A function that raises, returns the wrong number of values or a non-number is a user error naming
-the function and the row; with ``on_error="zero"`` the row scores 0 instead and is counted in
+A function that raises, returns the wrong number of values, a non-number or an infinity is a user error
+naming the function and the row; with ``on_error="zero"`` the row scores 0 instead and is counted in
 ``reward/<name>/errors``.
 """
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import sys
@@ -43,6 +51,8 @@ from fp16rl.core.errors import ConfigError, UserError
 from fp16rl.core.scores import Scores
 from fp16rl.tasks.gym import reasoning_gym
 from fp16rl.tasks.math import math_format_reward, math_reward
+from fp16rl.tasks.reward_calls import (CALL_KEYWORDS, CallLogs, EventLoop, RewardBatch, StepLogs, is_async_callable,
+                                       trainer_state)
 
 __all__ = ["math_reward", "math_format_reward", "reasoning_gym", "RewardSet", "RewardError", "load_reward_function"]
 
@@ -55,7 +65,12 @@ class RewardError(UserError):
 
 
 def builtin_reward(name: str) -> RewardFn:
-    return {"math": math_reward, "math_format": math_format_reward, "reasoning_gym": reasoning_gym}[name]
+    """The built-in reward function ``name`` (one of ``BUILTIN_REWARDS``, declared in config)."""
+    return _builtin_functions()[name]
+
+
+def _builtin_functions() -> dict[str, RewardFn]:
+    return {"math": math_reward, "math_format": math_format_reward, "reasoning_gym": reasoning_gym}
 
 
 def load_reward_function(spec: str) -> RewardFn:
@@ -102,6 +117,7 @@ class RewardSet:
     names: list[str]
     on_error: str = "fail"  # fail | zero
     _warned: set[str] = field(default_factory=set, init=False, repr=False, compare=False)  # warnings given
+    _loop: EventLoop = field(default_factory=EventLoop, init=False, repr=False, compare=False)  # async functions
 
     @classmethod
     def build(cls, functions: Sequence[str | RewardFn], weights: Sequence[float] = (),
@@ -123,36 +139,54 @@ class RewardSet:
             names.append(name)
         return cls(loaded, [float(w) for w in weights] or [1.0] * len(loaded), names, on_error)
 
-    def check(self, prompt: Any, columns: dict[str, Any], conversational: bool, row: int = 0) -> None:
-        """Call every function once on a dataset row with an empty completion, before a run starts: a
-        missing keyword, a wrong return type or length fails here, not after the first step's sampling.
-        (Any completion can be empty, so a reward function must score one.) Warns of nothing: an empty
-        completion may well be "not applicable"."""
-        completion = [{"role": "assistant", "content": ""}] if conversational else ""
-        self._score([prompt], [completion], [[]], {name: [value] for name, value in columns.items()}, [row])
+    def check_signatures(self, columns: Sequence[str]) -> None:
+        """Refuse, before a run starts and without calling anything, a function that cannot take the keywords
+        it will get (a required argument that no column provides, or a keyword it neither names nor takes
+        as ``**kwargs``): its first call would fail the same way, after the model has loaded and sampled.
+        Nothing else is tried before the first real batch: a reward may count its calls or assume groups."""
+        keywords = dict.fromkeys([*CALL_KEYWORDS, *columns])
+        for fn, name in zip(self.functions, self.names):
+            try:
+                signature = inspect.signature(fn)
+            except (TypeError, ValueError):  # a builtin or C callable: its first call will tell
+                continue
+            try:
+                signature.bind(**keywords)
+            except TypeError as err:
+                raise ConfigError(
+                    f"reward function {name!r} cannot be called as TRL calls reward functions: {err}; it gets the "
+                    f"keywords {', '.join(CALL_KEYWORDS)} and one per dataset column "
+                    f"({', '.join(columns) or 'none'}): add **kwargs for those it does not use") from None
 
     def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
-                 columns: dict[str, list[Any]], rows: Sequence[int]) -> Scores:
+                 columns: dict[str, list[Any]], rows: Sequence[int], state: Any = None) -> Scores:
         """Combined reward per completion; each function's values as a component (NaN where it returned
-        None: ``reward/<name>/mean`` is over the rows it scored) and its error count.
+        None or NaN: ``reward/<name>/mean`` is over the rows it scored), its error count, and what the
+        functions logged (``log_metric`` -> ``metrics``, ``log_extra`` -> ``details``).
 
-        ``rows`` are the dataset rows of the completions, for messages that name the failing row. What
-        would otherwise pass silently is said once per run on the console (see :meth:`_warn_none`,
-        :meth:`_warn_failures`)."""
-        scores, failures = self._score(prompts, completions, completion_ids, columns, rows)
-        self._warn_none(scores, rows)
+        ``rows`` are the dataset rows of the completions, for messages that name the failing row; ``state``
+        the ``trainer_state`` the functions get (None: one at step 0). What would otherwise pass silently
+        is said once per run on the console (see :meth:`_warn_none`, :meth:`_warn_failures`)."""
+        batch = RewardBatch(list(prompts), list(completions), [list(t) for t in completion_ids], dict(columns),
+                            list(rows), trainer_state(None, 1) if state is None else state)
+        scores, failures = self._score(batch)
+        self._warn_none(scores, batch.rows)
         for name, failure in failures.items():
-            self._warn_failures(name, failure, len(completions))
+            self._warn_failures(name, failure, len(batch))
         return scores
 
-    def _score(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
-               columns: dict[str, list[Any]], rows: Sequence[int]) -> tuple[Scores, dict[str, Failures]]:
-        combined = [0.0] * len(completions)
+    def close(self) -> None:
+        """Stop the event loop of the async functions, if one was started."""
+        self._loop.close()
+
+    def _score(self, batch: RewardBatch) -> tuple[Scores, dict[str, Failures]]:
+        combined = [0.0] * len(batch)
         components: dict[str, list[float]] = {}
         counts: dict[str, float] = {}
         failures: dict[str, Failures] = {}
-        for fn, weight, name in zip(self.functions, self.weights, self.names):
-            values, failure = self._call(fn, name, prompts, completions, completion_ids, columns, rows)
+        logs = StepLogs(len(batch))
+        for fn, weight, name, outcome in zip(self.functions, self.weights, self.names, self._outcomes(batch)):
+            values, failure = self._checked(fn, name, outcome, batch, logs)
             components[name] = [math.nan if v is None else v for v in values]
             if self.on_error == "zero":
                 counts[f"reward/{name}/errors"] = float(failure.count)
@@ -161,7 +195,33 @@ class RewardSet:
             for i, value in enumerate(values):
                 if value is not None:
                     combined[i] += weight * value
-        return Scores(rewards=combined, components=components, counts=counts), failures
+        return Scores(rewards=combined, components=components, counts=counts, metrics=logs.metrics(),
+                      details=logs.details(), metric_sums=dict(logs.metric_sums)), failures
+
+    def _outcomes(self, batch: RewardBatch) -> list[Outcome]:
+        """Every function's result on ``batch`` (its values, or the exception it raised) and what it logged:
+        the synchronous functions one after another, then the async ones concurrently, as TRL runs them."""
+        outcomes = [Outcome(CallLogs()) for _ in self.functions]
+        waiting = [i for i, fn in enumerate(self.functions) if is_async_callable(fn)]
+        for i, fn in enumerate(self.functions):
+            if i not in waiting:
+                outcomes[i].result = self._run(fn, batch.keywords(outcomes[i].logs))
+        if waiting:
+            calls = [_awaited(self.functions[i], batch.keywords(outcomes[i].logs)) for i in waiting]
+            for i, result in zip(waiting, self._loop.gather(calls)):
+                outcomes[i].result = _as_list(result)
+        return outcomes
+
+    def _run(self, fn: RewardFn, keywords: dict[str, Any]) -> list[Any] | Exception:
+        """``fn``'s values as a list, or the exception the call raised; an awaitable it returns (an async
+        function behind a plain wrapper) is awaited on the run's loop."""
+        try:
+            result = fn(**keywords)
+        except Exception as err:  # the user's code: any exception is theirs to see, in one line
+            return err
+        if inspect.isawaitable(result):
+            (result,) = self._loop.gather([result])
+        return _as_list(result)
 
     def _warn_none(self, scores: Scores, rows: Sequence[int]) -> None:
         """TRL warns when every reward function returned None for a row: the row then scores 0 without a
@@ -196,52 +256,86 @@ class RewardSet:
                        f"--reward-on-error zero scores them 0{' so it teaches nothing' if every else ''}; later "
                        f"failures are counted in reward/{name}/errors{later}")
 
-    def _call(self, fn: RewardFn, name: str, prompts: list[Any], completions: list[Any],
-              completion_ids: list[list[int]], columns: dict[str, list[Any]],
-              rows: Sequence[int]) -> tuple[list[float | None], Failures]:
-        try:
-            values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
-        except Exception as err:  # the user's code: any exception is theirs to see, in one line
+    def _checked(self, fn: RewardFn, name: str, outcome: Outcome, batch: RewardBatch,
+                 logs: StepLogs) -> tuple[list[float | None], Failures]:
+        """A function's values checked (numbers, None or NaN: not applicable); its logs kept if it scored."""
+        result, rows = outcome.result, batch.rows
+        if isinstance(result, Exception):
             if self.on_error == "fail":
-                raise RewardError(f"reward function {name!r} raised {type(err).__name__}: {err} "
-                                  f"(on dataset rows {_rows_text(rows)})") from None
-            return self._row_by_row(fn, prompts, completions, completion_ids, columns, rows)
-        if len(values) != len(completions):
-            problem = f"returned {len(values)} values for {len(completions)} completions"
+                raise RewardError(f"reward function {name!r} raised {type(result).__name__}: {result} "
+                                  f"(on dataset rows {_rows_text(rows)})")
+            return self._row_by_row(fn, name, batch, logs)
+        if len(result) != len(batch):
+            problem = f"returned {len(result)} values for {len(batch)} completions"
             if self.on_error == "fail":
                 raise RewardError(f"reward function {name!r} {problem} (dataset rows {_rows_text(rows)})")
-            return [0.0] * len(completions), Failures(len(completions), problem, rows[0])
+            return [0.0] * len(batch), Failures(len(batch), problem, rows[0])
         checked: list[float | None] = []
         failure = Failures()
-        for i, value in enumerate(values):
+        for i, value in enumerate(result):
             number = _number(value)
             if number is _INVALID:
                 if self.on_error == "fail":
                     raise RewardError(f"reward function {name!r} returned {value!r} for dataset row {rows[i]} "
-                                      f"(completion {i}); expected a finite number or None")
+                                      f"(completion {i}); {EXPECTED}")
                 number = 0.0
-                failure.add(f"returned {value!r}, expected a finite number or None", rows[i])
+                failure.add(f"returned {value!r}; {EXPECTED}", rows[i])
             checked.append(number)
+        _keep(name, logs, outcome.logs, range(len(batch)))
         return checked, failure
 
-    def _row_by_row(self, fn: RewardFn, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
-                    columns: dict[str, list[Any]], rows: Sequence[int]) -> tuple[list[float | None], Failures]:
+    def _row_by_row(self, fn: RewardFn, name: str, batch: RewardBatch,
+                    logs: StepLogs) -> tuple[list[float | None], Failures]:
         """``on_error="zero"`` after a raise: find the rows that raise; each of those scores 0."""
         values: list[float | None] = []
         failure = Failures()
-        for i in range(len(completions)):
-            try:
-                (value,) = list(fn(prompts=[prompts[i]], completions=[completions[i]],
-                                   completion_ids=[completion_ids[i]], **{k: [v[i]] for k, v in columns.items()}))
-                number = _number(value)
-                problem = f"returned {value!r}, expected a finite number or None"
-            except Exception as err:
-                number, problem = _INVALID, f"{type(err).__name__}: {err}"
+        for i in range(len(batch)):
+            call = CallLogs()
+            result = self._run(fn, batch.row(i).keywords(call))
+            if isinstance(result, Exception):
+                number, problem = _INVALID, f"{type(result).__name__}: {result}"
+            elif len(result) != 1:
+                number, problem = _INVALID, f"returned {len(result)} values for 1 completion"
+            else:
+                number, problem = _number(result[0]), f"returned {result[0]!r}; {EXPECTED}"
             if number is _INVALID:
                 number = 0.0
-                failure.add(problem, rows[i])
+                failure.add(problem, batch.rows[i])
+            else:
+                _keep(name, logs, call, range(i, i + 1))
             values.append(number)
         return values, failure
+
+
+@dataclass
+class Outcome:
+    """One function's call on a batch: its values or the exception it raised, and what it logged."""
+
+    logs: CallLogs
+    result: list[Any] | Exception | None = None
+
+
+async def _awaited(fn: RewardFn, keywords: dict[str, Any]) -> Any:
+    """The call of an async function, its raise included (TypeError for a keyword it cannot take)."""
+    return await fn(**keywords)
+
+
+def _as_list(result: Any) -> list[Any] | Exception:
+    """A function's values as a list, or the exception standing for its result."""
+    if isinstance(result, BaseException):
+        if not isinstance(result, Exception):  # KeyboardInterrupt, SystemExit: not the function's rows' fault
+            raise result
+        return result
+    try:
+        return list(result)
+    except TypeError as err:  # None or a number in place of the list: theirs to see, in one line
+        return TypeError(f"returned {type(result).__name__}, not a list of rewards ({err})")
+
+
+def _keep(name: str, logs: StepLogs, call: CallLogs, positions: range) -> None:
+    problem = logs.keep(call, positions)
+    if problem:
+        raise RewardError(f"reward function {name!r} {problem}")
 
 
 @dataclass
@@ -261,16 +355,23 @@ class Failures:
 _INVALID = object()
 
 
+EXPECTED = "expected a number, or None or NaN for not applicable"
+
+
 def _number(value: Any) -> Any:
-    """A finite float, None for "not applicable", or ``_INVALID`` (bools and NaN are not rewards)."""
+    """A float, None for "not applicable" (None or NaN: TRL turns None into NaN and sums with ``nansum``), or
+    ``_INVALID``. A bool counts 1.0 or 0.0, as in TRL's float tensor of the values; an infinity is refused
+    (TRL would take it, and every advantage of its group would be NaN)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+    if not hasattr(value, "__float__"):
         return _INVALID
     try:
         number = float(value)
     except (TypeError, ValueError):
         return _INVALID
+    if math.isnan(number):
+        return None
     return number if math.isfinite(number) else _INVALID
 
 

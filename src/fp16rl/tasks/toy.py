@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fp16rl.tasks.base import PromptItem, render_chat
+from fp16rl.tasks.base import PromptItem, RunProgress, render_chat
 
 from fp16rl.core.scores import Scores
 
@@ -38,7 +38,8 @@ class DigitsTask:
         return items
 
     def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
-              completion_ids: Sequence[list[int]] | None = None) -> Scores:
+              completion_ids: Sequence[list[int]] | None = None, progress: RunProgress | None = None) -> Scores:
+        """The digit share of each completion (the step, ``progress``, does not change it)."""
         rewards = [digit_share(text) for text in completions]
         return Scores(rewards=rewards, components={"digits": rewards})
 

@@ -20,7 +20,9 @@ import torch
 
 from fp16rl.core.atomic import atomic_directory
 from fp16rl.runs.checkpoint import checkpoint_dirs, checkpoint_problem
-from fp16rl.config.options import ConfigError, TrainConfig, stored_run_options
+from fp16rl.config.options import TrainConfig
+from fp16rl.config.parse import stored_run_options
+from fp16rl.core.errors import ConfigError
 from fp16rl.model.loading import LoraSettings, apply_lora, load_model, load_tokenizer, model_folder
 from fp16rl.core.paths import check_model_folder
 from fp16rl.model.precision import PrecisionError, dtype_name, parse_dtype

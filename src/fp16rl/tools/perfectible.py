@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fp16rl.config.options import ConfigError, TrainConfig, opt, train_option
+from fp16rl.config.options import TrainConfig, opt, train_option
+from fp16rl.core.errors import ConfigError
 
 
 @dataclass
@@ -118,12 +119,12 @@ def run_perfectible(settings: PerfectibleSettings, show_progress: bool = False) 
 def _evaluate(task: Any, sampler: Any, params: Any, settings: PerfectibleSettings, rows: list[int]) -> list[dict]:
     """Pass rates of ``rows``: sample, score, count completions with reward >= the threshold."""
     from fp16rl.core.seeds import derived_seed
-    from fp16rl.tasks.base import PromptItem, count_tokens, encode_text, render_chat
+    from fp16rl.tasks.base import PromptItem, count_tokens, encode_text
 
     budget = task.max_prompt_tokens
     records, items = [], []
     for row in rows:
-        text = render_chat(task.messages(task.dataset[row][task.prompt_column]), task.tokenizer)
+        text = task.render(task.dataset[row][task.prompt_column])
         if budget is not None and count_tokens(task.tokenizer, text) > budget:
             records.append({"row": row, "pass_rate": None, "skipped": "prompt longer than the budget"})
         else:

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fp16rl.config.options import ConfigError, TrainConfig, resume_conflicts, stored_run_options
+from fp16rl.config.options import TrainConfig
+from fp16rl.config.parse import resume_conflicts, stored_run_options
+from fp16rl.core.errors import ConfigError
 from fp16rl.core.paths import TINY, resolve_model_path
 from fp16rl.runs.checkpoint import checkpoint_dirs, checkpoint_problem, read_trainer_state
 from fp16rl.runs.folders import check_metrics_file, recorded_threads, refuse_used_folder

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from fp16rl.config.options import GRID_ENCODERS, ConfigError, grid_encoder_key
+from fp16rl.config.options import GRID_ENCODERS, grid_encoder_key
+from fp16rl.core.errors import ConfigError
 from fp16rl.tasks.arc.data import Grid
 
 COLOR_NAMES = ("Black", "Blue", "Red", "Green", "Yellow", "Gray", "Pink", "Orange", "Purple", "Brown")

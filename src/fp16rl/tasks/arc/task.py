@@ -16,6 +16,7 @@ and all test inputs, so ``n_test`` in the reward counts every test pair.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ from fp16rl.tasks.arc.data import ArcDataset, Grid, load_dataset
 from fp16rl.tasks.arc.encoders import get_encoder
 from fp16rl.tasks.arc.prompts import PromptTemplate, build_messages, render_messages
 from fp16rl.tasks.arc.reward import evaluate, get_reward, step_metrics
-from fp16rl.tasks.base import PromptItem, count_tokens
+from fp16rl.tasks.base import PromptItem, RunProgress, count_tokens
 from fp16rl.core.scores import Scores
 
 MAX_CONSECUTIVE_LONG = 64  # more skipped in a row means max_prompt_tokens is set far too low
@@ -42,52 +43,63 @@ def epoch_order(seed: int, epoch: int, num_tasks: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_tasks)
 
 
+@dataclass(frozen=True)
+class ArcTaskSettings:
+    """How the ARC workload is drawn, shown and scored (``make_task`` fills it from the train options).
+
+    ``prompts_per_step`` only feeds :attr:`ArcTask.num_steps_per_epoch`; ``max_prompt_tokens``
+    (None: no length check) needs a tokenizer to measure prompts; ``timeout_s`` and
+    ``memory_limit_mb`` are the sandbox's limits of one program, ``n_jobs`` its workers (-1: this
+    process's cores); ``skip_invalid`` skips malformed tasks (counted) instead of failing on the first.
+    """
+
+    encoder: str = "ColorNameEncoder()"
+    template: PromptTemplate | None = None
+    augment: bool = True
+    seed: int = 0
+    prompts_per_step: int = 1
+    reward_name: str = "arc-v2-no-pixel-score"
+    n_jobs: int = -1
+    timeout_s: float = 1.0
+    memory_limit_mb: int = 4096
+    max_prompt_tokens: int | None = None
+    skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.prompts_per_step < 1:
+            raise ValueError("prompts_per_step must be >= 1")
+
+
 class ArcTask:
     """The ARC workload behind the :class:`~fp16rl.tasks.base.Task` protocol."""
 
     name = "arc"
 
-    def __init__(
-        self,
-        dataset: str | Path | ArcDataset,
-        tokenizer: Any | None = None,
-        *,
-        encoder: str = "ColorNameEncoder()",
-        template: PromptTemplate | None = None,
-        augment: bool = True,
-        seed: int = 0,
-        prompts_per_step: int = 1,
-        reward_name: str = "arc-v2-no-pixel-score",
-        n_jobs: int = -1,
-        timeout_s: float = 1.0,
-        memory_limit_mb: int = 4096,
-        max_prompt_tokens: int | None = None,
-        skip_invalid: bool = False,
-    ) -> None:
+    def __init__(self, dataset: str | Path | ArcDataset, tokenizer: Any | None = None,
+                 settings: ArcTaskSettings = ArcTaskSettings()) -> None:
         """``dataset`` is a spec for :func:`~fp16rl.tasks.arc.data.load_dataset` or a loaded set;
         ``tokenizer`` renders the chat template and measures prompts (None: plain layout, no
-        length check); ``prompts_per_step`` only feeds :attr:`num_steps_per_epoch`."""
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if prompts_per_step < 1:
-            raise ValueError("prompts_per_step must be >= 1")
-        if max_prompt_tokens is not None and tokenizer is None:
+        length check)."""
+        if settings.max_prompt_tokens is not None and tokenizer is None:
             raise ValueError("max_prompt_tokens needs a tokenizer to measure prompts")
+        self.settings = settings
         self.dataset = (
-            dataset if isinstance(dataset, ArcDataset) else load_dataset(dataset, skip_invalid=skip_invalid)
+            dataset if isinstance(dataset, ArcDataset) else load_dataset(dataset, skip_invalid=settings.skip_invalid)
         )
         self.task_ids = self.dataset.task_ids
         self.tokenizer = tokenizer
-        self.encoder = get_encoder(encoder)
-        self.template = template or PromptTemplate()
-        self.augment = augment
-        self.seed = seed
-        self.prompts_per_step = prompts_per_step
-        self.reward_name = reward_name
-        self.reward_fn = get_reward(reward_name)
-        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_limit_mb)
-        self.n_jobs = n_jobs
-        self.max_prompt_tokens = max_prompt_tokens
+        self.encoder = get_encoder(settings.encoder)
+        self.template = settings.template or PromptTemplate()
+        self.augment = settings.augment
+        self.seed = settings.seed
+        self.prompts_per_step = settings.prompts_per_step
+        self.reward_name = settings.reward_name
+        self.reward_fn = get_reward(settings.reward_name)
+        self.limits = SandboxLimits(timeout_s=settings.timeout_s, memory_mb=settings.memory_limit_mb)
+        self.n_jobs = settings.n_jobs
+        self.max_prompt_tokens = settings.max_prompt_tokens
         self._sandbox: Sandbox | None = None
 
     @property
@@ -168,8 +180,9 @@ class ArcTask:
         ]
 
     def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
-              completion_ids: Sequence[list[int]] | None = None) -> Scores:
-        """Rewards, per-step metrics and per-completion details for a batch of completions."""
+              completion_ids: Sequence[list[int]] | None = None, progress: RunProgress | None = None) -> Scores:
+        """Rewards, per-step metrics and per-completion details for a batch of completions (the same at
+        every step: ``progress`` is not used)."""
         if not len(items) == len(completions) == len(truncated):
             raise ValueError(
                 f"score() got {len(items)} items, {len(completions)} completions, {len(truncated)} truncated flags"
