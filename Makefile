@@ -24,11 +24,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/fp16rl demo
 
+# The tests are single-threaded (tests/conftest.py), so TEST_JOBS workers (pytest-xdist) keep that many cores
+# busy; CI has 2. Tests that share a costly session cache run on one worker (xdist_group, --dist loadgroup).
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/sampler.py

@@ -18,7 +18,12 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+# The tests that use the arc-lite warm model (built once per session, ~3 min) share one xdist worker.
+WARM_MODEL = pytest.mark.xdist_group("arc_lite_warm_model")
+
+
 @pytest.mark.slow
+@WARM_MODEL
 def test_arc_lite_reward_rises_in_fp16(tmp_path: Path, fp16rl_home: Path) -> None:
     run = tmp_path / "run"
     config = TrainConfig(model_path=str(arc_lite_warm_model()), dataset_path=str(arc_lite_dataset()),
@@ -27,9 +32,11 @@ def test_arc_lite_reward_rises_in_fp16(tmp_path: Path, fp16rl_home: Path) -> Non
     records = read_metrics(run / "metrics.jsonl")
     assert len(records) == ARC_LITE_RL_OPTIONS["max_steps"]
     rewards = [r["reward/mean"] for r in records]
-    first, last = mean(rewards[:5]), mean(rewards[-5:])
-    # Measured on three seeds: first 1.25-1.74, last 2.80-4.03.
-    assert last > first + 0.75 and last > 1.4 * first, rewards
+    first, last = mean(rewards[:5]), mean(rewards[-10:])
+    # Measured at 094e84e (AMD EPYC) on seeds 0-3: first five steps 1.14-2.10, last ten 2.99-4.41, rises of
+    # +0.89..+2.46 (x1.42..x3.05); a slow seed (2) stays flat until step 10, so the last ten steps are
+    # compared, not the last five (which dipped to 2.93 on that seed).
+    assert last > first + 0.5 and last > 1.25 * first, rewards
     # The warm start is what makes RL possible here: most completions hold a parseable program.
     parse_errors = [r["code/parse_error_ratio"] for r in records]
     assert mean(parse_errors[:5]) < 0.5 and mean(parse_errors) < 0.5, parse_errors
@@ -41,6 +48,7 @@ def test_arc_lite_reward_rises_in_fp16(tmp_path: Path, fp16rl_home: Path) -> Non
 
 
 @pytest.mark.slow
+@WARM_MODEL
 def test_seed_command_line_runs(tmp_path: Path, fp16rl_home: Path) -> None:
     """The seed's exact command line (README, "The seed's bf16-vs-fp16 experiment"), paths replaced by the warm tiny model and arc-lite."""
     import shlex

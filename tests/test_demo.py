@@ -35,6 +35,7 @@ def test_plans_are_sized_to_the_measured_speed():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("arc_lite_warm_model")  # the worker of tests/test_arc_train.py: one warm start
 def test_quick_demo_writes_a_report(tmp_path):
     lines = []
     html = run_demo(tmp_path / "demo", quick=True, say=lines.append)
