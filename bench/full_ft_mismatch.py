@@ -21,7 +21,7 @@ import torch
 
 from fp16rl.config.options import TrainConfig
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 
 def run(dtype: str, steps: int, seed: int, **extra) -> float:

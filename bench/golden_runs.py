@@ -22,7 +22,7 @@ import torch
 
 from fp16rl.config.options import TrainConfig
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 COMMON = dict(dtype="float32", max_steps=4, save_steps=2, seed=0, beta=0.01)
 TOY = dict(model_path="tiny", dataset_path="toy:digits", learning_rate=2e-3, num_generations=8, prompts_per_step=4,

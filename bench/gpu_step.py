@@ -37,7 +37,7 @@ from fp16rl.config.options import TrainConfig
 from fp16rl.core.seeds import derived_seed
 from fp16rl.tasks.base import PromptItem
 from fp16rl.core.scores import Scores
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 PRESETS = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 2, 176, 512),

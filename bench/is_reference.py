@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fp16rl.config.options import TrainConfig
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 KEYS = ("is_ratio_token_min", "is_ratio_token_mean", "is_ratio_token_max")
 

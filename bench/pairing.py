@@ -19,7 +19,7 @@ import torch
 from fp16rl.model.loading import load_model, load_tokenizer, resolve_model_path, tiny_model_path
 from fp16rl.probe import BUILTIN_PROMPTS, encode_prompts
 from fp16rl.rollout.sampler import Sampler, SamplingParams
-from fp16rl.train.trainer import step_seed
+from fp16rl.training.trainer import step_seed
 
 
 def main() -> None:

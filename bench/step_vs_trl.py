@@ -35,7 +35,7 @@ import torch
 from fp16rl.config.options import DEFAULT_LORA_TARGETS, TrainConfig
 from fp16rl.model.loading import load_tokenizer, model_folder
 from fp16rl.tasks.toy import DigitsTask, digit_share
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 LEARNING_RATE, LORA_R, TOP_P = 1e-5, 16, 0.95
 # fp16rl's settings where its defaults differ from GRPOConfig's, so both engines learn alike and draw

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fp16rl.config.options import TrainConfig
 from fp16rl.learner.fsdp import full_tensor
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 
 def fingerprint(trainer: Trainer) -> dict:

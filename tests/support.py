@@ -20,7 +20,7 @@ def toy_config(out: Path, **overrides) -> TrainConfig:
 def assert_resume_is_exact(tmp_path: Path, make_config: Callable[..., TrainConfig], **options) -> None:
     """3 steps straight == 2 steps, then a resumed third: every logged metric but timings, bit for bit."""
     from fp16rl.runs.tracking import read_metrics
-    from fp16rl.train.trainer import Trainer
+    from fp16rl.training.trainer import Trainer
 
     Trainer(make_config(tmp_path / "straight", max_steps=3, **options)).train(show_progress=False)
     Trainer(make_config(tmp_path / "split", max_steps=2, **options)).train(show_progress=False)

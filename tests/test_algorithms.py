@@ -169,8 +169,8 @@ def test_bad_settings_rejected():
 def test_the_algorithm_registry_covers_the_declared_names():
     """``--algorithm`` is checked against config's names before torch loads; each has its step module."""
     from fp16rl.config import options
-    from fp16rl.train.algorithm import Algorithm
-    from fp16rl.train.algorithms import ALGORITHMS
+    from fp16rl.training.algorithm import Algorithm
+    from fp16rl.training.algorithms import ALGORITHMS
 
     assert tuple(ALGORITHMS) == options.ALGORITHMS
     assert all(issubclass(cls, Algorithm) for cls in ALGORITHMS.values())
@@ -183,7 +183,7 @@ def test_the_algorithm_registry_covers_the_declared_names():
     ("online_dpo", {}, 1, True, True),  # the pairs' loss weights come from pi_old; DPO always has a reference
 ])
 def test_each_algorithm_says_what_its_step_needs(tmp_path, name, overrides, passes, recomputes, reference):
-    from fp16rl.train.algorithms import make_algorithm
+    from fp16rl.training.algorithms import make_algorithm
     from support import toy_config
 
     algorithm = make_algorithm(toy_config(tmp_path, algorithm=name, **overrides))

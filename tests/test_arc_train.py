@@ -11,7 +11,7 @@ from fp16rl.config.options import TrainConfig
 from fp16rl.tasks.arc.lite import ARC_LITE_RL_OPTIONS, arc_lite_dataset
 from fp16rl.tools.arc_lite import arc_lite_warm_model
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 
 def mean(values: list[float]) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 from support import toy_config
 
 GOOD_TASK = {"train": [{"input": [[1, 2]], "output": [[2, 1]]}], "test": [{"input": [[3, 4]], "output": [[4, 3]]}]}

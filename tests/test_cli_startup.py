@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fp16rl.model import hardware
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 from support import toy_config
 
 LIGHT = """

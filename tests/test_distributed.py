@@ -19,7 +19,7 @@ from fp16rl.learner.distributed import DataParallel
 from fp16rl.config.options import TrainConfig
 from fp16rl.core.scores import Scores
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 BASE = dict(model_path="tiny", dataset_path="toy:digits", dtype="float32", learning_rate=2e-3, num_generations=4,

@@ -20,7 +20,7 @@ from fp16rl.learner.logprobs import completion_logprobs
 from fp16rl.model.forward import TokenBatch
 from fp16rl.core.scores import Scores
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 from support import assert_resume_is_exact, assert_toy_reward_rises, toy_config
 

@@ -16,7 +16,7 @@ import torch
 from fp16rl.core import atomic
 from fp16rl.runs.checkpoint import checkpoint_dirs, checkpoint_problem
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 from support import toy_config
 
 TRAIN_ARGS = ["--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype", "float32", "--lora-r", "0",

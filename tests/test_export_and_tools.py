@@ -12,7 +12,7 @@ import torch
 from fp16rl.config.options import TrainConfig
 from fp16rl.tools.perfectible import PerfectibleSettings, run_perfectible
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 from support import toy_config
 
@@ -202,7 +202,7 @@ def test_metrics_file_writes_non_finite_values_as_json_null(tmp_path):
 
     import pandas as pd
 
-    from fp16rl.train.trackers import RunTracker
+    from fp16rl.training.trackers import RunTracker
 
     tracker = RunTracker(tmp_path / "run", report_to=["none"])
     tracker.log(1, {"optim/loss": float("nan"), "optim/grad_norm": float("inf"), "reward/mean": 0.5})
@@ -236,8 +236,8 @@ def test_metrics_file_writes_non_finite_values_as_json_null(tmp_path):
 
 
 def test_collapse_monitor_sees_a_logged_non_finite_loss_when_it_replays_the_file(tmp_path):
-    from fp16rl.train.monitor import CollapseMonitor
-    from fp16rl.train.trackers import RunTracker
+    from fp16rl.training.monitor import CollapseMonitor
+    from fp16rl.training.trackers import RunTracker
 
     tracker = RunTracker(tmp_path / "run", report_to=["none"])
     tracker.log(1, {"optim/loss": float("nan"), "reward/mean": 0.5})
@@ -251,7 +251,7 @@ def test_console_names_only_the_trackers_in_use(tmp_path):
     from typer.testing import CliRunner
 
     from fp16rl.cli import app
-    from fp16rl.train.trackers import output_lines
+    from fp16rl.training.trackers import output_lines
 
     run = tmp_path / "run"
     args = ["train", "--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype", "float32", "--lora-r", "0",

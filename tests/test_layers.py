@@ -36,7 +36,7 @@ def copy_of_the_package(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("module, line, broken", [
     # an upward import: the run folders (runs) reaching for the trainer (train)
-    ("runs/folders.py", "from fp16rl.train.trainer import Trainer", "fp16rl.runs is not allowed to import fp16rl.train"),
+    ("runs/folders.py", "from fp16rl.training.trainer import Trainer", "fp16rl.runs is not allowed to import fp16rl.training"),
     # siblings of one row must stay independent: the sampler using the learner's logprobs
     ("rollout/sampler.py", "from fp16rl.learner.logprobs import LogitHead",
      "fp16rl.rollout is not allowed to import fp16rl.learner"),
@@ -63,3 +63,16 @@ def test_names_declared_in_config_match_the_registries():
     assert tuple(rewards._builtin_functions()) == options.BUILTIN_REWARDS
     for key, class_name in options.GRID_ENCODERS.items():
         assert type(encoders.get_encoder(key)).__name__ == class_name
+
+
+def test_no_package_shadows_a_public_name_of_the_root():
+    """`from fp16rl import train` must stay the function once the loop's package is imported: a subpackage
+    named like a root attribute replaces it (Python sets the attribute when the submodule loads)."""
+    import fp16rl
+    import fp16rl.training.trainer  # noqa: F401  (the package of the loop)
+
+    packages = {p.name for p in (ROOT / "src" / "fp16rl").iterdir() if (p / "__init__.py").is_file()}
+    assert not packages & set(fp16rl.__all__)
+    from fp16rl import train
+
+    assert callable(train) and train.__module__ == "fp16rl.api"

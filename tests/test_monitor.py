@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fp16rl.train.monitor import CollapseMonitor
+from fp16rl.training.monitor import CollapseMonitor
 from fp16rl.tasks.base import PromptItem
 from fp16rl.core.scores import Scores
 
@@ -113,7 +113,7 @@ class ScriptedTask:
 
 @pytest.mark.slow
 def test_trainer_stops_on_collapse_and_writes_summary(tmp_path, tiny_tokenizer):
-    from fp16rl.train.trainer import Trainer
+    from fp16rl.training.trainer import Trainer
     from support import toy_config
 
     config = toy_config(tmp_path / "run", max_steps=60, stop_on_collapse=True, max_completion_length=4,

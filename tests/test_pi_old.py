@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fp16rl.measure.rollouts import measure_rollouts
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 from fp16rl.runs.tracking import read_metrics
 from support import toy_config
 
@@ -59,7 +59,7 @@ def test_first_step_recomputes_and_later_steps_do_not(tmp_path, tiny_path, monke
         calls.append(recompute)
         return measure_rollouts(*args, recompute=recompute, **kwargs)
 
-    monkeypatch.setattr("fp16rl.train.trainer.measure_rollouts", recording)
+    monkeypatch.setattr("fp16rl.training.trainer.measure_rollouts", recording)
     Trainer(toy_config(tmp_path / "grpo", max_steps=3)).train(show_progress=False)
     assert calls == [True, False, False]
     for name, options in (("iters", dict(num_iterations=2)), ("dpo", dict(algorithm="online_dpo")),

@@ -18,7 +18,7 @@ from fp16rl.compare import plan_comparison
 from fp16rl.algo.ppo import (clipped_value_loss, explained_variance, gae, masked_whiten, ppo_policy_loss, ppo_value_loss,
                         token_rewards)
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 from support import assert_resume_is_exact, assert_toy_reward_rises, toy_config
 
@@ -215,7 +215,7 @@ def test_micro_batches_do_not_change_the_step(tmp_path, monkeypatch):
     -6.8e-3 at GA 2 and 2.1e-2 at GA 4 for 4.2e-4 whole). At step 1 (one epoch: ratio 1) the policy loss is
     minus the mean of whitened advantages, 0, so optim/loss is vf_coef x value/loss: what is logged is what
     was backpropagated."""
-    monkeypatch.setattr("fp16rl.train.setup.stop_token_ids", lambda model, tokenizer: list(range(3, 512, 12)))
+    monkeypatch.setattr("fp16rl.training.setup.stop_token_ids", lambda model, tokenizer: list(range(3, 512, 12)))
     runs, weights, lengths = {}, {}, {}
     for name, extra in [("whole", {}), ("ga2", dict(gradient_accumulation_steps=2)),
                         ("ga4", dict(gradient_accumulation_steps=4)), ("rows", dict(per_device_train_batch_size=2))]:
@@ -269,14 +269,14 @@ def test_several_ranks_are_refused(tmp_path, monkeypatch):
         enabled = True
         world_size = 2
 
-    monkeypatch.setattr("fp16rl.train.trainer.DataParallel.from_environment", lambda device_type: SeveralRanks())
+    monkeypatch.setattr("fp16rl.training.trainer.DataParallel.from_environment", lambda device_type: SeveralRanks())
     with pytest.raises(ConfigError, match="--algorithm ppo trains in one process"):
         Trainer(ppo_config(tmp_path / "run"))
 
 
 def test_a_checkpoint_without_a_critic_cannot_resume_ppo(tmp_path):
     """GRPO and online DPO checkpoints keep their format (no critic file) and load as before; PPO refuses them."""
-    from fp16rl.train.checkpoint_io import load_checkpoint, save_checkpoint
+    from fp16rl.training.checkpoint_io import load_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -13,7 +13,7 @@ import pytest
 
 from fp16rl import TrainConfig, train
 from fp16rl.core.errors import UserError
-from fp16rl.train.outcomes import reward_means
+from fp16rl.training.outcomes import reward_means
 from fp16rl.tasks.rewards import RewardError, RewardSet
 from fp16rl.tasks import dataset_kind
 from fp16rl.tasks.dataset import PromptDatasetTask, prompt_data

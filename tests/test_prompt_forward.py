@@ -9,7 +9,7 @@ from fp16rl.learner import prompt_forward
 from fp16rl.learner.logprobs import completion_logprobs
 from fp16rl.model.forward import backbone, build_token_batch, length_dependent_rope
 from fp16rl.model.loading import TinyModelSpec, enable_gradient_checkpointing, load_model, tiny_model_path
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 from support import toy_config
 

@@ -23,7 +23,7 @@ from fp16rl.cli import app
 from fp16rl.model.loading import ModelError, load_model, tiny_model_path
 from fp16rl.rollout.sampler import Sampler
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 from support import toy_config
 
 

@@ -8,7 +8,7 @@ import torch
 
 from fp16rl.runs.checkpoint import checkpoint_dirs
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 from support import toy_config
 

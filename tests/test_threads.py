@@ -9,7 +9,7 @@ import yaml
 
 from fp16rl.config.parse import parse_train_args
 from fp16rl.compare import plan_comparison
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 from support import toy_config
 

@@ -10,7 +10,7 @@ import yaml
 from fp16rl.core.errors import ConfigError
 from fp16rl.model.precision import PrecisionError
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 from support import toy_config
 
 # Every per-step metric docs/design.md names that the toy task can produce.

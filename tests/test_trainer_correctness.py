@@ -13,7 +13,7 @@ from fp16rl.model.forward import build_token_batch
 from fp16rl.model.loading import TinyModelSpec, load_model, load_tokenizer, stop_token_ids, tiny_model_path
 from fp16rl.rollout.sampler import Sampler, SamplingParams
 from fp16rl.runs.tracking import read_metrics
-from fp16rl.train.trainer import Trainer
+from fp16rl.training.trainer import Trainer
 
 from support import toy_config
 

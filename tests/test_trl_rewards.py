@@ -95,6 +95,14 @@ def test_async_reward_functions_are_awaited_concurrently(tmp_path):
     finally:
         rewards.close()
     assert scores.rewards == [1.75] * 3 and scores.components["judge"] == [0.25] * 3
+
+    async def inner(completions, **kwargs):
+        return [2.0] * len(completions)
+
+    def wrapper(**kwargs):  # a plain function that returns a coroutine (a decorator without functools.wraps)
+        return inner(**kwargs)
+
+    assert RewardSet.build([wrapper])(["p"], ["a"], [[]], {}, [0]).rewards == [2.0]
     # In a run, from a file of rewards (the "'coroutine' object is not iterable").
     module = tmp_path / "judge.py"
     module.write_text("async def judged(completions, **kwargs):\n    return [1.0 for _ in completions]\n")

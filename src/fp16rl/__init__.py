@@ -1,6 +1,7 @@
 """fp16rl: RL fine-tuning of language models with the sampler and trainer in one verified precision.
 
-``from fp16rl import TrainConfig, train`` is the Python API (see ``fp16rl.api``); the names resolve on
+``from fp16rl import TrainConfig, train`` is the Python API (see ``fp16rl.api``);
+``from fp16rl import GRPOTrainer, GRPOConfig`` is TRL's (see ``fp16rl.trl_api``). The names resolve on
 first use, so ``import fp16rl`` and the command line start without torch.
 """
 
@@ -8,7 +9,7 @@ from importlib import metadata
 from typing import Any
 
 __version__ = metadata.version("fp16rl")
-__all__ = ["TrainConfig", "train", "__version__"]
+__all__ = ["TrainConfig", "train", "GRPOTrainer", "GRPOConfig", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from fp16rl.api import train
 
         return train
+    if name in ("GRPOTrainer", "GRPOConfig"):
+        from fp16rl import trl_api
+
+        return getattr(trl_api, name)
     raise AttributeError(f"module 'fp16rl' has no attribute {name!r}")

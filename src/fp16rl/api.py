@@ -27,7 +27,7 @@ def train(config: TrainConfig, dataset: Any = None, reward_funcs: Sequence[str |
     ``--reward-funcs``); weights from ``config.reward_weights``. Bad input raises a ``fp16rl.core.errors.UserError``
     with the message the CLI would print, before anything is written.
     """
-    from fp16rl.train.trainer import Trainer
+    from fp16rl.training.trainer import Trainer
 
     trainer = Trainer(config, dataset=dataset, reward_funcs=reward_funcs)
     return trainer.train(show_progress=show_progress)

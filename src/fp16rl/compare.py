@@ -24,7 +24,9 @@ from typing import Callable, Sequence
 from fp16rl.core.atomic import atomic_write_text
 from fp16rl.runs.checkpoint import checkpoint_dirs
 from fp16rl.config.options import TrainConfig
-from fp16rl.config.parse import load_yaml_options, option_names, parse_train_args
+from fp16rl.config.parse import (build_parser, is_trl_call, load_yaml_mapping, load_yaml_options, option_names,
+                                 parse_train_args)
+from fp16rl.config.trl_fields import TRL_FIELDS
 from fp16rl.core.errors import ConfigError
 from fp16rl.core.paths import TINY, resolve_model_path
 from fp16rl.runs.folders import arm_slug, DONE_STATUSES, refuse_used_folder
@@ -43,7 +45,7 @@ class Arm:
 
 def parse_arm(spec: str) -> Arm:
     """``"dtype=bfloat16,is_correction=token_truncate"`` -> an Arm; keys in either spelling."""
-    names = option_names()
+    names = {**{name: name for name in TRL_FIELDS}, **option_names()}  # fp16rl's names, and TRL's in a TRL base
     overrides = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = part.partition("=")
@@ -65,13 +67,15 @@ class RunSpec:
     run_dir: Path
     log_path: Path
     threads: int | None = None  # the comparison's one CPU thread count (None: the arm's or base's --threads)
+    base_args: tuple[str, ...] = ()  # train options given on compare's command line, before the arm's
 
-    def train_args(self, base_config: Path) -> list[str]:
-        args = ["--config", str(base_config), "--output-dir", str(self.run_dir), "--seed", str(self.seed),
-                "--arm", self.arm.name] + ([] if self.threads is None else ["--threads", str(self.threads)])
+    def train_args(self, base_config: Path | None) -> list[str]:
+        args = (["--config", str(base_config)] if base_config is not None else []) + list(self.base_args) + [
+            "--output-dir", str(self.run_dir), "--seed", str(self.seed), "--arm", self.arm.name] + (
+            [] if self.threads is None else ["--threads", str(self.threads)])
         for key, value in self.arm.overrides.items():
             flag = "--" + key.replace("_", "-")
-            if value.lower() in ("true", "false") and _is_bool(key):
+            if value.lower() in ("true", "false") and key in TrainConfig.__dataclass_fields__ and _is_bool(key):
                 args.append(flag if value.lower() == "true" else flag.replace("--", "--no-", 1))
             else:
                 args += [flag, value]
@@ -96,16 +100,45 @@ def _is_bool(name: str) -> bool:
     return isinstance(getattr(TrainConfig(), name), bool)
 
 
-def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence[int], output_dir: Path,
-                    parallel: int = 1) -> list[RunSpec]:
+def split_train_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """compare's extra command-line words as (train options, arms): ``--arms A B --max-steps 5`` leaves
+    ``B --max-steps 5``; the train options are those ``fp16rl train`` takes, the other words are arms."""
+    args = list(args)
+    _, leftover = build_parser(trl=is_trl_call(args)).parse_known_args(args)
+    stray = [word for word in leftover if word.startswith("-")]
+    if stray:
+        raise ConfigError(f"unknown option(s) {' '.join(stray)}")
+    train, arms = list(args), []
+    for word in leftover:  # argparse keeps their order: take each one out of the command line
+        index = next(i for i, w in enumerate(train) if w == word)
+        arms.append(train.pop(index))
+    owned = {"output_dir", "seed", "resume", "config", "arm"} & {w[2:].split("=")[0].replace("-", "_")
+                                                                  for w in train if w.startswith("--")}
+    if owned:
+        raise ConfigError(f"--{sorted(owned)[0].replace('_', '-')} is compare's to set (per run), not a train option "
+                          "here")
+    return train, arms
+
+
+def _base_options(base_config: Path | None) -> dict:
+    """The base file's options as compare.json records them (a TRL file's as written)."""
+    if base_config is None:
+        return {}
+    if is_trl_call(["--config", str(base_config)]):
+        return {str(k): v for k, v in load_yaml_mapping(base_config, "config file").items()}
+    return load_yaml_options(base_config)
+
+
+def plan_comparison(base_config: Path | None, arm_specs: Sequence[str], seeds: Sequence[int], output_dir: Path,
+                    parallel: int = 1, base_args: Sequence[str] = ()) -> list[RunSpec]:
     """Validate everything up front (each arm x seed parses as a train config) and record compare.json.
 
     CPU threads: the count changes the order of floating-point sums, so arms computing with other counts
     differ by more than their arm. Unless the base config or an arm sets ``threads``, every run gets one
     count, resolved when the comparison is first planned (``comparison_threads``) and kept in compare.json,
     so re-running the command (missing or resumed runs) uses it too."""
-    base_config = Path(base_config)
-    base = load_yaml_options(base_config)
+    base_config = Path(base_config) if base_config is not None else None
+    base = _base_options(base_config)
     arms = [parse_arm(spec) for spec in arm_specs]
     if len({arm.slug for arm in arms}) != len(arms):
         raise ConfigError("two arms have the same name")
@@ -115,6 +148,7 @@ def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence
         "base_config": base,
         "arms": [{"name": arm.name, "overrides": arm.overrides} for arm in arms],
         "seeds": list(seeds),
+        **({"base_options": list(base_args)} if base_args else {}),  # absent when none: older compare.json agree
     }
     output_dir = Path(output_dir)
     manifest_path = output_dir / "compare.json"
@@ -130,7 +164,8 @@ def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence
     manifest["cpu_threads"] = threads
     specs = [RunSpec(arm, seed, output_dir / "runs" / arm.slug / f"seed-{seed}",
                      output_dir / "logs" / f"{arm.slug}-seed-{seed}.log",
-                     None if _sets_threads(base) or _sets_threads(arm.overrides) else threads)
+                     None if _sets_threads(base) or _sets_threads(arm.overrides) or "threads" in
+                     _option_names_used(base_args) else threads, tuple(base_args))
              for arm in arms for seed in seeds]
     for spec in specs:  # an impossible arm fails now, not after hours of other runs
         config = parse_train_args(spec.train_args(base_config))
@@ -141,16 +176,22 @@ def plan_comparison(base_config: Path, arm_specs: Sequence[str], seeds: Sequence
     return specs
 
 
+def _option_names_used(args: Sequence[str]) -> set[str]:
+    return {word[2:].split("=")[0].replace("-", "_") for word in args if word.startswith("--")}
+
+
 def run_comparison(
-    base_config: Path,
+    base_config: Path | None,
     arm_specs: Sequence[str],
     seeds: Sequence[int],
     output_dir: Path,
     parallel: int = 1,
     on_event: Callable[[RunSpec, str], None] = lambda spec, event: None,
+    base_args: Sequence[str] = (),
 ) -> dict[str, str]:
-    """Run (or resume) every arm x seed; returns ``{run_dir: outcome}`` (kept | finished | failed...)."""
-    specs = plan_comparison(base_config, arm_specs, seeds, output_dir, parallel)
+    """Run (or resume) every arm x seed; returns ``{run_dir: outcome}`` (kept | finished | failed...).
+    ``base_args``: train options shared by every arm (after ``base_config``'s, before the arm's)."""
+    specs = plan_comparison(base_config, arm_specs, seeds, output_dir, parallel, base_args)
     threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
     free_gpus: queue.Queue[str | None] = queue.Queue()
     for device in gpu_placement(max(parallel, 1), visible_gpus()):
@@ -171,7 +212,8 @@ def run_comparison(
         if state == "fresh" and spec.run_dir.exists():
             # Interrupted before its first checkpoint: nothing to resume from; keep its partial output aside.
             spec.run_dir.rename(aside_name(spec.run_dir))
-        args = spec.train_args(Path(base_config)) + (["--resume"] if state == "resume" else [])
+        args = spec.train_args(Path(base_config) if base_config is not None else None) + (
+            ["--resume"] if state == "resume" else [])
         on_event(spec, "resuming" if state == "resume" else "starting")
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -1,6 +1,6 @@
 """GRPO-family advantages, importance-sampling corrections and the clipped surrogate loss.
 
-Pure tensor functions: ``fp16rl.train.grpo_step`` wires them into the step. The loss-type normalisations
+Pure tensor functions: ``fp16rl.training.grpo_step`` wires them into the step. The loss-type normalisations
 follow TRL's GRPOTrainer so results are comparable (the formulas are in each docstring); fp16rl's
 *defaults* are the seed ARC script's (bnpo, as its TRL version had), not TRL's current ones (dapo).
 """

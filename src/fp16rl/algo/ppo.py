@@ -1,7 +1,7 @@
 """PPO with a critic (Schulman et al. 2017; the RLHF recipe of TRL's PPOTrainer, OpenRLHF and verl): token-level
 rewards, GAE, advantage whitening, the clipped policy loss and the clipped value loss.
 
-Pure tensor functions, as ``grpo.py`` is for GRPO; ``fp16rl.train.ppo_step`` wires them, ``critic.py`` holds the
+Pure tensor functions, as ``grpo.py`` is for GRPO; ``fp16rl.training.ppo_step`` wires them, ``critic.py`` holds the
 value model. Tensors are ``[N, C]`` over the completion tokens (right-padded, ``mask`` marks real ones);
 ``V_t`` is the critic's value of the state *before* completion token ``t`` (the hidden state that predicts
 ``t``, the position whose logits give ``logpi_t``), as TRL's ``values[:, context_length - 1: -1]``.

@@ -54,9 +54,9 @@ install_warning_handler()
 def train(ctx: typer.Context) -> None:
     """Run GRPO-family RL fine-tuning (`fp16rl train --help` lists every option)."""
     from fp16rl.cli.interrupts import stop_interrupted
-    from fp16rl.train.interrupt import StoppedAtOnce
+    from fp16rl.training.interrupt import StoppedAtOnce
     from fp16rl.core.ranks import is_main_process, launched_ranks
-    from fp16rl.train.plan import check_ranks, plan_run
+    from fp16rl.training.plan import check_ranks, plan_run
 
     config = plan = trainer = None
     try:
@@ -65,7 +65,7 @@ def train(ctx: typer.Context) -> None:
         if is_main_process():  # under torchrun rank 0 decides (the others would race its folder)
             plan = plan_run(config)  # every check that needs no model: refused in a second, before torch loads
         _quiet_libraries()
-        from fp16rl.train.trainer import Trainer
+        from fp16rl.training.trainer import Trainer
 
         trainer = Trainer(config)
         if is_main_process():
@@ -83,7 +83,7 @@ def train(ctx: typer.Context) -> None:
         console.print(f"interrupted after step {max(trainer.saved_steps)}: checkpoint saved in "
                       f"{trainer.run_dir / 'checkpoints'}; continue with --resume")
         raise typer.Exit(130)
-    from fp16rl.train.trackers import output_lines
+    from fp16rl.training.trackers import output_lines
 
     for line in output_lines(trainer.run_dir, config.report_to):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -179,30 +179,33 @@ def _split(values: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in values.split(",") if v.strip())
 
 
-@app.command(context_settings={"allow_extra_args": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def compare(
     ctx: typer.Context,
-    config: Path = typer.Option(..., "--config", help="Base YAML of train options shared by every arm."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Base YAML of train options shared by every arm (fp16rl's or TRL's names)."),
     arms: list[str] = typer.Option(..., "--arms", help='Arm overrides, e.g. "dtype=bfloat16" "dtype=float16,is_correction=token_truncate".'),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds; the same seed pairs the arms."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Comparison folder (re-run to resume)."),
     parallel: int = typer.Option(1, "--parallel", help="Runs at once; with GPUs each run gets one (round-robin when fewer GPUs than runs)."),
 ) -> None:
-    """Run every arm x seed with paired randomness; finished runs are kept, interrupted ones resumed."""
-    from fp16rl.compare import run_comparison
+    """Run every arm x seed with paired randomness; finished runs are kept, interrupted ones resumed.
 
-    # `--arms A B` (several values after one flag, as in the docs) leaves B as an extra argument.
-    stray = [a for a in ctx.args if a.startswith("-")]
-    if stray:
-        fail(f"unknown option(s) {' '.join(stray)}")
-    arms = [*arms, *ctx.args]
+    Any `fp16rl train` option may follow (e.g. `--model-path tiny --max-steps 20`): shared by every arm,
+    after --config's and before the arm's own."""
+    from fp16rl.compare import run_comparison, split_train_args
+
+    try:  # `--arms A B` (several values after one flag, as in the docs) leaves B as an extra argument
+        base_args, more_arms = split_train_args(ctx.args)
+    except USER_ERRORS as err:
+        fail(str(err))
     try:
         seed_list = [int(s) for s in _split(seeds)]
     except ValueError:
         fail(f"--seeds {seeds!r}: expected comma-separated integers")
     try:
-        outcomes = run_comparison(config, arms, seed_list, output_dir, parallel,
-                                  on_event=lambda spec, event: console.print(f"{spec.arm.name} seed {spec.seed}: {event}"))
+        outcomes = run_comparison(config, [*arms, *more_arms], seed_list, output_dir, parallel,
+                                  on_event=lambda spec, event: console.print(f"{spec.arm.name} seed {spec.seed}: {event}"),
+                                  base_args=base_args)
     except USER_ERRORS as err:
         fail(str(err))
     failed = [run for run, outcome in outcomes.items() if outcome == "failed"]

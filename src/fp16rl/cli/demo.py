@@ -96,7 +96,7 @@ def measure_step_seconds(model_path: Path, dataset_path: Path) -> dict[str, floa
     """Seconds of one real arc-lite GRPO step per arm dtype on this machine (the second of two steps,
     so one-time start-up costs are left out)."""
     from fp16rl.config.options import TrainConfig
-    from fp16rl.train.trainer import Trainer
+    from fp16rl.training.trainer import Trainer
 
     seconds = {}
     with tempfile.TemporaryDirectory() as folder:

@@ -1,6 +1,6 @@
 """What ``fp16rl train`` says when Ctrl-C stops it outside the training loop's safe points.
 
-The training loop handles the first Ctrl-C itself (``fp16rl.train.interrupt``: a checkpoint, then exit 130).
+The training loop handles the first Ctrl-C itself (``fp16rl.training.interrupt``: a checkpoint, then exit 130).
 What reaches the CLI as ``KeyboardInterrupt`` is either the second signal (``StoppedAtOnce``) or a
 first one that came before the handler was installed: during start-up (parsing, checks, loading).
 Each gets a line that is true of the folder as it is: ``--resume`` is advised only where a
@@ -49,7 +49,7 @@ def start_up_message(config: Any, plan: Any) -> str:
 
 def stop_interrupted(config: Any, plan: Any, trainer: Any, at_once: bool) -> NoReturn:
     """Print (rank 0) what a ``KeyboardInterrupt`` left behind and exit 130. ``trainer`` is None during
-    start-up; ``at_once``: the second signal (``fp16rl.train.interrupt.StoppedAtOnce``)."""
+    start-up; ``at_once``: the second signal (``fp16rl.training.interrupt.StoppedAtOnce``)."""
     if trainer is None:
         message = start_up_message(config, plan)
     else:

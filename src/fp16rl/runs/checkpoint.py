@@ -1,7 +1,7 @@
 """Checkpoint folders that make resume exact: FP32 master weights or adapters (safetensors), optimizer,
 scheduler, loss scaler, RNG states and the data position (= the step), with a manifest of every file's
 size and SHA-256 so a torn or corrupted checkpoint is refused with a clear message instead of being
-half-loaded. This module lists, checks and prunes them without torch; ``fp16rl.train.checkpoint_io``
+half-loaded. This module lists, checks and prunes them without torch; ``fp16rl.training.checkpoint_io``
 writes (atomically and durably) and reads the tensors."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Run folders as files: a folder in use is refused, a run's config.yaml and metrics.jsonl are read back,
-summary.json is computed, and an arm gets its folder name. Torch-free; ``fp16rl.train.plan`` builds the
+summary.json is computed, and an arm gets its folder name. Torch-free; ``fp16rl.training.plan`` builds the
 preflight of a new or resumed run on these."""
 
 from __future__ import annotations

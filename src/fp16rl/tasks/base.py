@@ -38,6 +38,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any | None) -> str:
 
 
 def has_chat_template(tokenizer: Any | None) -> bool:
+    """Whether ``tokenizer`` can render a conversation (``apply_chat_template`` needs a template)."""
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 

@@ -26,8 +26,8 @@ from fp16rl.learner.logprobs import completion_logprobs
 from fp16rl.learner.weights import MasterWeights
 from fp16rl.measure.pi_old import FromTrainingForward
 from fp16rl.measure.rollouts import TrainerForward
-from fp16rl.train.algorithm import Algorithm, LossNorm
-from fp16rl.train.interrupt import StopRequest
+from fp16rl.training.algorithm import Algorithm, LossNorm
+from fp16rl.training.interrupt import StopRequest
 
 logger = logging.getLogger("fp16rl")
 

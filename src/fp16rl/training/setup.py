@@ -26,7 +26,7 @@ from fp16rl.model.forward import backbone, length_dependent_rope
 from fp16rl.model.loading import LoraSettings, enable_gradient_checkpointing, load_trainer_model, stop_token_ids
 from fp16rl.model.precision import PrecisionPolicy
 from fp16rl.rollout.sampler import Sampler, SamplingParams
-from fp16rl.train.algorithm import Algorithm
+from fp16rl.training.algorithm import Algorithm
 
 logger = logging.getLogger("fp16rl")
 

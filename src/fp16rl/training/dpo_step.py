@@ -10,7 +10,7 @@ import torch
 from fp16rl.algo.batch import RolloutBatch
 from fp16rl.algo.dpo import Collectives, DpoBatch, dpo_batch, dpo_part_loss, select_pairs
 from fp16rl.config.options import TrainConfig
-from fp16rl.train.algorithm import Algorithm, LossNorm, StepRows
+from fp16rl.training.algorithm import Algorithm, LossNorm, StepRows
 
 
 class OnlineDpo(Algorithm):

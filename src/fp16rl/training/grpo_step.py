@@ -9,7 +9,7 @@ import torch
 from fp16rl.algo.batch import RolloutBatch
 from fp16rl.algo.grpo import group_advantages, policy_loss
 from fp16rl.config.options import TrainConfig
-from fp16rl.train.algorithm import Algorithm, LossNorm, StepRows, loss_settings
+from fp16rl.training.algorithm import Algorithm, LossNorm, StepRows, loss_settings
 
 
 class Grpo(Algorithm):

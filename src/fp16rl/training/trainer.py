@@ -42,17 +42,17 @@ from fp16rl.runs.checkpoint import prune_checkpoints, remove_torn_saves
 from fp16rl.runs.folders import resume_history, summarize_run
 from fp16rl.runs.tracking import ProgressDisplay, read_metrics
 from fp16rl.tasks import make_task
-from fp16rl.tasks.base import Task, encode_text
-from fp16rl.train.algorithm import LossContext, StepRows
-from fp16rl.train.algorithms import make_algorithm
-from fp16rl.train.checkpoint_io import load_checkpoint, save_checkpoint, seed_everything
-from fp16rl.train.interrupt import RunInterrupted, StopRequest
-from fp16rl.train.monitor import CollapseEvent, CollapseMonitor
-from fp16rl.train.optimize import BatchOptimizer, scaled_optimizer_step
-from fp16rl.train.outcomes import outcome_metrics, sample_records
-from fp16rl.train.plan import check_ranks, plan_run
-from fp16rl.train.setup import build_learner, build_optimizer, sampling_params
-from fp16rl.train.trackers import RunTracker
+from fp16rl.tasks.base import RunProgress, Task, encode_text
+from fp16rl.training.algorithm import LossContext, StepRows
+from fp16rl.training.algorithms import make_algorithm
+from fp16rl.training.checkpoint_io import load_checkpoint, save_checkpoint, seed_everything
+from fp16rl.training.interrupt import RunInterrupted, StopRequest
+from fp16rl.training.monitor import CollapseEvent, CollapseMonitor
+from fp16rl.training.optimize import BatchOptimizer, scaled_optimizer_step
+from fp16rl.training.outcomes import outcome_metrics, sample_records
+from fp16rl.training.plan import check_ranks, plan_run
+from fp16rl.training.setup import build_learner, build_optimizer, sampling_params
+from fp16rl.training.trackers import RunTracker
 
 logger = logging.getLogger("fp16rl")
 
@@ -317,7 +317,8 @@ class Trainer:
         # 2. Rewards; the whole batch (every rank's part) for group advantages and every metric.
         t_reward = time.perf_counter()
         grouped_items = [item for item in items for _ in range(cfg.num_generations)]
-        scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists)
+        scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists,
+                                 progress=RunProgress(global_step=step - 1, max_steps=self.total_steps))
         mu, behaviour = rollouts.sampler_logprobs.to(self.device), rollouts.behaviour_logprobs.to(self.device)
         whole = self.parallel.whole_batch(scores, mu, behaviour, rollouts.kept_mass.to(self.device),
                                           measured.old_logprobs, tokens.completion_mask, measured.entropy,

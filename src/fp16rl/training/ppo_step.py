@@ -12,7 +12,7 @@ from fp16rl.algo.batch import RolloutBatch
 from fp16rl.algo.ppo import ppo_advantages, ppo_policy_loss, ppo_value_loss
 from fp16rl.config.options import TrainConfig
 from fp16rl.learner.critic import Critic, copy_backbone
-from fp16rl.train.algorithm import Algorithm, LossContext, LossNorm, StepRows, loss_settings
+from fp16rl.training.algorithm import Algorithm, LossContext, LossNorm, StepRows, loss_settings
 
 
 class Ppo(Algorithm):

@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 from fp16rl.config.options import TrainConfig
-from fp16rl.train.algorithm import Algorithm
-from fp16rl.train.dpo_step import OnlineDpo
-from fp16rl.train.grpo_step import Grpo
-from fp16rl.train.ppo_step import Ppo
+from fp16rl.training.algorithm import Algorithm
+from fp16rl.training.dpo_step import OnlineDpo
+from fp16rl.training.grpo_step import Grpo
+from fp16rl.training.ppo_step import Ppo
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "grpo": Grpo,
