@@ -257,6 +257,7 @@ def test_import_fp16rl_stays_torch_free():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_cli_train_reads_a_trl_yaml(tmp_path, fp16rl_home):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(4)))

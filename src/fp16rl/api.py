@@ -22,10 +22,11 @@ def train(config: TrainConfig, dataset: Any = None, reward_funcs: Sequence[str |
 
     ``dataset``: a ``datasets.Dataset`` or a list of dicts with a prompt column (``config.prompt_column``,
     default ``prompt``: text or chat messages) and any other columns, which reach the reward functions;
-    None trains on what ``config.dataset_path`` names. ``reward_funcs``: callables in TRL's convention
-    ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, or their names (see
-    ``--reward-funcs``); weights from ``config.reward_weights``. Bad input raises a ``fp16rl.core.errors.UserError``
-    with the message the CLI would print, before anything is written.
+    None trains on what ``config.dataset_path`` names. ``reward_funcs``: callables in TRL 1.16's convention
+    ``fn(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **columns) ->
+    list[float | None]`` (sync or async; see ``fp16rl.tasks.reward_calls``), or their names (see
+    ``--reward-funcs``); weights from ``config.reward_weights``. Bad input raises a
+    ``fp16rl.core.errors.UserError`` with the message the CLI would print, before anything is written.
     """
     from fp16rl.training.trainer import Trainer
 

@@ -11,8 +11,8 @@ common.py      the one way to fail (an ``error:`` line, exit 2) and fp16rl's war
 interrupts.py  what a Ctrl-C outside the training loop's safe points says
 options.py     typer options generated from a settings dataclass
 
-Imports: every package below it (compare, train, probe, report, tools and down, pyproject.toml
-[tool.importlinter]); not its siblings ``fp16rl.api`` and ``fp16rl.rewards``.
+Imports: every package below it (compare, training, probe, report, tools and down, pyproject.toml
+[tool.importlinter]); not its siblings ``fp16rl.api``, ``fp16rl.rewards`` and ``fp16rl.trl_api``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ range_check.py  the largest activation per layer against the fp16 maximum
 output.py     probe.json, probe.md, figures, terminal tables
 
 Imports: ``fp16rl.measure`` and every row below it (pyproject.toml [tool.importlinter]); not its
-siblings train, report and tools.
+siblings training, report and tools.
 """
 
 import importlib

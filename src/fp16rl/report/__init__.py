@@ -17,7 +17,7 @@ tests, power), prompts.py (the per-prompt comparison), plots.py, render.py (the 
 ``build_report``).
 
 Imports: ``fp16rl.measure`` and every row below it (pyproject.toml [tool.importlinter]), in practice
-runs, config and core; not its siblings train, probe and tools; never torch, transformers or peft
+runs, config and core; not its siblings training, probe and tools; never torch, transformers or peft
 (a report is built from files, on any machine).
 """
 

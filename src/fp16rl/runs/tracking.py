@@ -1,4 +1,5 @@
-"""Where a run's numbers go: metrics.jsonl (the source of truth), TensorBoard, samples/, a progress bar."""
+"""A run's numbers read back (metrics.jsonl, the source of truth; final and best reward) and the progress bar.
+Writing them, samples/ and the --report-to backends is ``fp16rl.training.trackers``."""
 
 from __future__ import annotations
 

@@ -7,5 +7,5 @@ sft.py          a short supervised warm start, so a tiny model writes runnable c
 arc_lite.py     the arc-lite warm model: the tiny model warm-started on synthetic ARC tasks, cached
 
 Imports: ``fp16rl.measure`` and every row below it (pyproject.toml [tool.importlinter]); not its
-siblings train, probe and report.
+siblings training, probe and report.
 """
