@@ -28,13 +28,13 @@ TRAIN_ARGS = ["--model-path", "tiny", "--dataset-path", "toy:digits", "--dtype",
 # checkpoint is half written (weights and optimizer state on disk, manifest not yet, not renamed).
 KILLER = """
 import os, signal, sys
-import fp16rl.runs.checkpoint as checkpoint
-write_manifest = checkpoint._write_manifest
+import fp16rl.training.checkpoint_io as checkpoint_io
+write_manifest = checkpoint_io.write_manifest
 def killing_write_manifest(folder):
     if folder.name.startswith(".step-{step}."):
         os.kill(os.getpid(), signal.SIGKILL)
     write_manifest(folder)
-checkpoint._write_manifest = killing_write_manifest
+checkpoint_io.write_manifest = killing_write_manifest
 from fp16rl.cli import app
 sys.argv = ["fp16rl", "train", *sys.argv[1:]]
 app()
@@ -189,7 +189,7 @@ def test_ctrl_c_on_the_cli_stops_with_a_checkpoint_and_plain_progress_lines(tmp_
 # its first files exist: a first Ctrl-C during start-up, before the stop handler is installed.
 START_UP_CTRL_C = """
 import os, signal, sys
-import fp16rl.runs.tracking as tracking
+import fp16rl.training.trackers as tracking
 start = tracking.RunTracker.__init__
 def interrupted_start(self, *args, **kwargs):
     start(self, *args, **kwargs)
