@@ -94,6 +94,10 @@ def test_two_ranks_match_one_process(tmp_path, tiny_path, options):
     assert not (tmp_path / "two" / "rank-1").exists()
     samples = sorted(p.name for p in (double / "samples").iterdir())
     assert samples == sorted(p.name for p in (single / "samples").iterdir())  # rank 0 alone writes, once
+    for name in samples:  # every rank's completions, gathered in rank order: the one process's records
+        rows = [[(r["uid"], r["completion"], r["rewards"], r["reward"]) for r in map(json.loads, path.read_text()
+                 .splitlines())] for path in (single / "samples" / name, double / "samples" / name)]
+        assert rows[0] == rows[1] and len(rows[0]) == BASE["prompts_per_step"] * BASE["num_generations"], name
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ def test_perfectible_is_deterministic_resumable_and_trainable(tmp_path, monkeypa
     assert "reward/reasoning_gym/mean" in last
 
 
-def test_report_to_every_tracker_gets_the_same_scalars(tmp_path, monkeypatch):
+def test_report_to_every_tracker_gets_the_same_scalars_and_the_completions_table(tmp_path, monkeypatch):
     import importlib.util
 
     for package in ("wandb", "trackio", "mlflow"):  # not imported here: trackio reads TRACKIO_DIR on import
@@ -129,6 +129,8 @@ def test_report_to_every_tracker_gets_the_same_scalars(tmp_path, monkeypatch):
     history = client.get_metric_history(mlrun.info.run_id, "reward/mean")
     assert [(m.step, m.value) for m in history] == [(1, reward[0]), (2, reward[1])]
     assert "mismatch/logp_abs_diff_mean" in mlrun.data.metrics
+    _assert_completions_tables(run, client, mlrun.info.run_id, sent)
+    sent = [(step, data) for step, data in sent if "completions" not in data]
     # W&B (offline): every step's scalars, under the same names, and the run's files in the run folder.
     assert [step for step, _ in sent] == [1, 2] and [data["reward/mean"] for _, data in sent] == reward
     assert set(sent[0][1]) == {k for k, v in records[0].items() if k != "step" and isinstance(v, float)}
@@ -138,7 +140,38 @@ def test_report_to_every_tracker_gets_the_same_scalars(tmp_path, monkeypatch):
     with sqlite3.connect(database) as connection:
         tables = [row[0] for row in connection.execute("select name from sqlite_master where type='table'")]
         text = " ".join(str(row) for table in tables for row in connection.execute(f'select * from "{table}"'))
+        logged = [json.loads(value) for table in tables for row in connection.execute(f'select * from "{table}"')
+                  for value in row if isinstance(value, bytes) and b'"completions"' in value]
     assert "reward/mean" in text and "mismatch/logp_abs_diff_mean" in text
+    assert [entry["completions"]["_type"] for entry in logged] == ["trackio.table"] * 2  # steps 1 and 2
+    assert [r["prompt"] for r in logged[1]["completions"]["_value"]] == [s["prompt"] for s in _samples(run, 2)]
+
+
+def _samples(run: Path, step: int) -> list[dict]:
+    return [json.loads(line) for line in (run / "samples" / f"step-{step:06d}.jsonl").read_text().splitlines()]
+
+
+def _assert_completions_tables(run: Path, client, run_id: str, sent: list) -> None:
+    """The completions table of each logged step (toy_config: steps 1 and 2) reached TensorBoard (as
+    Markdown text), W&B (a Table) and MLflow (a JSON artifact), one row per completion of samples/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    columns = ["step", "prompt", "completion", "digits", "advantage"]  # the toy task's one reward function
+    tables = [(step, data["completions"]) for step, data in sent if "completions" in data]
+    assert [step for step, _ in tables] == [1, 2]
+    for step, table in tables:
+        samples = _samples(run, step)
+        assert table.columns == columns and len(table.data) == len(samples) == 32
+        assert [row[1:] for row in table.data] == [[s["prompt"], s["completion"], s["rewards"]["digits"],
+                                                    s["advantage"]] for s in samples]
+        stored = client.download_artifacts(run_id, f"completions/step-{step:06d}.json", str(run / "mlflow-read"))
+        document = json.loads(Path(stored).read_text())
+        assert document["columns"] == columns and len(document["data"]) == len(samples)
+    events = EventAccumulator(str(run / "tb"), size_guidance={"tensors": 0}).Reload()
+    texts = events.Tensors("completions/text_summary")
+    assert [t.step for t in texts] == [1, 2]
+    markdown = texts[0].tensor_proto.string_val[0].decode()
+    assert markdown.startswith("| step | prompt | completion | digits | advantage |") and markdown.count("\n") == 33
 
 
 def _modes(folder: Path) -> dict[str, int]:

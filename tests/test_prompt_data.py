@@ -13,7 +13,7 @@ import pytest
 
 from fp16rl import TrainConfig, train
 from fp16rl.core.errors import UserError
-from fp16rl.training.outcomes import reward_means
+from fp16rl.training.outcomes import reward_stats
 from fp16rl.tasks.rewards import RewardError, RewardSet
 from fp16rl.tasks import dataset_kind
 from fp16rl.tasks.dataset import PromptDatasetTask, prompt_data
@@ -128,8 +128,10 @@ def test_reward_set_combines_like_trl_and_reports_errors():
     assert scores.rewards == [2.0, 1.0]  # None counts 0 in the sum (nansum)
     assert scores.components["half"] == [0.5, 0.5] and scores.components["sometimes"][0] == 1.0
     assert math.isnan(scores.components["sometimes"][1])
-    means = reward_means(scores)
-    assert means == {"reward/half/mean": 0.5, "reward/sometimes/mean": 1.0}  # mean over the scored rows
+    stats = reward_stats(scores)
+    assert {k: v for k, v in stats.items() if k.endswith("/mean")} == {"reward/half/mean": 0.5,
+                                                                      "reward/sometimes/mean": 1.0}  # scored rows
+    assert stats["reward/half/std"] == 0.0 and math.isnan(stats["reward/sometimes/std"])  # one scored row: NaN
 
     def broken(completions, **kwargs):
         return [1.0, "x"][: len(completions)]

@@ -55,7 +55,8 @@ def test_run_outputs_and_metric_names(tmp_path):
     assert records[-1]["mismatch/logp_abs_diff_max"] <= 1e-5  # float32 both sides
     assert list((run / "tb").glob("events.out.tfevents.*"))
     samples = [json.loads(line) for line in (run / "samples" / "step-000002.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and {"prompt", "completion", "reward", "finish_reason"} <= set(samples[0])
+    assert len(samples) == 32  # every completion of the step: 4 prompts x 8 generations
+    assert {"uid", "prompt", "completion", "rewards", "reward", "advantage", "finish_reason"} <= set(samples[0])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert (run / "checkpoints" / "step-2" / "trainable.safetensors").is_file()
 

@@ -166,7 +166,7 @@ class TrainConfig:
     max_steps: int = opt(-1, "RL steps to run (-1 = from epochs).")
     seed: int = opt(0, "Seed of everything: prompt order, augmentation, sampling, initialisation (>= 0).")
     # --- logging / checkpoints ---------------------------------------------------------------
-    save_samples_steps: int = opt(10, "Save the first prompt's completions (samples/) every this many steps; metrics are logged every step.", aliases=("--logging-steps", "--logging_steps"))
+    save_samples_steps: int = opt(10, "Save every completion of the step with its prompt, scores and advantage (samples/, and the trackers' completions table) every this many steps; metrics are logged every step.", aliases=("--logging-steps", "--logging_steps"))
     save_steps: int = opt(100, "Checkpoint every this many steps (and at the end, and on Ctrl-C).")
     save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (the one a run resumed from is never deleted); default: keep all.")
     report_to: list[str] = opt(["tensorboard"], "Where the step metrics go besides metrics.jsonl: tensorboard | wandb | trackio | mlflow | none (comma-separated; wandb runs offline unless WANDB_MODE is set).")

@@ -11,7 +11,8 @@ class Scores:
     """Rewards of a batch of completions, aligned with the completions passed in."""
 
     rewards: list[float]
-    components: dict[str, list[float]] = field(default_factory=dict)  # -> reward/<fn>/mean (NaN: not scored)
+    # per reward function, a score per completion (NaN: not scored) -> reward/<fn>/mean|std, samples/
+    components: dict[str, list[float]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # means over these completions, canonical names
     details: list[dict[str, Any]] = field(default_factory=list)  # per completion, for samples/ (or none)
     counts: dict[str, float] = field(default_factory=dict)  # totals over these completions (they add up)

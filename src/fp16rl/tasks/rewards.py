@@ -11,7 +11,8 @@ being scored; every other dataset column comes as a keyword argument (one value 
 
 A value is a number (a bool counts 1 or 0), or ``None`` or NaN for "not applicable to this row". Several
 functions combine as TRL combines them: ``reward = sum_f w_f * r_f``, a ``None``/NaN counting as 0
-(``nansum``), and each function's mean over the rows it scored is logged as ``reward/<name>/mean``.
+(``nansum``), and each function's mean and sample std over the rows it scored are logged as
+``reward/<name>/mean`` and ``reward/<name>/std`` (TRL's ``nanmean``, ``nanstd``).
 No function is called before the first real batch (a reward may count its calls or assume whole
 groups); before the run starts each one's signature is checked against the keywords it will get.
 

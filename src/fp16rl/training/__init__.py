@@ -12,6 +12,7 @@ ppo_step.py       PPO's part: the critic, GAE, the clipped policy and value loss
 dpo_step.py       online DPO's part: the pairs, their loss weights, the DPO loss's gradient
 optimize.py       the optimizer passes over GA micro-batches and ``scaled_optimizer_step``
 outcomes.py       the ``reward/*`` and ``completion/*`` metrics of a generation batch
+completions.py    the completions table of a logged step: samples/ records and the trackers' table
 plan.py           the preflight every entry point shares, before torch loads (``plan_run``, ``check_ranks``)
 checkpoint_io.py  the torch state of a checkpoint, written and read back; global generators seeded
 trackers.py       ``RunTracker``: metrics.jsonl and samples/ written, mirrored to the ``--report-to`` backends

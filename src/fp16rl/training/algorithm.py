@@ -126,6 +126,12 @@ class Algorithm(ABC):
         """What the first step whose loss covers no token warns."""
         return EMPTY_LOSS_WARNING.format(step=step)
 
+    def sample_advantages(self, batch: RolloutBatch) -> list[float] | None:
+        """The advantage of each of this rank's completions as the completions table shows it (samples/),
+        from the ``loss_batch`` it returned; None when the algorithm has none. The GRPO family's is one
+        per completion: the group advantage ``batch.advantages``."""
+        return [float(a) for a in batch.advantages.tolist()]
+
 
 def loss_settings(config: TrainConfig) -> LossSettings:
     """The clipped surrogate's options (GRPO's and PPO's policy loss)."""

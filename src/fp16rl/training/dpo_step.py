@@ -55,6 +55,10 @@ class OnlineDpo(Algorithm):
         """What was backpropagated has the DPO loss's gradient, not its value: ``optim/loss`` is ``dpo/loss``."""
         return {"optim/loss": metrics["dpo/loss"]}
 
+    def sample_advantages(self, batch: RolloutBatch) -> list[float] | None:
+        """None: online DPO has no advantage (its batch holds the chosen and rejected rows' loss weights)."""
+        return None
+
     def empty_loss_warning(self, step: int) -> str:
         return (f"step {step}: no prompt gave a pair (every group's rewards tied, or fewer than two untruncated "
                 "completions), so the step trained on nothing (counted in optim/empty_loss_steps_total; "

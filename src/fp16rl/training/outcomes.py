@@ -12,19 +12,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fp16rl.tasks.base import PromptItem
-
 from fp16rl.core.scores import Scores
 
 
-def reward_means(scores: Scores) -> dict[str, float]:
-    """``reward/<fn>/mean`` per reward component: the mean over the completions it scored (a NaN value
-    is a row the function returned None for, TRL's ``nanmean``); NaN when it scored none."""
-    means = {}
+def reward_stats(scores: Scores) -> dict[str, float]:
+    """``reward/<fn>/mean`` and ``reward/<fn>/std`` per reward component, over the completions it scored (a
+    NaN value is a row the function returned None for; TRL's ``nanmean`` and ``nanstd``).
+
+    mean = sum_i r_i / n; std = sqrt(sum_i (r_i - mean)^2 / (n - 1)), the sample std (Bessel's
+    correction), as TRL's ``nanstd`` computes it. The mean is NaN when the function scored no completion,
+    the std when it scored fewer than two (TRL's values too; metrics.jsonl writes null)."""
+    stats = {}
     for name, values in scores.components.items():
         scored = [v for v in values if not math.isnan(v)]
-        means[f"reward/{name}/mean"] = float(np.mean(scored)) if scored else math.nan
-    return means
+        stats[f"reward/{name}/mean"] = float(np.mean(scored)) if scored else math.nan
+        stats[f"reward/{name}/std"] = float(np.std(scored, ddof=1)) if len(scored) > 1 else math.nan
+    return stats
 
 
 def unique_ngram_ratio(tokens: Sequence[int], n: int = 4) -> float:
@@ -43,7 +46,7 @@ def outcome_metrics(scores: Scores, completion_mask: torch.Tensor, truncated: Se
         "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
         "reward/min": rewards.min().item(),
         "reward/max": rewards.max().item(),
-        **reward_means(scores),
+        **reward_stats(scores),
         **scores.metrics,
         **scores.counts,
         "completion/length_mean": lengths.mean().item(),
@@ -51,19 +54,3 @@ def outcome_metrics(scores: Scores, completion_mask: torch.Tensor, truncated: Se
         "completion/truncated_ratio": float(np.mean(truncated)),
         "completion/unique_ngram_ratio_4": float(np.mean([unique_ngram_ratio(t) for t in token_lists])),
     }
-
-
-def sample_records(items: Sequence[PromptItem], completions: Sequence[str], finish_reasons: Sequence[str],
-                   scores: Scores, num_generations: int) -> list[dict]:
-    """The first prompt's whole group (``samples/``): enough to read what the model writes and how it scored."""
-    return [
-        {
-            "uid": items[i].uid,
-            "prompt": items[i].text,
-            "completion": completions[i],
-            "reward": scores.rewards[i],
-            "finish_reason": finish_reasons[i],
-            **({"details": scores.details[i]} if scores.details else {}),
-        }
-        for i in range(min(num_generations, len(completions)))
-    ]

@@ -63,6 +63,14 @@ class Ppo(Algorithm):
             scaler.scale(value_loss).backward()
         return loss.detach() + value_loss.detach(), {**stats, **value_stats}
 
+    def sample_advantages(self, batch: RolloutBatch) -> list[float] | None:
+        """PPO's advantages are per token: a completion's is their mean over its loss tokens,
+        ``sum_t m_t A_t / sum_t m_t`` (whitened, as the loss reads them); NaN when none is in the loss."""
+        mask = batch.loss_mask.to(batch.advantages.dtype)
+        counts = mask.sum(dim=1)
+        means = (batch.advantages * mask).sum(dim=1) / counts.clamp(min=1)
+        return [m if c > 0 else float("nan") for m, c in zip(means.tolist(), counts.tolist())]
+
     def summary(self, totals: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
         """``value/loss`` and ``value/clip_fraction``: means over the optimizer passes."""
         return {"value/loss": totals.get("value_loss", 0.0) / self.passes,

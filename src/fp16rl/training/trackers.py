@@ -1,5 +1,7 @@
 """Where a run's numbers go besides metrics.jsonl: TensorBoard, Weights & Biases, Trackio, MLflow (``--report-to``).
-Every backend gets the same scalars per step; metrics.jsonl (``fp16rl.runs.tracking``) stays the source of truth."""
+Every backend gets the same scalars per step; metrics.jsonl (``fp16rl.runs.tracking``) stays the source of truth.
+At the steps samples/ records, every backend also gets the completions table (``completions.py``) in its
+own form: TensorBoard a Markdown table (text panel), W&B and trackio a ``Table``, MLflow a JSON table artifact."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Sequence
 from fp16rl.core.atomic import atomic_write_text
 from fp16rl.core.errors import ConfigError
 from fp16rl.runs.tracking import jsonable, read_metrics
+from fp16rl.training.completions import completions_table, markdown_table
 
 
 class RunTracker:
@@ -50,8 +53,13 @@ class RunTracker:
             backend.log(step, scalars)
 
     def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """A logged step's completion records (``completions.py``): samples/step-NNNNNN.jsonl, and their
+        table to every backend."""
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         atomic_write_text(self.samples_dir / f"step-{step:06d}.jsonl", text)
+        columns, data = completions_table(step, samples)
+        for backend in self.backends:
+            backend.log_table(step, columns, data)
 
     def close(self) -> None:
         self._metrics.close()
@@ -73,6 +81,10 @@ class _TensorBoard:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
+
+    def log_table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        """TensorBoard has no table type: the table as Markdown, under the tag ``completions`` (TEXT tab)."""
+        self.writer.add_text("completions", markdown_table(columns, data), step)
 
     def close(self) -> None:
         self.writer.close()
@@ -100,6 +112,14 @@ class _Wandb:
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
+
+    def log_table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        """A ``wandb.Table`` named ``completions``; mixed types allowed, as a ``log_extra`` column may mix
+        them (W&B's default refuses a column of numbers and text)."""
+        import wandb
+
+        table = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+        self.run.log({"completions": table}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -130,6 +150,9 @@ class _Trackio:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.trackio.log(scalars, step=step)
 
+    def log_table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        self.trackio.log({"completions": self.trackio.Table(columns=columns, data=data)}, step=step)
+
     def close(self) -> None:
         self.trackio.finish()
 
@@ -159,6 +182,12 @@ class _Mlflow:
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.mlflow.log_metrics(scalars, step=step)
+
+    def log_table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        """MLflow tables are JSON artifacts: ``completions/step-NNNNNN.json``, one per logged step (its
+        evaluation UI lists them; ``mlflow.load_table`` reads one back)."""
+        self.mlflow.log_table({column: [row[i] for row in data] for i, column in enumerate(columns)},
+                              artifact_file=f"completions/step-{step:06d}.json")
 
     def close(self) -> None:
         self.mlflow.end_run()

@@ -26,6 +26,7 @@ from fp16rl.algo.grpo import Correction
 from fp16rl.config.options import TrainConfig
 from fp16rl.core.atomic import atomic_write_text
 from fp16rl.core.errors import ConfigError
+from fp16rl.core.scores import Scores
 from fp16rl.core.seeds import step_seed
 from fp16rl.learner.critic import Critic
 from fp16rl.learner.distributed import DataParallel, WholeBatch
@@ -46,10 +47,11 @@ from fp16rl.tasks.base import RunProgress, Task, encode_text
 from fp16rl.training.algorithm import LossContext, StepRows
 from fp16rl.training.algorithms import make_algorithm
 from fp16rl.training.checkpoint_io import load_checkpoint, save_checkpoint, seed_everything
+from fp16rl.training.completions import CompletionRows, gathered_records
 from fp16rl.training.interrupt import RunInterrupted, StopRequest
 from fp16rl.training.monitor import CollapseEvent, CollapseMonitor
 from fp16rl.training.optimize import BatchOptimizer, scaled_optimizer_step
-from fp16rl.training.outcomes import outcome_metrics, sample_records
+from fp16rl.training.outcomes import outcome_metrics
 from fp16rl.training.plan import check_ranks, plan_run
 from fp16rl.training.setup import build_learner, build_optimizer, sampling_params
 from fp16rl.training.trackers import RunTracker
@@ -320,9 +322,7 @@ class Trainer:
         scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists,
                                  progress=RunProgress(global_step=step - 1, max_steps=self.total_steps))
         mu, behaviour = rollouts.sampler_logprobs.to(self.device), rollouts.behaviour_logprobs.to(self.device)
-        whole = self.parallel.whole_batch(scores, mu, behaviour, rollouts.kept_mass.to(self.device),
-                                          measured.old_logprobs, tokens.completion_mask, measured.entropy,
-                                          rollouts.truncated, token_lists)
+        whole = self._whole_batch(scores, measured, token_lists)
         stop.check()
         t_scored = time.perf_counter()
 
@@ -348,10 +348,24 @@ class Trainer:
         times = {"t0": t0, "reward": t_reward, "scored": t_scored, "trained": time.perf_counter(),
                  "mismatch_s": mismatch_s}
         metrics.update(self._step_metrics(whole, measured, optim_metrics, times))
-        if self.tracker is not None and (step % cfg.save_samples_steps == 0 or step == 1):
-            self.tracker.log_samples(step, sample_records(grouped_items, completions, rollouts.finish_reasons, scores,
-                                                          cfg.num_generations))
+        if step % cfg.save_samples_steps == 0 or step == 1:  # every rank: the whole batch's records are gathered
+            self._log_samples(step, CompletionRows(grouped_items, completions, rollouts.finish_reasons, scores,
+                                                   self.algorithm.sample_advantages(batch)))
         return metrics
+
+    def _whole_batch(self, scores: Scores, measured: Measurement, token_lists: list[list[int]]) -> WholeBatch:
+        """This rank's rewards and per-token tensors joined with every other rank's (``DataParallel``)."""
+        rollouts, device = measured.rollouts, self.device
+        return self.parallel.whole_batch(scores, rollouts.sampler_logprobs.to(device),
+                                         rollouts.behaviour_logprobs.to(device), rollouts.kept_mass.to(device),
+                                         measured.old_logprobs, measured.tokens.completion_mask, measured.entropy,
+                                         rollouts.truncated, token_lists)
+
+    def _log_samples(self, step: int, rows: CompletionRows) -> None:
+        """samples/ and the trackers' completions table: every rank's records, gathered (a collective)."""
+        records = gathered_records(self.parallel, rows)
+        if self.tracker is not None:
+            self.tracker.log_samples(step, records)
 
     def _loss_mask(self, tokens: TokenBatch, truncated: Sequence[bool]) -> torch.Tensor:
         """The completion tokens in the loss: all, or with ``--mask-truncated-completions`` those of the
