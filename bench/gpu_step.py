@@ -62,7 +62,7 @@ class FixedLengthTask:
         return [PromptItem(text=self.text, uid=f"bench/{step}.{slot}") for slot in range(num_prompts)]
 
     def score(self, items: Sequence[PromptItem], completions: Sequence[str], truncated: Sequence[bool],
-              completion_ids: Sequence[list[int]] | None = None) -> Scores:
+              completion_ids: Sequence[list[int]] | None = None, progress: Any = None) -> Scores:
         return Scores(rewards=[derived_seed(i, len(c)) % 1000 / 1000 for i, c in enumerate(completions)])
 
     def close(self) -> None:

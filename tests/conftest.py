@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist's workers ignore SIGINT (their controller handles Ctrl-C), and an ignored signal stays
+    ignored in every process they start: the Ctrl-C tests' runs would never see theirs. Give the workers
+    Python's usual handler, which their subprocesses then start with."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
