@@ -28,7 +28,7 @@ demo: $(STAMP)
 # busy; CI has 2. Tests that share a costly session cache run on one worker (xdist_group, --dist loadgroup).
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow"
