@@ -286,3 +286,26 @@ def test_compare_takes_train_options_on_its_command_line(tmp_path):
         split_train_args(["--no-such-option", "1"])
     with pytest.raises(ConfigError, match="compare's to set"):
         split_train_args(["--seed", "1"])
+
+
+def test_a_loaded_model_is_saved_beside_the_run_and_a_used_folder_is_refused(tmp_path, tiny_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fp16rl import GRPOConfig, GRPOTrainer
+    from fp16rl.core.errors import UserError
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_path), AutoTokenizer.from_pretrained(tiny_path)
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
+                      num_generations=4, max_completion_length=8)
+    rows = [{"prompt": "hi"}] * 4
+    GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                args=args, train_dataset=rows).train()
+    saved = tmp_path / "out-initial-model"
+    assert (saved / "config.json").is_file() and not list(tmp_path.glob(".out-initial-model.*"))
+    (tmp_path / "other-initial-model").mkdir()
+    (tmp_path / "other-initial-model" / "notes.txt").write_text("mine\n")
+    args = GRPOConfig(output_dir=str(tmp_path / "other"), max_steps=1, per_device_train_batch_size=4,
+                      num_generations=4, max_completion_length=8)
+    with pytest.raises(UserError, match="in use"):
+        GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs="math", args=args, train_dataset=rows)
+    assert (tmp_path / "other-initial-model" / "notes.txt").read_text() == "mine\n"

@@ -40,8 +40,10 @@ from typing import Any, Callable, Sequence
 from fp16rl.config.options import TrainConfig
 from fp16rl.config.trl_fields import GRPO_CONFIG_NAMES, TRL_FIELDS
 from fp16rl.config.trl_names import at_default, translate
+from fp16rl.core.atomic import atomic_directory
 from fp16rl.core.errors import ConfigError
 from fp16rl.core.ranks import launched_ranks
+from fp16rl.runs.folders import refuse_used_folder
 
 __all__ = ["GRPOConfig", "GRPOTrainer"]
 # GRPOTrainer keywords of TRL's that fp16rl has no use for: refused unless None.
@@ -248,6 +250,7 @@ def _save_model_object(model: Any, tokenizer: Any, folder: Path) -> str:
         raise ConfigError("model: a peft model; pass its base model and the LoraConfig as peft_config")
     if folder.is_dir() and (folder / "config.json").is_file():
         raise ConfigError(f"{folder} already holds a model; pass that folder as model (or remove it)")
+    refuse_used_folder(folder, "the folder for the model object")
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -257,8 +260,9 @@ def _save_model_object(model: Any, tokenizer: Any, folder: Path) -> str:
         except Exception:
             raise ConfigError("model: pass its tokenizer as processing_class (none is found at the model's "
                               f"name_or_path {source!r})") from None
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with atomic_directory(folder) as tmp:  # a crash leaves no half-written model to be trained from
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return str(folder)
 
 
