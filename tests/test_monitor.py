@@ -125,3 +125,22 @@ def test_trainer_stops_on_collapse_and_writes_summary(tmp_path, tiny_tokenizer):
     assert 20 < summary["collapse_step"] < 35 and summary["steps_completed"] == summary["collapse_step"]
     assert summary["arm"] == "scripted" and summary["best_reward"] > 0.9
     assert (tmp_path / "run" / "checkpoints" / f"step-{summary['collapse_step']}").is_dir()
+
+
+def test_a_task_can_turn_off_a_rule_that_misreads_its_optimum():
+    """toy:digits' best answers repeat 4-grams: its monitor ignores a repetition surge (which fired on every
+    run of docs/results/sanity-toy.md) but still flags the other collapses."""
+    from fp16rl.tasks.toy import DigitsTask
+    from fp16rl.training.monitor import monitor_for
+
+    def run_with(monitor, stream):
+        for step, metrics in stream:
+            monitor.update(step, metrics)
+        return monitor.event
+
+    repeating = lambda k, m: m.update({"completion/unique_ngram_ratio_4": 0.2})  # noqa: E731
+    task = DigitsTask(tokenizer=None)
+    assert run_with(monitor_for(task), collapsing(0, 200, repeating)) is None
+    assert run_with(monitor_for(object()), collapsing(0, 200, repeating)).rule == "repetition_surge"
+    dropping = lambda k, m: m.update({"reward/mean": 0.05})  # noqa: E731
+    assert run_with(monitor_for(task), collapsing(0, 200, dropping)).rule == "reward_drop"

@@ -22,6 +22,8 @@ class DigitsTask:
     """Prompts "Write a sequence of digits ..."; reward = share of digit characters in the answer."""
 
     name = "toy:digits"
+    # Its best answers repeat 4-grams ("0123 0123 ..."): a falling unique-n-gram ratio is the optimum here.
+    monitor_rules_off = ("repetition_surge",)
 
     def __init__(self, tokenizer, seed: int = 0):
         self.tokenizer = tokenizer

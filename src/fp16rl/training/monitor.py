@@ -15,6 +15,9 @@ Rules (defaults in ``MonitorSettings``):
   starting level by ``truncation_rise`` for ``patience`` steps.
 - ``repetition_surge``: the unique 4-gram ratio moving average falls below ``repetition_fraction``
   of its starting level for ``patience`` steps.
+  A task whose best answers repeat (``toy:digits``: "write a sequence of digits") turns it off
+  (``Task.monitor_rules_off``): there it fired on every run as the reward reached 1.0
+  (docs/results/sanity-toy.md).
 - ``mismatch_explosion``: the moving average of ``mismatch/token_kl_k3`` exceeds
   ``mismatch_factor`` times its starting level and ``mismatch_floor`` for ``patience`` steps.
 - ``skipped_steps``: ``max_consecutive_skips`` optimizer steps in a row were skipped (fp16
@@ -49,6 +52,7 @@ class MonitorSettings:
     max_consecutive_skips: int = 10
     copy_level: float = 0.2
     copy_rise: float = 0.15
+    rules_off: frozenset[str] = frozenset()  # rules that do not apply to the task (``Task.monitor_rules_off``)
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,15 @@ class CollapseMonitor:
                                        f"mismatch k3 KL {value:.2e} > {limit:.2e} (start {kl.start:.2e})")
 
     def _sustained(self, rule: str, condition: bool, detail: str) -> Iterable[tuple[str, str]]:
-        self._streak[rule] = self._streak[rule] + 1 if condition else 0
+        self._streak[rule] = self._streak[rule] + 1 if condition and rule not in self.settings.rules_off else 0
         if self._streak[rule] >= self.settings.patience:
             yield rule, detail
+
+
+def monitor_for(task: object) -> CollapseMonitor:
+    """The run's monitor, without the sustained rules ``task`` declares do not apply to it (an optional
+    ``monitor_rules_off`` tuple of rule names on the task)."""
+    return CollapseMonitor(MonitorSettings(rules_off=frozenset(getattr(task, "monitor_rules_off", ()))))
 
 
 def _number(value: object) -> float | None:

@@ -49,7 +49,7 @@ from fp16rl.training.algorithms import make_algorithm
 from fp16rl.training.checkpoint_io import load_checkpoint, save_checkpoint, seed_everything
 from fp16rl.training.completions import CompletionRows, gathered_records
 from fp16rl.training.interrupt import RunInterrupted, StopRequest
-from fp16rl.training.monitor import CollapseEvent, CollapseMonitor
+from fp16rl.training.monitor import CollapseEvent, monitor_for
 from fp16rl.training.optimize import BatchOptimizer, scaled_optimizer_step
 from fp16rl.training.outcomes import outcome_metrics
 from fp16rl.training.plan import check_ranks, plan_run
@@ -97,7 +97,7 @@ class Trainer:
             remove_torn_saves(self.run_dir)
             self.tracker = RunTracker(self.run_dir, resume_step=self.start_step if plan.resume_from else None,
                                       report_to=config.report_to, config=config.to_dict())
-        self.monitor = CollapseMonitor()
+        self.monitor = monitor_for(self.task)
         history = read_metrics(self.run_dir / "metrics.jsonl") if self.parallel.is_main else None
         for record in self.parallel.broadcast(history):  # resume: rebuild the monitor's state
             self.monitor.update(record["step"], record)
