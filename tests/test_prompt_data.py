@@ -352,3 +352,20 @@ def test_strings_that_are_not_utf8_are_named_by_row_in_parquet_and_saved_folders
     for spec in (tmp_path / "latin1.parquet", tmp_path / "saved"):
         with pytest.raises(UserError, match=r"row 1, column 'prompt': not UTF-8 text"):
             prompt_data(TrainConfig(dataset_path=str(spec), reward_funcs=["math"]))
+
+
+def test_a_resume_that_changes_the_overlong_punishments_parameters_is_refused(tmp_path):
+    """soft_overlong_punishment is defined by its L_max and soft zone: a resume that changes either changes
+    reward/mean's definition, like another reward function, so it is refused; the same (or its defaults
+    spelled out) continue."""
+    from fp16rl.tasks.checks import reward_conflict
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(ROWS[0]) + "\n")
+    base = dict(SMALL, dataset_path=str(data), reward_funcs=["soft_overlong_punishment"], output_dir=str(tmp_path))
+    stored = vars(TrainConfig(**base))
+    assert reward_conflict(stored, TrainConfig(**base)) is None
+    assert reward_conflict(stored, TrainConfig(**base, overlong_max_completion_len=16,
+                                               overlong_soft_punish_cache=3)) is None  # 16 // 5 = 3: the defaults
+    refused = reward_conflict(stored, TrainConfig(**base, overlong_soft_punish_cache=8))
+    assert refused and "soft_punish_cache=3" in refused and "soft_punish_cache=8" in refused

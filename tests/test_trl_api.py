@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import runpy
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,7 @@ from fp16rl.config.trl_names import translate
 from fp16rl.core.errors import ConfigError
 from fp16rl.runs.tracking import read_metrics
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "trl"
 FAST = dict(max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
             logging_steps=1, bf16=False, use_cpu=True, learning_rate=1e-3, gradient_checkpointing=False)
 
@@ -86,6 +90,11 @@ def test_dtype_from_bf16_and_fp16():
     assert translate({}).options["dtype"] == "bfloat16"  # TRL: bf16 unless fp16
     assert translate({"fp16": True}).options["dtype"] == "float16"
     assert translate({"bf16": False}).options["dtype"] == "float32"
+    from fp16rl import GRPOConfig, GRPOTrainer  # GRPOConfig(bf16=False) too: False is not bf16's None
+
+    trainer = GRPOTrainer("tiny", reward_funcs=len, train_dataset=[{"prompt": "x"}],
+                          args=GRPOConfig(output_dir="unused", bf16=False))
+    assert trainer._translation.options["dtype"] == "float32"
     assert translate({"fp16": True, "dtype": "float16"}).options["dtype"] == "float16"
     with pytest.raises(ConfigError, match="training precision"):
         translate({"fp16": True, "dtype": "bfloat16"})
@@ -309,3 +318,73 @@ def test_a_loaded_model_is_saved_beside_the_run_and_a_used_folder_is_refused(tmp
     with pytest.raises(UserError, match="in use"):
         GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs="math", args=args, train_dataset=rows)
     assert (tmp_path / "other-initial-model" / "notes.txt").read_text() == "mine\n"
+
+
+def _reward_model_folder(folder: Path, tiny_path: Path) -> Path:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_path).save_pretrained(folder)
+    return folder
+
+
+def test_trl_yaml_reward_model_and_soft_overlong_punishment(tmp_path, tiny_path, monkeypatch):
+    """trl grpo's reward_model_name_or_path (a local folder) is the first reward function, scored as the Python
+    API scores one (the same RewardModel); its get_soft_overlong_punishment is (1280, 256), which fp16rl's
+    --overlong-* options override; a hub id is refused with one line."""
+    from fp16rl.tasks.dataset import prompt_data
+    from fp16rl.tasks.overlong import SoftOverlongPunishment
+    from fp16rl.tasks.reward_model import RewardModel
+
+    monkeypatch.chdir(tmp_path)
+    _reward_model_folder(tmp_path / "rm", tiny_path)
+    path = tmp_path / "grpo.yaml"
+    path.write_text("model_name_or_path: tiny\ndataset_name: data.jsonl\nreward_model_name_or_path: rm\n"
+                    "reward_funcs: [get_soft_overlong_punishment, accuracy_reward]\n")
+    config = parse_train_args(["--config", str(path)])
+    assert (config.reward_funcs, config.overlong_max_completion_len, config.overlong_soft_punish_cache) == (
+        ["rm", "soft_overlong_punishment", "trl.rewards:accuracy_reward"], 1280, 256)
+    assert parse_train_args(["--config", str(path), "--overlong-soft-punish-cache", "64"]).overlong_soft_punish_cache == 64
+    rows = [{"prompt": "a b", "solution": "1"}, {"prompt": "c", "solution": "2"}]  # text: accuracy_reward left out
+    rewards = prompt_data(dataclasses.replace(config, reward_funcs=config.reward_funcs[:2]), rows).rewards
+    assert [type(f) for f in rewards.functions] == [RewardModel, SoftOverlongPunishment]
+    assert rewards.names == ["rm", "soft_overlong_punishment_reward"]
+    scores = rewards(["a b", "c"], [" c", " d e"], [[1] * 1100, [1] * 1030], {"solution": ["1", "2"]}, [0, 1])
+    direct = RewardModel(str(tmp_path / "rm"))(prompts=["a b", "c"], completions=[" c", " d e"])
+    assert scores.components["rm"] == pytest.approx(direct, abs=1e-6)
+    assert scores.components["soft_overlong_punishment_reward"] == pytest.approx([-(1100 - 1024) / 256, -6 / 256])
+    path.write_text("model_name_or_path: tiny\nreward_model_name_or_path: org/reward-model\n")
+    with pytest.raises(ConfigError, match="reward_model_name_or_path='org/reward-model': not a local model folder"):
+        parse_train_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match="do not include"):
+        parse_train_args(["--dataset-path", "d.jsonl", "--reward-funcs", "math", "--overlong-max-completion-len", "9"])
+
+
+@pytest.mark.parametrize("script", ["conversational_accuracy", "trainer_state_log_metric"])
+def test_examples_trl_scripts_run_on_the_tiny_model(script, tmp_path, fp16rl_home, monkeypatch):
+    """examples/trl (TRL's documented scripts, import line changed) on the tiny model, in this process:
+    trl.rewards' accuracy_reward and think_format_reward on conversations; a reward reading trainer_state and
+    calling log_metric/log_extra (the quickstart and the extra-column examples run in the tests above)."""
+    monkeypatch.setenv("FP16RL_EXAMPLE_MODEL", "tiny")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(EXAMPLES / f"{script}.py"), run_name="__main__")
+    (run,) = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").is_file()]
+    records = read_metrics(run / "metrics.jsonl")
+    if script == "conversational_accuracy":
+        assert len(records) == 2 and {"reward/accuracy_reward/mean", "reward/think_format_reward/std"} <= set(records[-1])
+    else:  # the target grows with trainer_state.global_step / max_steps: 10 + 40 x (0, 1/3, 2/3)
+        assert [r["curriculum/target_length"] for r in records] == pytest.approx([10.0, 10 + 40 / 3, 10 + 80 / 3])
+        sample = json.loads((run / "samples" / "step-000001.jsonl").read_text().splitlines()[0])
+        assert sample["details"]["length"] == len(sample["completion"])
+
+
+@pytest.mark.slow
+def test_examples_trl_quickstart_as_a_script(tmp_path, fp16rl_home):
+    """TRL's quickstart, import line changed, run as `python quickstart.py` on the tiny model."""
+    env = {**os.environ, "FP16RL_EXAMPLE_MODEL": "tiny", "FP16RL_HOME": str(fp16rl_home)}
+    result = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_metrics(tmp_path / "SmolLM2-135M-GRPO" / "metrics.jsonl")) == 2

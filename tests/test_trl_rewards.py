@@ -265,3 +265,59 @@ def test_a_reward_failing_on_the_first_batch_is_one_error_line(tmp_path):
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fp16rl.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
+
+
+CHATML_CLOSING = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                  "{% endif %}")  # SmolLM2's and Qwen2's ChatML: every turn closed, the last one included
+
+
+@pytest.mark.parametrize("template", ["tiny", "closing"])
+def test_prompt_ids_are_those_trls_grpo_trainer_feeds(tiny_tokenizer, template):
+    """The ids the sampler continues equal those of TRL 1.16's ``GRPOTrainer._tokenize_prompts`` (TRL's own
+    method, on a stand-in for the trainer) for text prompts and for conversations, one ending on an assistant
+    turn included: TRL applies the chat template with ``add_generation_prompt=True`` to every conversation,
+    so a final assistant turn is closed by the template and a new one opened, not continued."""
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    from types import SimpleNamespace
+
+    tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    if template == "closing":
+        tokenizer.chat_template = CHATML_CLOSING
+    trl = SimpleNamespace(_is_vlm=False, environment_factories=None, processing_class=tokenizer, tools=None,
+                          chat_template=None, chat_template_kwargs={})
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    conversations = [[user], [{"role": "system", "content": "Be brief."}, user],
+                     [user, {"role": "assistant", "content": "Let me think"}]]
+    texts = ["The sky is", "SUBREDDIT: r/tea\nPOST: green or black?\nTL;DR:"]
+    reward = [lambda completions, **kwargs: [0.0] * len(completions)]
+    for prompts in (conversations, texts):
+        expected, _, _ = grpo_trainer.GRPOTrainer._tokenize_prompts(trl, prompts)
+        task = PromptDatasetTask(prompt_data(TrainConfig(dataset_path="x.jsonl"), [{"prompt": p} for p in prompts],
+                                             reward), tokenizer)
+        assert [encode_text(tokenizer, task.render(p)) for p in prompts] == [list(ids) for ids in expected]
+    # The assistant turn is closed and a new one opened (by TRL's rule, whichever template renders it).
+    last = PromptDatasetTask(prompt_data(TrainConfig(dataset_path="x.jsonl"), [{"prompt": conversations[2]}], reward),
+                             tokenizer).render(conversations[2])
+    assert last.endswith("Let me think" + ("<|im_end|>\n" if template == "closing" else "") + "<|im_start|>assistant\n")
+
+
+def test_soft_overlong_punishment_is_trls():
+    """The built-in ``soft_overlong_punishment`` gives TRL 1.16's ``get_soft_overlong_punishment`` values (DAPO
+    Eq. 13) at every length around both thresholds, its docstring example included; its parameters come from
+    the run's options (default L_max = --max-completion-length, cache L_max // 5)."""
+    from fp16rl.rewards import get_soft_overlong_punishment
+    from fp16rl.tasks.rewards import load_reward_function
+
+    ids = [[1] * n for n in range(0, 106)]
+    ours = get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)
+    assert ours([[1] * 90]) == [-0.5] and ours([[1] * 80, [1] * 81, [1] * 100, [1] * 101]) == [0.0, -0.05, -1.0, -1.0]
+    trl_rewards = pytest.importorskip("trl.rewards")
+    for max_len, cache in ((100, 20), (100, 0), (64, 64), (7, 3)):
+        assert get_soft_overlong_punishment(max_len, cache)(ids) == \
+            trl_rewards.get_soft_overlong_punishment(max_len, cache)(ids)
+    built = load_reward_function("soft_overlong_punishment", TrainConfig(max_completion_length=50))
+    assert (built.max_completion_len, built.soft_punish_cache, built.__name__) == (50, 10, "soft_overlong_punishment_reward")
+    built = load_reward_function("soft_overlong_punishment", TrainConfig(overlong_max_completion_len=1280,
+                                                                        overlong_soft_punish_cache=256))
+    assert (built.max_completion_len, built.soft_punish_cache) == (1280, 256)

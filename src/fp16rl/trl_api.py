@@ -44,6 +44,7 @@ from fp16rl.core.atomic import atomic_directory
 from fp16rl.core.errors import ConfigError
 from fp16rl.core.ranks import launched_ranks
 from fp16rl.runs.folders import refuse_used_folder
+from fp16rl.tasks.reward_model import RewardModel, is_model_folder
 
 __all__ = ["GRPOConfig", "GRPOTrainer"]
 # GRPOTrainer keywords of TRL's that fp16rl has no use for: refused unless None.
@@ -268,48 +269,10 @@ def _save_model_object(model: Any, tokenizer: Any, folder: Path) -> str:
 
 def _reward_function(reward: Any) -> str | Callable[..., Any]:
     """A reward model (folder or loaded) as a reward function; callables and fp16rl's names as they are."""
-    if isinstance(reward, (str, Path)) and (Path(reward) / "config.json").is_file():
+    if is_model_folder(reward):
         return RewardModel(str(reward))
     if isinstance(reward, (str, Path)) or (callable(reward) and not hasattr(reward, "config")):
         return str(reward) if isinstance(reward, Path) else reward
     if hasattr(reward, "config") and hasattr(reward, "forward"):
         return RewardModel(reward)
     raise ConfigError(f"reward_funcs: {reward!r} is not a function, a reward name or a reward model folder")
-
-
-class RewardModel:
-    """A sequence-classification reward model scoring prompt + completion as TRL's GRPOTrainer does: text
-    prompts concatenated with the completion, conversations rendered with the reward tokenizer's chat
-    template, right-padded, no special tokens added; the reward is logit 0."""
-
-    def __init__(self, model: Any, tokenizer: Any = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if isinstance(model, str):
-            self.__name__ = Path(model).name
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
-        else:
-            self.__name__ = str(getattr(model.config, "name_or_path", "") or "reward_model").split("/")[-1]
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-        self.model, self.tokenizer = model.eval(), tokenizer
-
-    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        import torch
-
-        if prompts and isinstance(prompts[0], list):
-            texts = [self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
-        else:
-            texts = [p + c for p, c in zip(prompts, completions)]
-        inputs = self.tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
-                                add_special_tokens=False)
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            logits = self.model(**{k: v.to(device) for k, v in inputs.items()}).logits
-        return [float(x) for x in logits[:, 0].float().cpu()]
-

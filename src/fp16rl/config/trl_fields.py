@@ -320,10 +320,13 @@ _ROWS: list[TrlField] = [
     _i("dataset_test_split", "test", _NO_EVAL, SCRIPT),
     _d("dataset_streaming", False, "local datasets are memory-mapped, not streamed", SCRIPT),
     _i("ignore_bias_buffers", False, "not a GRPO option", SCRIPT),
-    _d("reward_model_name_or_path", None, "from Python: GRPOTrainer(reward_funcs=folder)", SCRIPT, str),
+    _m("reward_model_name_or_path", None, "reward_funcs", "a local sequence-classification model folder, the first "
+       "reward function as in trl grpo (scored as TRL: logit 0); a hub id is refused (nothing is downloaded)",
+       SCRIPT, str),
     _m("reward_funcs", None, "reward_funcs", "TRL's names (accuracy_reward, think_format_reward, "
-       "reasoning_accuracy_reward, from trl.rewards) and dotted paths (a.b.f is a.b:f); fp16rl's names too",
-       SCRIPT, list),
+       "reasoning_accuracy_reward, from trl.rewards; get_soft_overlong_punishment is trl grpo's (1280, 256): "
+       "soft_overlong_punishment with --overlong-max-completion-len 1280 --overlong-soft-punish-cache 256) and "
+       "dotted paths (a.b.f is a.b:f); fp16rl's names too", SCRIPT, list),
     _d("datasets", [], "use dataset_name (one local dataset)", SCRIPT, list),
     _d("streaming", False, "local datasets are memory-mapped, not streamed", SCRIPT),
     _d("test_split_size", None, _NO_EVAL, SCRIPT, float),

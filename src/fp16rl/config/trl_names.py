@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
@@ -32,6 +33,8 @@ logger = logging.getLogger("fp16rl")
 # Each converter returns {fp16rl field: (value, the TRL names it depends on)}.
 Converted = dict[str, tuple[Any, tuple[str, ...]]]
 TRL_REWARDS = ("accuracy_reward", "think_format_reward", "reasoning_accuracy_reward")
+# trl grpo's registry entry for get_soft_overlong_punishment: (max_completion_len, soft_punish_cache).
+TRL_OVERLONG = (1280, 256)
 
 
 @dataclass
@@ -54,9 +57,10 @@ def _empty(value: Any) -> bool:
 
 def at_default(row: TrlField, value: Any) -> bool:
     """Whether ``value`` is TRL's default for ``row`` (None, '' and empty containers are one; a bool
-    option whose default is None also takes False)."""
+    option whose default is None also takes False, except a mapped one, where None has its own meaning:
+    ``bf16=None`` is bf16 unless fp16, ``bf16=False`` is not bf16)."""
     if _empty(row.default):
-        return _empty(value) or (row.type is bool and value is False)
+        return _empty(value) or (row.type is bool and value is False and row.kind != MAPPED)
     if isinstance(value, bool) or isinstance(row.default, bool):
         return value is row.default
     return value == row.default
@@ -293,20 +297,33 @@ def _report_to(v: dict[str, Any], world_size: int) -> Converted:
 
 
 def _reward_funcs(v: dict[str, Any], world_size: int) -> Converted:
-    if v["reward_funcs"] is None:
-        return {}
-    names = []
-    for name in [v["reward_funcs"]] if isinstance(v["reward_funcs"], str) else v["reward_funcs"]:
+    """``trl grpo``'s rewards: the reward model folder first, then ``reward_funcs`` (TRL's registry names, dotted
+    paths); its ``get_soft_overlong_punishment`` entry is ``get_soft_overlong_punishment(1280, 256)``, which is
+    fp16rl's ``soft_overlong_punishment`` with those parameters (as TRL's defaults: fp16rl's own
+    --overlong-* options override them)."""
+    names: list[str] = []
+    out: Converted = {}
+    folder = v["reward_model_name_or_path"]
+    if folder:
+        if not (Path(folder) / "config.json").is_file():
+            raise refuse("reward_model_name_or_path", folder, "not a local model folder (no config.json); fp16rl "
+                         "downloads nothing: save the reward model with save_pretrained and give its folder")
+        names.append(str(folder))
+    given = v["reward_funcs"] or []
+    for name in [given] if isinstance(given, str) else given:
         if name == "get_soft_overlong_punishment":
-            raise refuse("reward_funcs", name, "a factory: put get_soft_overlong_punishment(...)'s function in a "
-                         "module variable and name it module:variable")
-        if name in TRL_REWARDS:
+            name = "soft_overlong_punishment"
+            out.update({"overlong_max_completion_len": (TRL_OVERLONG[0], ()),
+                        "overlong_soft_punish_cache": (TRL_OVERLONG[1], ())})
+        elif name in TRL_REWARDS:
             name = f"trl.rewards:{name}"
         elif ":" not in name and "." in name:
             module, _, attr = name.rpartition(".")
             name = f"{module}:{attr}"
         names.append(name)
-    return {"reward_funcs": (names, ("reward_funcs",))}
+    if names:
+        out["reward_funcs"] = (names, ("reward_model_name_or_path", "reward_funcs"))
+    return out
 
 
 def _simple(target: str, name: str, convert: Callable[[Any], Any]) -> Callable[[dict[str, Any], int], Converted]:

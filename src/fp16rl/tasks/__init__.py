@@ -11,6 +11,8 @@ dataset.py     any prompt dataset (JSONL, JSON, Parquet, CSV, save_to_disk) thro
 data_files.py  where a rejected data file is broken (its line; the row and column of a table)
 rewards.py     reward functions in TRL's convention: loading, weighting, checks (public: ``fp16rl.rewards``)
 reward_calls.py  how they are called, as TRL 1.16's GRPOTrainer calls them (async ones too)
+reward_model.py  a sequence-classification reward model folder as a reward function (TRL's scoring)
+overlong.py    the ``soft_overlong_punishment`` reward (TRL's ``get_soft_overlong_punishment``)
 math.py        the ``math`` and ``math_format`` rewards (math-verify; stated answers only)
 gym.py         ``reasoning-gym:<name>`` data scored by its own verifiers
 checks.py      dataset and reward checks of a run that need no model (resume keeps its rewards)

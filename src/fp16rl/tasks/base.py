@@ -43,10 +43,18 @@ def has_chat_template(tokenizer: Any | None) -> bool:
 
 
 def render_prompt(prompt: str | list[dict[str, str]], tokenizer: Any, system_prompt: str | None = None) -> str:
-    """The text the sampler continues for a dataset prompt, as TRL's GRPOTrainer builds it: a conversation
-    (a list of ``{"role", "content"}`` messages) through the model's chat template (:func:`render_chat`), a
-    plain-text prompt as it is, after the special tokens the tokenizer puts before any text (TRL tokenizes a
-    text prompt with them: a BOS for Llama- or Gemma-style tokenizers, nothing for most others).
+    """The text the sampler continues for a dataset prompt, as TRL 1.16's GRPOTrainer builds it: a conversation
+    (a list of ``{"role", "content"}`` messages) through the model's chat template with
+    ``add_generation_prompt=True`` whatever its last turn, a plain-text prompt as it is, after the special
+    tokens the tokenizer puts before any text (TRL tokenizes a text prompt with them: a BOS for Llama- or
+    Gemma-style tokenizers, nothing for most others).
+
+    A conversation ending on an assistant turn is therefore not continued: TRL's ``_tokenize_prompts`` calls
+    ``processing_class.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True)`` for every
+    conversational prompt, so the template closes that turn (ChatML: ``<|im_end|>``) and opens a new
+    assistant turn. (``trl.data_utils.maybe_apply_chat_template`` would continue it, but GRPOTrainer uses that
+    only for the image inputs of vision models, never for the prompt ids.) fp16rl's own tasks that prefill
+    the assistant's answer (ARC) continue it with :func:`render_chat`.
 
     ``system_prompt`` (fp16rl's ``--system-prompt``; TRL has none) is put first as a system turn, which makes
     a text prompt a conversation: the text becomes the user's turn. A conversation needs a chat template:
@@ -58,7 +66,7 @@ def render_prompt(prompt: str | list[dict[str, str]], tokenizer: Any, system_pro
         {"role": str(m["role"]), "content": str(m["content"])} for m in turns]
     if not has_chat_template(tokenizer):
         raise ConfigError(chat_template_missing(isinstance(prompt, str)))
-    return render_chat(messages, tokenizer)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def chat_template_missing(text_prompts: bool) -> str:

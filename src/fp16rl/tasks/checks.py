@@ -33,7 +33,19 @@ def _rewards(options: dict[str, Any], dataset_path: str) -> list[tuple[str, floa
     if not names:
         names = {"arc": [DEFAULT_REWARD], "gym": ["reasoning_gym"]}.get(dataset_kind(dataset_path), [])
     weights = [float(w) for w in options.get("reward_weights") or []] or [1.0] * len(names)
-    return list(zip(names, weights))
+    return list(zip([_with_parameters(name, options) for name in names], weights))
+
+
+def _with_parameters(name: str, options: dict[str, Any]) -> str:
+    """A built-in reward's name with the options that define it (``soft_overlong_punishment``: its ``L_max``
+    and soft zone, resolved as ``tasks.overlong.soft_overlong_from_config`` does), so a resume that changes
+    them is refused like a change of function."""
+    if name != "soft_overlong_punishment":
+        return name
+    limit = options.get("overlong_max_completion_len") or options.get("max_completion_length")
+    cache = options.get("overlong_soft_punish_cache")
+    cache = cache if cache is not None else (limit // 5 if isinstance(limit, int) else None)
+    return f"{name}(max_completion_len={limit}, soft_punish_cache={cache})"
 
 
 

@@ -184,7 +184,7 @@ def prompt_data(config: Any, dataset: Any = None, reward_funcs: Sequence[Any] | 
     conversational = check_prompt_column(dataset, column, source)
     functions = list(reward_funcs or config.reward_funcs or ([config.reward_name] if config.reward_name else [])
                      or default_rewards)
-    rewards = RewardSet.build(functions, config.reward_weights, config.reward_on_error)
+    rewards = RewardSet.build(functions, config.reward_weights, config.reward_on_error, config)
     data = PromptData(dataset, source, column, conversational, system_prompt, rewards)
     taken = [name for name in data.columns if name in CALL_KEYWORDS]
     if taken:

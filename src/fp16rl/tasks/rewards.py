@@ -16,9 +16,10 @@ functions combine as TRL combines them: ``reward = sum_f w_f * r_f``, a ``None``
 No function is called before the first real batch (a reward may count its calls or assume whole
 groups); before the run starts each one's signature is checked against the keywords it will get.
 
-Functions are named ``module:function``, ``path/to/file.py:function`` or a built-in name (``math``,
-``math_format``, ``reasoning_gym``); a Python caller can pass callables, the built-ins included, as
-``trl.rewards`` offers TRL's::
+Functions are named ``module:function``, ``path/to/file.py:function``, a built-in name (``math``,
+``math_format``, ``reasoning_gym``, ``soft_overlong_punishment``) or the folder of a sequence-classification
+reward model (scored as TRL scores one: logit 0, :mod:`fp16rl.tasks.reward_model`); a Python caller can pass
+callables, the built-ins included, as ``trl.rewards`` offers TRL's::
 
     from fp16rl.rewards import math_reward, math_format_reward
 
@@ -28,7 +29,9 @@ Functions are named ``module:function``, ``path/to/file.py:function`` or a built
 or a lone number on the last line) equal to the ``answer`` (or ``solution``) column by math-verify,
 never for restating the question's arithmetic; ``math_format_reward`` pays 1.0 for exactly one
 ``\\boxed{}``; ``reasoning_gym`` is reasoning-gym's verifier on a ``gym_entry`` column
-(:mod:`fp16rl.tasks.math` and :mod:`fp16rl.tasks.gym` hold the details).
+(:mod:`fp16rl.tasks.math` and :mod:`fp16rl.tasks.gym` hold the details); ``soft_overlong_punishment`` is TRL's
+``get_soft_overlong_punishment`` (DAPO's length penalty, parameters ``--overlong-max-completion-len`` and
+``--overlong-soft-punish-cache``: :mod:`fp16rl.tasks.overlong`).
 
 A function that raises, returns the wrong number of values, a non-number or an infinity is a user error
 naming the function and the row; with ``on_error="zero"`` the row scores 0 instead and is counted in
@@ -47,15 +50,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fp16rl.config.options import BUILTIN_REWARDS
+from fp16rl.config.options import BUILTIN_REWARDS, TrainConfig
 from fp16rl.core.errors import ConfigError, UserError
 from fp16rl.core.scores import Scores
 from fp16rl.tasks.gym import reasoning_gym
 from fp16rl.tasks.math import math_format_reward, math_reward
+from fp16rl.tasks.overlong import get_soft_overlong_punishment, soft_overlong_from_config
 from fp16rl.tasks.reward_calls import (CALL_KEYWORDS, CallLogs, EventLoop, RewardBatch, StepLogs, is_async_callable,
                                        trainer_state)
+from fp16rl.tasks.reward_model import RewardModel, is_model_folder
 
-__all__ = ["math_reward", "math_format_reward", "reasoning_gym", "RewardSet", "RewardError", "load_reward_function"]
+__all__ = ["math_reward", "math_format_reward", "reasoning_gym", "get_soft_overlong_punishment", "RewardSet",
+           "RewardError", "load_reward_function"]
 
 logger = logging.getLogger("fp16rl")
 RewardFn = Callable[..., Sequence[Any]]
@@ -65,19 +71,26 @@ class RewardError(UserError):
     """A reward function that failed on the rows it was given."""
 
 
-def builtin_reward(name: str) -> RewardFn:
-    """The built-in reward function ``name`` (one of ``BUILTIN_REWARDS``, declared in config)."""
-    return _builtin_functions()[name]
+def builtin_reward(name: str, config: Any = None) -> RewardFn:
+    """The built-in reward function ``name`` (one of ``BUILTIN_REWARDS``, declared in config); ``config``
+    (a ``TrainConfig``, None: the defaults) gives the parameters of those that take some."""
+    return _builtin_functions()[name](config if config is not None else TrainConfig())
 
 
-def _builtin_functions() -> dict[str, RewardFn]:
-    return {"math": math_reward, "math_format": math_format_reward, "reasoning_gym": reasoning_gym}
+def _builtin_functions() -> dict[str, Callable[[Any], RewardFn]]:
+    """Each built-in from the run's config (only ``soft_overlong_punishment`` reads it)."""
+    return {"math": lambda config: math_reward, "math_format": lambda config: math_format_reward,
+            "reasoning_gym": lambda config: reasoning_gym, "soft_overlong_punishment": soft_overlong_from_config}
 
 
-def load_reward_function(spec: str) -> RewardFn:
-    """A built-in name, ``module:function`` or ``path/to/file.py:function``, imported and checked."""
+def load_reward_function(spec: str, config: Any = None) -> RewardFn:
+    """A built-in name (its parameters from ``config``), ``module:function``, ``path/to/file.py:function``, or
+    the folder of a sequence-classification reward model (:class:`~fp16rl.tasks.reward_model.RewardModel`),
+    imported and checked."""
     if spec in BUILTIN_REWARDS:
-        return builtin_reward(spec)
+        return builtin_reward(spec, config)
+    if is_model_folder(spec):
+        return RewardModel(spec)
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr.isidentifier():
         raise ConfigError(f"reward function {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}), "
@@ -122,10 +135,11 @@ class RewardSet:
 
     @classmethod
     def build(cls, functions: Sequence[str | RewardFn], weights: Sequence[float] = (),
-              on_error: str = "fail") -> "RewardSet":
+              on_error: str = "fail", config: Any = None) -> "RewardSet":
+        """The functions (names loaded; ``config`` gives the built-ins' parameters), weighted, named uniquely."""
         if not functions:
             raise ConfigError("no reward function: pass --reward-funcs (or --reward-name for one)")
-        loaded = [load_reward_function(f) if isinstance(f, str) else f for f in functions]
+        loaded = [load_reward_function(f, config) if isinstance(f, str) else f for f in functions]
         for original, fn in zip(functions, loaded):
             if not callable(fn):
                 raise ConfigError(f"reward function {original!r} is not callable")
