@@ -89,3 +89,46 @@ def sampling_metrics(behaviour_logprobs: torch.Tensor, kept_mass: torch.Tensor, 
         "sampling/behaviour_is_ratio_token_mean": r.mean().item(),
         "sampling/behaviour_is_ratio_token_max": r.max().item(),
     }
+
+
+# Rows of [k, V] turned into float64 at once: bounds the temporaries (~32 MB each) at 150k vocabularies.
+_VOCAB_CHUNK_ELEMENTS = 2**22
+
+
+def vocab_divergences(sampler_rows: torch.Tensor, trainer_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the divergence of the trainer's whole next-token distribution from the sampler's,
+    from their log-probabilities ``[k, V]``, in float64:
+
+    - each row renormalised first, ``lmu = log_softmax(float64(row))`` (the same distribution: log_softmax
+      ignores a shift), so fp32's log-sum-exp rounding (~1e-7 per row, a shift of every entry) does not
+      show as a KL of that size; the KL is then >= 0 up to float64 rounding;
+    - ``KL(mu || pi) = sum_v mu_v (lmu_v - lpi_v)`` in log space (a token with ``mu_v = 0`` adds 0);
+    - ``TV(mu, pi) = 1/2 sum_v |mu_v - pi_v|``, in [0, 1].
+
+    Returns ``(kl [k], tv [k])`` float64.
+    """
+    kl, tv = [], []
+    step = max(1, _VOCAB_CHUNK_ELEMENTS // max(1, sampler_rows.shape[-1]))
+    for begin in range(0, sampler_rows.shape[0], step):
+        lmu = torch.log_softmax(sampler_rows[begin: begin + step].double(), dim=-1)
+        lpi = torch.log_softmax(trainer_rows[begin: begin + step].double(), dim=-1)
+        mu, pi = lmu.exp(), lpi.exp()
+        kl.append(torch.where(mu > 0, mu * (lmu - lpi), torch.zeros_like(mu)).sum(-1))
+        tv.append(0.5 * (mu - pi).abs().sum(-1))
+    empty = sampler_rows.new_zeros(0, dtype=torch.float64)
+    return (torch.cat(kl), torch.cat(tv)) if kl else (empty, empty)
+
+
+def vocab_metrics(kl: torch.Tensor, tv: torch.Tensor) -> dict[str, float]:
+    """``mismatch/vocab_*`` over the sampled positions i (``kl``, ``tv`` of ``vocab_divergences``):
+    ``vocab_kl = mean_i KL_i``, ``vocab_kl_max = max_i KL_i``, ``vocab_tv = mean_i TV_i``,
+    ``vocab_tv_max = max_i TV_i``, ``vocab_positions`` = how many positions were compared."""
+    if kl.numel() == 0:
+        return {}
+    return {
+        "mismatch/vocab_kl": kl.mean().item(),
+        "mismatch/vocab_kl_max": kl.max().item(),
+        "mismatch/vocab_tv": tv.mean().item(),
+        "mismatch/vocab_tv_max": tv.max().item(),
+        "mismatch/vocab_positions": float(kl.numel()),
+    }

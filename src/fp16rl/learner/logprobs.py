@@ -110,6 +110,7 @@ def completion_logprobs(
     head: LogitHead | None = None,
     run_backbone: Callable[..., Any] | None = None,
     share_prompts: bool = False,
+    tap: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs ``[N, C]`` (fp32, 0 where masked) of the completion tokens, and entropy.
 
@@ -117,13 +118,17 @@ def completion_logprobs(
     and for the loss (with grad). ``log pi(y_t) = log_softmax(head(h_{P-1+t}) / T)[y_t]``.
     ``run_backbone`` replaces ``completion_hidden`` over ``backbone(model)`` (data-parallel training
     passes its DDP/FSDP wrapper, whose one forward runs it); ``share_prompts``: each prompt shared by
-    several rows is computed once (``prompt_forward``).
+    several rows is computed once (``prompt_forward``). ``tap(hidden)`` sees the last hidden states
+    ``[N, C, H]`` (position t predicts token t) before the head: the full-vocabulary parity reads a few
+    positions' whole distributions from them (``measure/vocab.py``) without another forward.
     """
     head = head or LogitHead.of(model)
     if run_backbone is not None:
         hidden = run_backbone(tokens=batch, share_prompts=share_prompts)
     else:
         hidden = completion_hidden(backbone(model), batch, share_prompts)
+    if tap is not None:
+        tap(hidden)
     mask = batch.completion_mask
     flat_hidden, flat_targets = hidden[mask], batch.completion_ids[mask]
     parts_logp, parts_entropy = [], []

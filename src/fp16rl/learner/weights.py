@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fp16rl.model.islands import island_parameter_ids
 from fp16rl.model.precision import PrecisionPolicy
 
 
@@ -36,8 +37,10 @@ class MasterWeights:
         with torch.no_grad():
             if self.is_copy:
                 self.masters = [nn.Parameter(p.detach().float().clone()) for p in self.params]
+                islands = island_parameter_ids(model)  # FP32 islands keep an FP32 compute copy
                 for p in self.params:
-                    p.data = p.data.to(policy.weights_dtype)
+                    if id(p) not in islands:
+                        p.data = p.data.to(policy.weights_dtype)
             else:
                 for p in self.params:
                     if p.dtype != torch.float32:

@@ -16,12 +16,14 @@ Two ways to get it, with the same numbers (tests/test_pi_old.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from fp16rl.algo.grpo import Correction
 from fp16rl.learner.distributed import WholeBatch
 from fp16rl.algo.mismatch import mismatch_metrics, sampling_metrics
+from fp16rl.measure.vocab import VocabParity
 
 
 def is_denominator(is_reference: str, mu: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor:
@@ -48,12 +50,14 @@ class FromTrainingForward:
     """Collects pi_old (and the entropy) of this rank's rows part by part from the training forward.
 
     ``is_mu``: the IS denominator of these rows (mu, or the behaviour logprobs); ``mask``: their
-    completion mask, ``[n, C]`` like both.
+    completion mask, ``[n, C]`` like both. ``vocab``: the full-vocabulary parity of these rows, whose
+    trainer side the same forward fills (``tap``).
     """
 
     correction: Correction
     is_mu: torch.Tensor
     mask: torch.Tensor
+    vocab: VocabParity | None = None
     old: torch.Tensor = field(init=False)
     entropy: torch.Tensor = field(init=False)
 
@@ -66,6 +70,10 @@ class FromTrainingForward:
         self.old[rows] = logprobs.detach()
         self.entropy[rows] = entropy
         return self.correction.weights(self.old[rows], self.is_mu[rows], self.mask[rows])[0]
+
+    def tap(self, begin: int) -> Callable[[torch.Tensor], None] | None:
+        """The hidden-state tap of the training forward over rows ``begin..`` (None: no parity)."""
+        return self.vocab.tap(begin) if self.vocab is not None else None
 
     def fill(self, old: torch.Tensor, entropy: torch.Tensor) -> None:
         """Every row at once (a step whose loss has no token runs no training forward: a recompute)."""

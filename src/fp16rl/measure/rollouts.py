@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fp16rl.learner.logprobs import LogitHead, completion_logprobs
-
+from fp16rl.learner.distributed import DataParallel
+from fp16rl.measure.vocab import VocabParity, vocab_parity_metrics
 from fp16rl.model.forward import TokenBatch, build_token_batch
 from fp16rl.model.precision import DtypeRecorder, PrecisionPolicy
 from fp16rl.rollout.sampler import Rollouts, Sampler, SamplingParams
@@ -40,9 +41,11 @@ class TrainerForward:
     run_backbone: Callable[..., Any] | None = None
     share_prompts: bool = False
 
-    def logprobs(self, tokens: TokenBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The policy's token logprobs ``[N, C]`` (and entropy) of ``tokens``, through ``run_backbone``."""
-        return self._logprobs(self.model, tokens, self.head, with_entropy, self.run_backbone)
+    def logprobs(self, tokens: TokenBatch, with_entropy: bool = False,
+                 vocab: VocabParity | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The policy's token logprobs ``[N, C]`` (and entropy) of ``tokens``, through ``run_backbone``;
+        ``vocab``: also the trainer's whole distributions at its sampled positions (``VocabParity.tap``)."""
+        return self._logprobs(self.model, tokens, self.head, with_entropy, self.run_backbone, vocab)
 
     def score(self, model: torch.nn.Module, tokens: TokenBatch, head: LogitHead | None = None) -> torch.Tensor:
         """``model``'s token logprobs (the reference's: ``learner.reference.LogprobsFn``) in the same compute
@@ -51,13 +54,15 @@ class TrainerForward:
         return self._logprobs(model, tokens, head or self.head, False, None)[0]
 
     def _logprobs(self, model: torch.nn.Module, tokens: TokenBatch, head: LogitHead, with_entropy: bool,
-                  run_backbone: Callable[..., Any] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  run_backbone: Callable[..., Any] | None,
+                  vocab: VocabParity | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts, entropies = [], []
         with self.policy.autocast(tokens.input_ids.device.type):
             for begin in range(0, tokens.input_ids.shape[0], self.rows):
                 logp, entropy = completion_logprobs(model, tokens.select(slice(begin, begin + self.rows)),
                                                     self.temperature, with_entropy, self.chunk_tokens, head,
-                                                    run_backbone, self.share_prompts)
+                                                    run_backbone, self.share_prompts,
+                                                    vocab.tap(begin) if vocab is not None else None)
                 parts.append(logp)
                 entropies.append(entropy)
         return torch.cat(parts), (torch.cat(entropies) if with_entropy else None)
@@ -67,7 +72,8 @@ class TrainerForward:
 class RolloutRequest:
     """What the sampler draws: ``num_generations`` completions of each prompt with ``params``, the prompt
     in slot ``slots[i]`` drawing the noise of that slot (``Sampler.generate``); ``max_rows`` bounds the
-    rows decoded at once."""
+    rows decoded at once; ``vocab_positions``: how many completion positions the full-vocabulary parity
+    compares (``measure/vocab.py``; 0: none)."""
 
     prompt_ids: Sequence[Sequence[int]]
     num_generations: int
@@ -75,6 +81,7 @@ class RolloutRequest:
     seed: int
     slots: Sequence[int]
     max_rows: int | None = None
+    vocab_positions: int = 0
 
 
 @dataclass
@@ -88,6 +95,11 @@ class Measurement:
     observed: dict[str, dict[str, str]]  # {"sampler": ..., "trainer": ...} from DtypeRecorder
     sample_s: float
     recompute_s: float
+    vocab: VocabParity | None = None  # full-vocabulary parity; its trainer side filled by the recompute or later
+
+    def vocab_metrics(self, parallel: DataParallel) -> dict[str, float]:
+        """``mismatch/vocab_*`` of the whole batch (every rank's part; a collective), none when off."""
+        return vocab_parity_metrics(self.vocab, parallel)
 
 
 @torch.no_grad()
@@ -106,18 +118,21 @@ def measure_rollouts(
     """
     start = time.perf_counter()
     rollouts = sampler.generate(request.prompt_ids, request.num_generations, request.params, seed=request.seed,
-                                slots=request.slots, should_stop=should_stop, max_rows=request.max_rows)
+                                slots=request.slots, should_stop=should_stop, max_rows=request.max_rows,
+                                vocab_positions=request.vocab_positions)
     sampled = time.perf_counter()
     model = forward.model
     device = next(model.parameters()).device
     tokens = build_token_batch(rollouts.prompt_ids, request.num_generations, rollouts.completion_ids,
                                rollouts.completion_mask, pad_token_id).to(device)
+    vocab = None if rollouts.vocab is None else VocabParity(
+        rollouts.vocab.to(device), forward.head, forward.temperature, tokens.completion_ids)
     if not recompute:
         return Measurement(rollouts, tokens, None, None, {"sampler": rollouts.observed_dtype, "trainer": None},
-                           sampled - start, 0.0)
+                           sampled - start, 0.0, vocab)
     recorder = DtypeRecorder()
     with recorder.watch(model), (watch(model) if watch else contextlib.nullcontext()):
-        old_logprobs, entropy = forward.logprobs(tokens, with_entropy)
+        old_logprobs, entropy = forward.logprobs(tokens, with_entropy, vocab)
     return Measurement(rollouts, tokens, old_logprobs, entropy,
                        {"sampler": rollouts.observed_dtype, "trainer": recorder.report()},
-                       sampled - start, time.perf_counter() - sampled)
+                       sampled - start, time.perf_counter() - sampled, vocab)

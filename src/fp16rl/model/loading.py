@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -20,6 +20,7 @@ from fp16rl.core.atomic import atomic_directory
 from fp16rl.config.options import DEFAULT_LORA_TARGETS
 from fp16rl.core.errors import ModelError
 from fp16rl.model.forward import causal_lm
+from fp16rl.model.islands import island_parameter_ids, keep_in_fp32, resolve_islands
 from fp16rl.core.paths import TINY, fp16rl_home, resolve_model_path
 from fp16rl.runs.folders import refuse_used_folder
 
@@ -191,9 +192,13 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> torch.nn.Module:
 def load_trainer_model(
     model_path: str | os.PathLike, trainer_dtype: torch.dtype, lora: LoraSettings | None,
     attn_implementation: str = "sdpa", device: str | torch.device = "cpu", load_in_4bit: bool = False,
+    fp32_modules: Sequence[str] = (),
 ) -> torch.nn.Module:
     """The trainer's model: trainable weights in FP32 (``MasterWeights`` then keeps them as masters
     and gives the model its compute copy); LoRA's frozen base stored in ``trainer_dtype``.
+
+    ``fp32_modules`` (``PrecisionPolicy.fp32_modules``): the FP32 islands (``fp16rl.model.islands``),
+    marked here so that ``MasterWeights`` and the sampler's copy leave them in FP32.
 
     With ``load_in_4bit`` the base's linear layers are NF4 computing in the trainer dtype and
     everything else frozen stays in that dtype too. Unlike peft's ``prepare_model_for_kbit_training``
@@ -202,11 +207,16 @@ def load_trainer_model(
     load_dtype = trainer_dtype if load_in_4bit else torch.float32
     model = load_model(model_path, load_dtype, attn_implementation, device, load_in_4bit=load_in_4bit)
     if lora is None:
-        return model.requires_grad_(True)
-    model = apply_lora(model, lora)
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(trainer_dtype)
+        model.requires_grad_(True)
+    else:
+        model = apply_lora(model, lora)
+    islands = resolve_islands(model, fp32_modules) if fp32_modules else []
+    keep_in_fp32(model, islands, trainer_dtype)  # before the cast below: their FP32 weights are the loaded ones
+    if lora is not None:
+        keep = island_parameter_ids(model)
+        for param in model.parameters():
+            if not param.requires_grad and param.is_floating_point() and id(param) not in keep:
+                param.data = param.data.to(trainer_dtype)
     return model
 
 

@@ -5,6 +5,8 @@ measure.py    the measurement (through ``fp16rl.measure.rollouts.measure_rollout
               metrics, results
 range_check.py  the largest activation per layer against the fp16 maximum
 output.py     probe.json, probe.md, figures, terminal tables
+drill.py      ``--drill-down``: the sampler's decode and the trainer's forward layer by layer vs fp32
+drill_output.py  drill_down.json, drill_down.md, drill_down.png
 
 Imports: ``fp16rl.measure`` and every row below it (pyproject.toml [tool.importlinter]); not its
 siblings training, report and tools.

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from fp16rl.measure.rollouts import RolloutRequest, TrainerForward, measure_rollouts
+from fp16rl.measure.vocab import PositionStats, concatenate, vocab_strata
 from fp16rl.model.hardware import auto_threads
 from fp16rl.learner.logprobs import LogitHead
-from fp16rl.algo.mismatch import mismatch_metrics
+from fp16rl.algo.mismatch import mismatch_metrics, vocab_metrics
 from fp16rl.model.loading import (LoraSettings, load_model, load_tokenizer, load_trainer_model, model_folder, resolve_device,
                            stop_token_ids)
 from fp16rl.model.precision import PrecisionPolicy, check_observed
@@ -46,6 +47,7 @@ class ConfigResult:
     trainer_logprobs: torch.Tensor = field(repr=False)  # [T]
     seq_log_ratio: torch.Tensor = field(repr=False)  # [N] sum_t (lpi - lmu) per completion
     seq_lengths: torch.Tensor = field(repr=False)  # [N]
+    vocab_strata: dict[str, Any] = field(default_factory=dict)  # full-vocabulary parity by position / by mu
 
     @property
     def label(self) -> str:
@@ -53,7 +55,7 @@ class ConfigResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "attn": self.attn, "batch_size": self.batch_size,
-                "metrics": self.metrics, "observed": self.observed}
+                "metrics": self.metrics, "observed": self.observed, "vocab_strata": self.vocab_strata}
 
 
 @dataclass
@@ -140,6 +142,12 @@ class Measurement:
     observed: dict[str, Any]  # dtypes each engine actually computed in (DtypeRecorder)
     sampler_s: float
     trainer_s: float
+    vocab: PositionStats | None = None  # the full-vocabulary parity's positions (``VOCAB_POSITIONS`` a chunk)
+
+
+# Positions of each chunk whose whole distributions the probe compares (``measure/vocab.py``): more than a
+# training step's default, so that its strata by position and by probability hold enough of them.
+VOCAB_POSITIONS = 512
 
 
 def measure_config(
@@ -160,12 +168,14 @@ def measure_config(
     ``batch_size`` samples goes through ``measure.rollouts.measure_rollouts``, the function the trainer's step
     calls. Sample ``j`` draws the noise of slot ``j`` in every configuration (paired draws).
     """
-    policy = PrecisionPolicy.from_options(dtype, trainer_compute=settings.trainer_compute)
+    policy = PrecisionPolicy.from_options(dtype, trainer_compute=settings.trainer_compute,
+                                          fp32_modules=settings.fp32_modules)
     device = resolve_device(settings.device)
     lora = None if settings.lora_r == 0 else LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha,
                                                            use_rslora=settings.use_rslora,
                                                            target_modules=tuple(settings.lora_target_modules))
-    model = load_trainer_model(model_path, policy.trainer_dtype, lora, attn, device).eval()
+    model = load_trainer_model(model_path, policy.trainer_dtype, lora, attn, device,
+                               fp32_modules=policy.fp32_modules).eval()
     MasterWeights(model, policy)
     head = LogitHead.of(model)
     pad_token_id = tokenizer.pad_token_id
@@ -176,10 +186,11 @@ def measure_config(
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     observed: dict[str, Any] = {}
     timings = {"sampler": 0.0, "trainer": 0.0}
+    positions: list[PositionStats] = []
     for start in range(0, settings.num_samples, batch_size):
         rows = range(start, min(start + batch_size, settings.num_samples))
         request = RolloutRequest([prompts[j % len(prompts)] for j in rows], 1, params, derived_seed(settings.seed),
-                                 rows)
+                                 rows, vocab_positions=VOCAB_POSITIONS)
         forward = TrainerForward(model, head, policy, params.temperature, len(rows), 2048)
         measured = measure_rollouts(sampler, request, forward, pad_token_id)
         timings["sampler"] += measured.sample_s
@@ -190,11 +201,12 @@ def measure_config(
                                       full_finetune=lora is None)["observed"]
         rollouts = measured.rollouts
         parts.append((rollouts.sampler_logprobs, measured.old_logprobs.cpu(), rollouts.completion_mask))
+        positions.append(measured.vocab.positions())
         advance(f"{len(rows)} samples")
     width = max(part[0].shape[1] for part in parts)
     mu, pi, mask = (torch.cat([torch.nn.functional.pad(part[i], (0, width - part[i].shape[1])) for part in parts])
                     for i in range(3))
-    return Measurement(mu, pi, mask.bool(), observed, timings["sampler"], timings["trainer"])
+    return Measurement(mu, pi, mask.bool(), observed, timings["sampler"], timings["trainer"], concatenate(positions))
 
 
 def run_probe(settings: ProbeSettings, show_progress: bool = False) -> ProbeResult:
@@ -231,6 +243,7 @@ def _run_probe(settings: ProbeSettings, show_progress: bool) -> ProbeResult:
             fp16_range = fp16_range_check(reference, prompts, settings.fp16_headroom)
             progress.update(advance=1)
         del reference
+        settings = replace(settings, fp32_modules=settings.islands(fp16_range))  # 'flagged' -> the names it flagged
         for attn in settings.attn:
             for dtype in settings.dtypes:
                 for batch_size in settings.batch_sizes:
@@ -258,10 +271,12 @@ def _config_result(dtype: str, attn: str, batch_size: int, m: Measurement) -> Co
     metrics["time/sampler_s"] = m.sampler_s
     metrics["time/trainer_s"] = m.trainer_s
     metrics["throughput/sampler_tokens_per_s"] = metrics["probe/num_tokens"] / max(m.sampler_s, 1e-9)
+    metrics.update(vocab_metrics(m.vocab.kl, m.vocab.tv) if m.vocab is not None else {})
     return ConfigResult(
         dtype=dtype, attn=attn, batch_size=batch_size, metrics=metrics, observed=m.observed,
         sampler_logprobs=mu[mask], trainer_logprobs=pi[mask],
         seq_log_ratio=((pi - mu) * mask).sum(dim=1), seq_lengths=mask.sum(dim=1),
+        vocab_strata=vocab_strata(m.vocab) if m.vocab is not None else {},
     )
 
 

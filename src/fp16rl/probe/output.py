@@ -110,6 +110,24 @@ def comparison_lines(result: ProbeResult) -> list[str]:
     return lines
 
 
+def vocab_parity_lines(result: ProbeResult) -> list[str]:
+    """probe.md's full-vocabulary section: KL(mu || pi) and TV over the whole vocabulary at a sample of
+    positions (``measure/vocab.py``), by position in the completion and by the sampled token's mu."""
+    rows = [(config.label, kind.removeprefix("by_").replace("_", " "), name, values)
+            for config in result.configs for kind, strata in config.vocab_strata.items()
+            for name, values in strata.items()]
+    if not rows:
+        return []
+    out = ["## Full-vocabulary parity", "",
+           "KL(μ‖π) = Σ_v μ_v (log μ_v - log π_v) and TV = ½ Σ_v |μ_v - π_v| over the whole vocabulary "
+           "(float64), at a seeded sample of completion positions (t = position in the completion, μ = the "
+           "sampler's probability of the token it drew there):", "",
+           "| configuration | by | stratum | positions | mean KL | max KL | mean TV |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {label} | {kind} | {name} | {v['positions']:.0f} | {v['vocab_kl']:.2e} | {v['vocab_kl_max']:.2e} | "
+            f"{v['vocab_tv']:.2e} |" for label, kind, name, v in rows]
+    return out + [""]
+
+
 def markdown_report(result: ProbeResult, files: dict[str, str]) -> str:
     """probe.md: the table, the plain-language comparison, the fp16 range check and the figures."""
     s = result.settings
@@ -146,6 +164,7 @@ def markdown_report(result: ProbeResult, files: dict[str, str]) -> str:
         out += [f"| {e['name']} | {e['max_abs']:.4g} | {e['headroom']:.3g}x |" for e in report["layers"]]
         out += ["", "Largest Linear outputs: " + ", ".join(f"{m['name']} {m['max_abs']:.4g}" for m in report["top_modules"]),
                 ""]
+    out += vocab_parity_lines(result)
     out += ["## Figures", "", f"![token probabilities]({files['token_probs']})", "",
             f"![sequence log-ratio vs length]({files['seq_log_ratio']})", ""]
     return "\n".join(out)

@@ -98,7 +98,8 @@ def fp16_range_summary(report: dict[str, Any]) -> str:
         verdict = "OVERFLOWS in fp16"
     else:
         verdict = f"less than {report['headroom_factor']:g}x headroom"
-    return f"fp16 range WARNING: {verdict} in {where}; {head}{measured}"
+    return (f"fp16 range WARNING: {verdict} in {where}; {head}{measured}"
+            "; --fp32-modules flagged keeps them in fp32 in both engines")
 
 
 def compact_names(names: Sequence[str]) -> list[str]:

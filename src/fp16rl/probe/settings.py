@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from fp16rl.config.options import opt, train_option
+from fp16rl.config.options import fp32_modules_problem, opt, train_option
 from fp16rl.config.dtypes import canonical_dtype
 from fp16rl.core.errors import PrecisionError, ProbeError
 from fp16rl.tasks.base import encode_text
@@ -52,6 +52,8 @@ class ProbeSettings:
     check_fp16_range: bool = opt(True, "Measure the largest activation per layer against the fp16 max 65504.")
     fp16_headroom: float = opt(8.0, "Warn when a layer's largest activation exceeds 65504 / this factor.")
     threads: int = opt(0, "CPU threads for torch (0 = auto: the cores other processes leave idle).")
+    drill_down: bool = opt(False, "Also compare the sampler's decode path and the trainer's forward layer by layer (each layer's output, attention, MLP, norms, logits) against an fp32 reference, per dtype: drill_down.json/.md/.png.")
+    drill_down_samples: int = opt(8, "Completions the drill-down captures per dtype (the probe's first ones, paired); their activations are held in memory.")
     # The trainer's model options, as `fp16rl train` takes them (same defaults).
     lora_r: int = train_option("lora_r")
     lora_alpha: int = train_option("lora_alpha")
@@ -59,6 +61,7 @@ class ProbeSettings:
     lora_target_modules: list = train_option("lora_target_modules")
     trainer_compute: str = train_option("trainer_compute")
     sampler_engine: str = train_option("sampler_engine")
+    fp32_modules: list = train_option("fp32_modules")
     device: str = train_option("device")
 
     def validate(self) -> None:
@@ -89,6 +92,30 @@ class ProbeSettings:
         for name, choices in (("trainer_compute", ("half_copy", "autocast")), ("sampler_engine", ("auto", "fast", "hf"))):
             if getattr(self, name) not in choices:
                 raise ProbeError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+        if self.drill_down and self.drill_down_samples < 1:
+            raise ProbeError(f"--drill-down-samples must be >= 1, got {self.drill_down_samples}")
+        self._validate_fp32_modules()
+
+    def _validate_fp32_modules(self) -> None:
+        """--fp32-modules as `train` takes it, plus ``flagged`` (which needs the fp16 range check)."""
+        problem = fp32_modules_problem(self.fp32_modules, allow_flagged=True)
+        if problem:
+            raise ProbeError(problem)
+        if "flagged" in self.fp32_modules and not self.check_fp16_range:
+            raise ProbeError("--fp32-modules flagged needs the fp16 range check; drop --no-check-fp16-range")
+        if self.fp32_modules and self.trainer_compute == "autocast" and self.lora_r == 0:
+            raise ProbeError("--fp32-modules cannot be used with --trainer-compute autocast (autocast would run an "
+                             "island's matmuls in half)")
+
+    def islands(self, fp16_range: dict[str, Any] | None) -> list[str]:
+        """--fp32-modules with ``flagged`` replaced by what the fp16 range check flagged (layers and modules)."""
+        names: list[str] = []
+        for value in self.fp32_modules:
+            if value == "flagged":
+                names += [] if fp16_range is None else [*fp16_range["flagged_layers"], *fp16_range["flagged_modules"]]
+            else:
+                names.append(value)
+        return list(dict.fromkeys(names))
 
 
 def read_prompt_texts(path: str | Path) -> list[str]:

@@ -49,6 +49,19 @@ class Run:
         return np.array([as_float(r.get(metric)) for r in self.records], dtype=float)
 
     @property
+    def budget_note(self) -> str | None:
+        """The report's line for a run over its ``--mismatch-budget`` (``mismatch/budget_exceeded`` 1 at some
+        step, ``training/budget.py``): stopped there, or warned and went on; None for the others."""
+        over = [int(r["step"]) for r in self.records if as_float(r.get("mismatch/budget_exceeded")) == 1.0]
+        if not over:
+            return None
+        seed = f", seed {self.seed}" if self.seed is not None else ""
+        if self.status == "stopped_on_mismatch_budget":
+            return f"{self.arm}{seed}: stopped at step {over[-1]}, its precision mismatch over --mismatch-budget"
+        steps = ", ".join(map(str, over[:5])) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+        return f"{self.arm}{seed}: precision mismatch over --mismatch-budget at step {steps} (warned, went on)"
+
+    @property
     def steps(self) -> np.ndarray:
         return np.array([int(r["step"]) for r in self.records], dtype=int)
 

@@ -417,4 +417,5 @@ def analyse(inputs: Inputs, reference: str | None = None, margin: float | None =
               "best_reward": "best mean of reward/mean over as many consecutive steps as final_reward's",
               "band": "min-max over seeds",
               "text": METHOD}
-    return Analysis(reference, conclusion, arms, comparisons, runs, list(inputs.notes), method)
+    budget_notes = [note for run in inputs.runs if (note := run.budget_note) is not None]
+    return Analysis(reference, conclusion, arms, comparisons, runs, list(inputs.notes) + budget_notes, method)

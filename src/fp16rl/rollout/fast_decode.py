@@ -44,6 +44,7 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from fp16rl.model.forward import causal_lm, length_dependent_rope, not_full_attention, prefill_forward
+from fp16rl.model.islands import hidden_like
 
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
@@ -284,7 +285,7 @@ class LlamaFamilyDecoder:
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
         self.half = self.head_dim // 2
-        weight = self.embed_tokens.weight  # rotary cos/sin come in the hidden states' dtype
+        weight = hidden_like(self.embed_tokens)  # rotary cos/sin come in the hidden states' dtype
         self.sin_sign = torch.tensor([-1.0] * self.half + [1.0] * self.half, dtype=weight.dtype, device=weight.device)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -297,7 +298,7 @@ class LlamaFamilyDecoder:
         self.rotary = None
         if self.rope_table:  # every position this call can reach: width - 1 + max_new_tokens at most
             positions = torch.arange(width + self.max_new_tokens, device=input_ids.device)[None]
-            cos, sin = self.rotary_emb(self.embed_tokens.weight, positions)  # in the hidden states' dtype
+            cos, sin = self.rotary_emb(hidden_like(self.embed_tokens), positions)  # in the hidden states' dtype
             self.rotary = torch.stack((cos[0], sin[0] * self.sin_sign), dim=1)  # [positions, 2, head_dim]
         if self.share_prompt_kv:
             self.shared = SharedPromptKV([layer.keys for layer in layers], [layer.values for layer in layers],

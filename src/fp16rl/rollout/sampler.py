@@ -27,11 +27,13 @@ import torch
 
 from fp16rl.model.forward import causal_lm, left_pad
 from fp16rl.model.loading import set_4bit_compute_dtype
+from fp16rl.model.islands import cast_outside_islands
 from fp16rl.model.precision import DtypeRecorder
 from fp16rl.rollout.draw import SamplingParams, draw_tokens, process_logits, prompt_tokens_seen
 from fp16rl.rollout.fast_decode import LlamaFamilyDecoder, unsupported_reason
 from fp16rl.rollout.hf_decoder import HFCacheDecoder
 from fp16rl.rollout.noise import TokenNoise, row_keys
+from fp16rl.rollout.vocab_rows import VocabKeeper, VocabRows
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Rollouts:
     # them): its logprob of each token, and the unprocessed mass the processing kept. [N, C]; 0 / 1 masked.
     behaviour_logprobs: torch.Tensor | None = None
     kept_mass: torch.Tensor | None = None
+    # The whole log-distributions at a bounded sample of positions (``vocab_rows``); None when not asked for.
+    vocab: VocabRows | None = None
 
     @classmethod
     def concatenate(cls, parts: list["Rollouts"], pad_token_id: int) -> "Rollouts":
@@ -65,7 +69,17 @@ class Rollouts:
                    completion_mask=padded("completion_mask", False), sampler_logprobs=padded("sampler_logprobs", 0.0),
                    finish_reasons=[r for p in parts for r in p.finish_reasons], num_generations=parts[0].num_generations,
                    observed_dtype=observed, behaviour_logprobs=padded("behaviour_logprobs", 0.0),
-                   kept_mass=padded("kept_mass", 1.0))
+                   kept_mass=padded("kept_mass", 1.0), vocab=cls._merged_vocab(parts))
+
+    @staticmethod
+    def _merged_vocab(parts: list["Rollouts"]) -> VocabRows | None:
+        """The calls' kept positions as one sample of the same size (``VocabRows.merge``)."""
+        if parts[0].vocab is None:
+            return None
+        offsets = [0]
+        for part in parts[:-1]:
+            offsets.append(offsets[-1] + part.completion_ids.shape[0])
+        return VocabRows.merge([p.vocab for p in parts], offsets)
 
     @property
     def truncated(self) -> list[bool]:
@@ -90,6 +104,7 @@ class CompletionBuffers:
     lengths: torch.Tensor  # [rows] tokens in each completion (EOS included); max_new until one is drawn
     finished_eos: torch.Tensor  # [rows] bool
     processing: bool = False
+    keeper: VocabKeeper | None = None  # keeps a sample of positions' whole rows (full-vocabulary parity)
 
     @classmethod
     def empty(cls, rows: int, max_new: int, pad_token_id: int, device: torch.device) -> "CompletionBuffers":
@@ -107,6 +122,8 @@ class CompletionBuffers:
         their logprobs under ``scaled`` (the temperature-scaled logits) and under ``processed``."""
         unprocessed_logp = torch.log_softmax(scaled, dim=-1)
         columns = [(self.tokens, drawn), (self.logprobs, unprocessed_logp.gather(1, drawn[:, None]).squeeze(1))]
+        if self.keeper is not None:
+            self.keeper.offer(step, rows, unprocessed_logp)
         if processed is not scaled:  # else the distribution sampled is mu itself (no copy per step)
             self.processing = True
             columns.append((self.behaviour, torch.log_softmax(processed, dim=-1).gather(1, drawn[:, None]).squeeze(1)))
@@ -138,14 +155,14 @@ class CompletionBuffers:
             behaviour_logprobs=(self.behaviour if self.processing else self.logprobs)[:, :width]
             .masked_fill(~mask, 0.0).cpu(),
             kept_mass=self.kept_mass[:, :width].masked_fill(~mask, 1.0).cpu(),
+            vocab=self.keeper.result() if self.keeper is not None else None,
         )
 
 
 def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating parameters (not buffers) to ``dtype``: RoPE frequencies stay fp32, as in vLLM."""
-    for param in module.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+    """Cast floating parameters (not buffers) to ``dtype``: RoPE frequencies stay fp32, as in vLLM; so do
+    the FP32 islands the trainer's model holds (``fp16rl.model.islands``)."""
+    cast_outside_islands(module, dtype)
 
 
 class Sampler:
@@ -241,6 +258,7 @@ class Sampler:
         slots: Sequence[int] | None = None,
         should_stop: Callable[[], None] | None = None,
         max_rows: int | None = None,
+        vocab_positions: int = 0,
     ) -> Rollouts:
         """Sample ``num_generations`` completions for each prompt.
 
@@ -249,6 +267,8 @@ class Sampler:
         other rows exist, when they finish, the batch size or the engine (see ``noise.TokenNoise``).
         ``max_rows`` bounds the rows decoded at once (the KV cache), in whole prompt groups.
         ``should_stop`` is called once per decoded token and may raise to abandon the call.
+        ``vocab_positions``: keep the whole log-distribution at that many completion positions
+        (``Rollouts.vocab``; ``vocab_rows`` says which), 0 none.
         """
         slots = list(range(len(prompt_ids))) if slots is None else list(slots)
         if len(slots) != len(prompt_ids) or len(set(slots)) != len(slots):
@@ -256,12 +276,14 @@ class Sampler:
         per_call = len(prompt_ids) if max_rows is None else max(1, max_rows // num_generations)
         with torch.inference_mode():
             parts = [self._generate(prompt_ids[i:i + per_call], num_generations, params,
-                                    row_keys(seed, slots[i:i + per_call], num_generations), should_stop)
+                                    row_keys(seed, slots[i:i + per_call], num_generations), should_stop,
+                                    vocab_positions)
                      for i in range(0, len(prompt_ids), per_call)]
             rollouts = parts[0] if len(parts) == 1 else Rollouts.concatenate(parts, self.pad_token_id)
         # Inference-mode tensors cannot enter autograd later (the trainer indexes with the mask).
         for name in ("completion_ids", "completion_mask", "sampler_logprobs", "behaviour_logprobs", "kept_mass"):
             setattr(rollouts, name, getattr(rollouts, name).clone())
+        rollouts.vocab = rollouts.vocab.clone() if rollouts.vocab is not None else None
         return rollouts
 
     def _generate(
@@ -271,6 +293,7 @@ class Sampler:
         params: SamplingParams,
         keys: torch.Tensor,
         should_stop: Callable[[], None] | None,
+        vocab_positions: int = 0,
     ) -> Rollouts:
         """One decode call (``generate`` splits the prompts into calls of at most ``max_rows`` rows, at
         least one prompt group): prefill each prompt once, fan its state out to ``num_generations`` rows,
@@ -287,6 +310,8 @@ class Sampler:
         seen = (prompt_tokens_seen(input_ids, attention, num_generations, vocab)
                 if params.repetition_penalty != 1.0 else None)
         out = CompletionBuffers.empty(len(logits), params.max_new_tokens, self.pad_token_id, device)
+        if vocab_positions > 0:
+            out.keeper = VocabKeeper(keys, vocab_positions, vocab, device)
         self._decode(decoder, logits, TokenNoise(keys.to(device), vocab), seen, params, out, should_stop)
         return out.rollouts(prompt_ids, num_generations, self.pad_token_id, recorder.report())
 
