@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -152,7 +152,9 @@ def _probe(settings: ProbeSettings, output_dir: Optional[Path]) -> None:
         refuse_used_folder(out_dir, "--output-dir")  # before minutes of work, not after
         _quiet_libraries()
         result = run_probe(settings, show_progress=True)
+        drill = _drill_down(settings, result) if settings.drill_down else None
         files = write_outputs(result, out_dir)
+        drill_lines = [] if drill is None else _write_drill_down(drill, out_dir, result)
     except USER_ERRORS as err:
         fail(str(err))
     stdout = Console()
@@ -163,8 +165,28 @@ def _probe(settings: ProbeSettings, output_dir: Optional[Path]) -> None:
     if result.fp16_range is not None:
         summary = fp16_range_summary(result.fp16_range)
         stdout.print(escape(summary) if result.fp16_range["ok"] else f"[bold yellow]{escape(summary)}[/]", highlight=False)
+    for line in drill_lines:
+        stdout.print(f"drill-down {escape(line)}", highlight=False)
     stdout.print(f"runtime {result.runtime_s:.0f} s (torch threads: {result.versions['torch_threads']}); results in {out_dir}: "
-                 + ", ".join(p.name for p in files.values()), highlight=False)
+                 + ", ".join(p.name for p in files.values()) + (", drill_down.json/.md/.png" if drill_lines else ""),
+                 highlight=False)
+
+
+def _drill_down(settings: ProbeSettings, result: Any) -> dict:
+    """``--drill-down``: the layer-by-layer comparison, after the probe (``fp16rl.probe.drill``)."""
+    from fp16rl.probe.drill import drill_down_after
+
+    return drill_down_after(settings, result.fp16_range, show_progress=True)
+
+
+def _write_drill_down(drill: dict, out_dir: Path, result: Any) -> list[str]:
+    """drill_down.* beside the probe's files; the summary compares with the probe's mean |Δlogp| per dtype
+    (its first attention kind and batch size, as the drill-down's)."""
+    from fp16rl.probe.drill_output import write_drill_down
+
+    probe_logp = {c.dtype: c.metrics["mismatch/logp_abs_diff_mean"] for c in result.configs
+                  if c.attn == drill["settings"]["attn"] and c.batch_size == drill["settings"]["batch_size"]}
+    return write_drill_down(drill, out_dir, probe_logp)
 
 
 probe = settings_command(ProbeSettings, _probe, fail, extra=(

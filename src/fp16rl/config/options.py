@@ -19,6 +19,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 from fp16rl.config.dtypes import canonical_dtype
@@ -33,10 +34,16 @@ IS_REFERENCES = ("unprocessed", "behaviour")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
 ALGORITHMS = ("grpo", "ppo", "online_dpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+# Mismatch metrics a --mismatch-budget may bound (larger = further apart; training/budget.py checks them).
+BUDGET_METRICS = ("mismatch/vocab_kl", "mismatch/vocab_kl_max", "mismatch/vocab_tv", "mismatch/vocab_tv_max",
+                  "mismatch/token_kl_k3", "mismatch/token_kl_k1", "mismatch/seq_kl", "mismatch/chi2_token",
+                  "mismatch/logp_abs_diff_mean", "mismatch/logp_abs_diff_max", "mismatch/prob_abs_diff_mean",
+                  "mismatch/prob_abs_diff_max")
+BUDGET_ACTIONS = ("stop", "warn")
 # Names whose implementations live in higher layers (tasks): declared here so that options are checked
 # without importing them; tests/test_layers.py asserts the registries hold exactly these names.
 ARC_REWARDS = ("arc-v1", "arc-v2-no-pixel-score")  # fp16rl.tasks.arc.reward.REWARDS
-BUILTIN_REWARDS = ("math", "math_format", "reasoning_gym")  # fp16rl.tasks.rewards
+BUILTIN_REWARDS = ("math", "math_format", "reasoning_gym", "soft_overlong_punishment")  # fp16rl.tasks.rewards
 GRID_ENCODERS = {"colornameencoder": "ColorNameEncoder", "colornames": "ColorNameEncoder",  # tasks.arc.encoders
                  "colournames": "ColorNameEncoder", "colors": "ColorNameEncoder", "colours": "ColorNameEncoder",
                  "digitencoder": "DigitEncoder", "digits": "DigitEncoder"}
@@ -68,6 +75,23 @@ def opt(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequen
     return field(**kwargs)
 
 
+FP32_MODULE_KEYWORDS = ("norms", "head", "flagged")  # --fp32-modules' names besides module-name patterns
+_MODULE_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")
+
+
+def fp32_modules_problem(values: Sequence[str], allow_flagged: bool) -> str | None:
+    """Why ``--fp32-modules`` cannot be these values (one line), or None. ``flagged`` needs the fp16 range
+    check that ``fp16rl probe`` runs (``allow_flagged``); training takes the names it reports."""
+    for value in values:
+        if value == "flagged" and not allow_flagged:
+            return ("--fp32-modules flagged needs the fp16 range check of `fp16rl probe`; training takes the "
+                    "module names it flags (probe.json fp16_range flagged_layers/flagged_modules)")
+        if value not in FP32_MODULE_KEYWORDS and not _MODULE_PATTERN.match(value):
+            return (f"--fp32-modules {value!r}: use norms, head{', flagged' if allow_flagged else ''} or module-name "
+                    "patterns (letters, digits, '.', '_', '-', fnmatch's * ? [])")
+    return None
+
+
 def train_option(name: str) -> Any:
     """The field of ``TrainConfig.<name>`` (default, help, choices) for another command's settings, so a
     shared option means and defaults to the same thing everywhere (``fp16rl probe`` takes the model's)."""
@@ -95,6 +119,7 @@ class TrainConfig:
     trainer_dtype: str | None = opt(None, "Override the trainer's compute dtype only (ablation).")
     trainer_compute: str = opt("half_copy", "Full fine-tuning's trainer arithmetic: half_copy = forward and backward on a copy of the FP32 master weights cast to the trainer dtype (FSDP's param_dtype; computes what the sampler computes); autocast = FP32 weights under torch.autocast (embeddings, norms and residual stream stay FP32). LoRA always computes as half_copy: its frozen base is stored in the dtype.", choices=TRAINER_COMPUTE)
     loss_scale_growth_interval: int = opt(400, "fp16 dynamic loss scaling: grow the scale after this many overflow-free steps (the paper's VeRL patch uses 400).")
+    fp32_modules: list[str] = opt([], "FP32 islands: modules both engines keep in FP32 weights and arithmetic inside the half-precision model (input upcast, output rounded back; the head's logits stay FP32). Comma-separated: norms, head, or module-name patterns (fnmatch, e.g. 'model.layers.1[1-9]', '*.mlp.down_proj'); `fp16rl probe` also takes flagged (what its fp16 range check flags). Half_copy only. Default: none.")
     attn_implementation: str = opt("sdpa", "Attention kernels of both engines: sdpa | eager.", choices=("sdpa", "eager"))
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (cuda when available).")
     threads: int = opt(0, "CPU threads of torch's intra-op pool; 0 = auto: torch's setting (every core, or OMP_NUM_THREADS), less the cores other processes keep busy at the start (OpenMP threads waiting for a busy core run ~3x slower than one thread). The count used is in config.yaml; a resume computes with it (another explicit count is obeyed with a warning: the resume is then not bitwise exact). Ignored on CUDA.")
@@ -108,8 +133,10 @@ class TrainConfig:
     lora_target_modules: list[str] = opt(list(DEFAULT_LORA_TARGETS), "Module names LoRA adapts (comma-separated on the command line).")
     # --- task / reward -----------------------------------------------------------------------
     reward_name: str | None = opt(None, "One reward: for ARC data arc-v2-no-pixel-score (the default) | arc-v1 | module:function over an Evaluation; for a prompt dataset the same as --reward-funcs with one function. Toy tasks score themselves.")
-    reward_funcs: list[str] = opt([], "Reward functions of a prompt dataset, TRL's convention fn(prompts, completions, completion_ids, **columns): math | math_format | reasoning_gym | module:function | path/to/file.py:function (comma-separated).")
+    reward_funcs: list[str] = opt([], "Reward functions of a prompt dataset, TRL's convention fn(prompts, completions, completion_ids, **columns): math | math_format | reasoning_gym | soft_overlong_punishment | module:function | path/to/file.py:function | a sequence-classification reward model folder (scored as TRL scores one: logit 0) (comma-separated).")
     reward_weights: list[float] = opt([], "Weight of each reward function (default: 1 each); the reward is the weighted sum (None counts 0).")
+    overlong_max_completion_len: int | None = opt(None, "soft_overlong_punishment's L_max (TRL's get_soft_overlong_punishment max_completion_len): completions longer than L_max - cache tokens lose (len - (L_max - cache)) / cache, down to -1 at L_max; default --max-completion-length.")
+    overlong_soft_punish_cache: int | None = opt(None, "soft_overlong_punishment's soft zone in tokens (TRL's soft_punish_cache; 0: -1 only past L_max); default L_max // 5.")
     reward_on_error: str = opt("fail", "A reward function that raises or returns a non-number: fail (exit 2 naming the function and row) | zero (the row scores 0, counted in reward/<name>/errors).", choices=("fail", "zero"))
     prompt_column: str | None = opt(None, "Column of a prompt dataset holding the prompts, text or chat messages (default: prompt).")
     system_prompt: str | None = opt(None, "System message put before every prompt of a prompt dataset (reasoning-gym: its own default).")
@@ -150,6 +177,8 @@ class TrainConfig:
     ppo_epochs: int = opt(1, "ppo: passes over each generation batch, each one optimizer step over its --gradient-accumulation-steps micro-batches (TRL uses 4 epochs; 1 costs what a GRPO step costs, and leaves both clips inactive).")
     dpo_beta: float = opt(0.1, "online_dpo: beta of the DPO loss, the strength of the implicit KL to the reference (TRL's default).")
     dpo_loss_type: str = opt("sigmoid", "online_dpo: sigmoid (DPO, -log sigmoid(beta h)) | ipo ((h - 1/(2 beta))^2), h the chosen-minus-rejected log-ratio to the reference of the summed completion logprobs (as TRL's OnlineDPOTrainer).", choices=DPO_LOSS_TYPES)
+    max_staleness: int = opt(0, "Asynchronous rollouts with bounded staleness K: 0 = the synchronous loop (sample, score, train, sync). K >= 1: a sampler in its own process generates the rollouts of step t from the weights after step t-1-K exactly (clamped at the initial weights) while the learner trains, a thread scores them, and the CPU threads are split between the two; deterministic whatever the timing. mismatch/* then compare trainer and sampler at the weights that sampled (precision alone), staleness/* the trainer at the current weights against those (the policy's move). GRPO only, one process (not under torchrun).")
+    decoupled_loss: bool = opt(False, "With --max-staleness K >= 1: clip the ratio against the proximal policy pi_theta(t-K), the trainer's logprobs at the weights that sampled, instead of the current weights, and take the IS correction (--is-correction) on pi_theta(t-K)/mu, precision alone: the staleness sits under the clip, the precision under the IS weight. Without it the ratio is against the current weights and the IS weight corrects the whole off-policy ratio pi_theta(t-1)/mu (AReaL's decoupled form with --is-correction token_truncate).")
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = opt(1e-5, "AdamW learning rate.")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norm weights, as in HF Trainer).")
@@ -171,6 +200,10 @@ class TrainConfig:
     save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (the one a run resumed from is never deleted); default: keep all.")
     report_to: list[str] = opt(["tensorboard"], "Where the step metrics go besides metrics.jsonl: tensorboard | wandb | trackio | mlflow | none (comma-separated; wandb runs offline unless WANDB_MODE is set).")
     stop_on_collapse: bool = opt(False, "End the run cleanly (checkpoint + summary.json) when the collapse monitor fires.")
+    vocab_parity_positions: int = opt(32, "Full-vocabulary parity: each step, compare the sampler's and the trainer's whole next-token distributions at this many completion positions (chosen from the step seed, the same in paired arms), logged as mismatch/vocab_kl, vocab_kl_max, vocab_tv, vocab_tv_max; 0 turns it off.")
+    mismatch_budget: float | None = opt(None, "The largest sampler/trainer mismatch the run accepts, in --mismatch-budget-metric: checked on every step's measurement (step 1, after each weight sync, after a resume); over it the run stops with one error line (exit 2) or warns (--mismatch-budget-action). Logged as mismatch/budget_exceeded. Default: no budget.")
+    mismatch_budget_metric: str = opt("mismatch/vocab_kl", "The metric --mismatch-budget bounds: " + " | ".join(BUDGET_METRICS) + " (the vocab ones need --vocab-parity-positions > 0).", choices=BUDGET_METRICS)
+    mismatch_budget_action: str = opt("stop", "Over --mismatch-budget: stop (summary.json status stopped_on_mismatch_budget, exit 2) | warn (a warning line, the run goes on).", choices=BUDGET_ACTIONS)
     arm: str | None = opt(None, "Label of this run's arm in a comparison (set by fp16rl compare; shown by fp16rl report).")
     logprob_chunk_tokens: int = opt(2048, "Tokens per lm_head/log-softmax chunk in the trainer (memory vs speed).")
     sampler_engine: str = opt("auto", "Sampler decoding engine: auto | fast | hf.", choices=("auto", "fast", "hf"))
@@ -195,12 +228,13 @@ class TrainConfig:
                               ("max_completion_length", 1), ("max_seq_length", 2), ("num_iterations", 1),
                               ("ppo_epochs", 1), ("save_samples_steps", 1), ("save_steps", 1),
                               ("loss_scale_growth_interval", 1), ("logprob_chunk_tokens", 1), ("lora_r", 0),
-                              ("lora_alpha", 1), ("top_k", 0),
+                              ("lora_alpha", 1), ("top_k", 0), ("max_staleness", 0),
                               ("seed", 0), ("code_memory_limit_mb", 64)):
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{flag(name)} must be >= {minimum}, got {getattr(self, name)}")
         _check_ranges(self)
         _check_combinations(self)
+        _check_parity_and_budget(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,6 +313,21 @@ def _check_ranges(c: TrainConfig) -> None:
             raise ConfigError(f"{flag(name)} must be {expected}, got {getattr(c, name)}")
 
 
+def _check_fp32_modules(c: TrainConfig) -> None:
+    """--fp32-modules: known names or patterns, and a compute path that can hold islands."""
+    if not c.fp32_modules:
+        return
+    problem = fp32_modules_problem(c.fp32_modules, allow_flagged=False)
+    if problem:
+        raise ConfigError(problem)
+    for given, why in ((c.trainer_compute == "autocast" and c.lora_r == 0, "--trainer-compute autocast (autocast "
+                        "already keeps norms and residual stream FP32, and would run an island's matmuls in half)"),
+                       (c.fsdp, "--fsdp (its shards are gathered in one dtype)"),
+                       (c.load_in_4bit, "--load-in-4bit (4-bit layers compute in the dtype)")):
+        if given:
+            raise ConfigError(f"--fp32-modules cannot be used with {why}")
+
+
 def _check_combinations(c: TrainConfig) -> None:
     """Values that are each fine but cannot go together, and names checked against known sets."""
     if not _DEVICE.match(c.device):
@@ -296,6 +345,12 @@ def _check_combinations(c: TrainConfig) -> None:
     if c.algorithm == "online_dpo" and c.num_iterations != 1:
         raise ConfigError(f"--algorithm online_dpo takes one optimizer step per generation batch (as TRL's "
                           f"OnlineDPOTrainer); --num-iterations must be 1, got {c.num_iterations}")
+    if c.max_staleness and c.algorithm != "grpo":
+        raise ConfigError(f"--max-staleness needs --algorithm grpo (its loss is the one split into precision and "
+                          f"staleness); --algorithm {c.algorithm} samples synchronously: use --max-staleness 0")
+    if c.decoupled_loss and not c.max_staleness:
+        raise ConfigError("--decoupled-loss clips against the weights that sampled, which are the current ones "
+                          "unless --max-staleness >= 1; give --max-staleness or leave --decoupled-loss out")
     if c.is_clip_min >= c.is_clip_max:
         raise ConfigError(f"--is-clip-min ({c.is_clip_min}) must be smaller than --is-clip-max ({c.is_clip_max})")
     batch = c.num_generations * c.prompts_per_step
@@ -313,6 +368,7 @@ def _check_combinations(c: TrainConfig) -> None:
         raise ConfigError("--load-in-4bit needs LoRA (--lora-r > 0): 4-bit weights cannot be trained directly")
     if c.share_prompt_kv and c.sampler_engine == "hf":
         raise ConfigError("--share-prompt-kv needs the fast sampler engine (--sampler-engine auto or fast), not hf")
+    _check_fp32_modules(c)
     _check_rewards_and_data(c)
     try:
         grid_encoder_key(c.grid_encoder)
@@ -354,6 +410,36 @@ def _check_rewards_and_data(c: TrainConfig) -> None:
         raise ConfigError(f"--dataset-seed must be >= 0, got {c.dataset_seed}")
     for name in ([c.reward_name] if c.reward_name else []) + c.reward_funcs:
         module, sep, attr = name.rpartition(":")
-        if name not in ARC_REWARDS and name not in BUILTIN_REWARDS and not (sep and module and attr):
+        if name not in ARC_REWARDS and name not in BUILTIN_REWARDS and not (sep and module and attr) \
+                and not (Path(name) / "config.json").is_file():
             raise ConfigError(f"reward {name!r} is unknown; choose {', '.join([*ARC_REWARDS, *BUILTIN_REWARDS])}, "
-                              "module:function or path/to/file.py:function")
+                              "module:function, path/to/file.py:function or a reward model folder (with config.json)")
+    _check_overlong(c)
+
+
+def _check_overlong(c: TrainConfig) -> None:
+    """soft_overlong_punishment's parameters: L_max >= 1, 0 <= cache <= L_max (a zone past L_max is empty), and
+    not given to named rewards without it (train()'s reward_funcs argument is not part of the config)."""
+    named = c.reward_funcs or ([c.reward_name] if c.reward_name else [])
+    given = [flag(n) for n in ("overlong_max_completion_len", "overlong_soft_punish_cache") if getattr(c, n) is not None]
+    if given and named and "soft_overlong_punishment" not in named:
+        raise ConfigError(f"{', '.join(given)} set the soft_overlong_punishment reward, which the reward functions "
+                          f"({', '.join(named)}) do not include; add it to --reward-funcs or drop the option")
+    max_len = c.overlong_max_completion_len or c.max_completion_length
+    if c.overlong_max_completion_len is not None and c.overlong_max_completion_len < 1:
+        raise ConfigError(f"--overlong-max-completion-len must be >= 1, got {c.overlong_max_completion_len}")
+    cache = c.overlong_soft_punish_cache
+    if cache is not None and not 0 <= cache <= max_len:
+        raise ConfigError(f"--overlong-soft-punish-cache must be between 0 and the length limit L_max ({max_len}), "
+                          f"got {cache}")
+
+
+def _check_parity_and_budget(c: TrainConfig) -> None:
+    """--vocab-parity-positions and the mismatch budget (training/budget.py)."""
+    if c.vocab_parity_positions < 0:
+        raise ConfigError(f"--vocab-parity-positions must be >= 0 (0 turns it off), got {c.vocab_parity_positions}")
+    if c.mismatch_budget is not None and c.mismatch_budget < 0:
+        raise ConfigError(f"--mismatch-budget must be >= 0, got {c.mismatch_budget}")
+    if c.mismatch_budget is not None and "vocab" in c.mismatch_budget_metric and c.vocab_parity_positions == 0:
+        raise ConfigError(f"--mismatch-budget-metric {c.mismatch_budget_metric} needs --vocab-parity-positions > 0 "
+                          "(it is 0); turn the parity on or bound another metric, e.g. mismatch/token_kl_k3")

@@ -33,6 +33,7 @@ from fp16rl.core.ranks import launched_ranks
 
 # Options a resumed run cannot change: its checkpoint, data position and pairing depend on them.
 RESUME_FIXED = ("model_path", "dataset_path", "seed", "dtype", "sampler_dtype", "trainer_dtype", "trainer_compute",
+                "fp32_modules",
                 "load_in_4bit", "lora_r", "lora_alpha", "use_rslora", "lora_target_modules", "num_generations",
                 "prompts_per_step", "prompt_column", "system_prompt", "dataset_size", "dataset_seed")
 

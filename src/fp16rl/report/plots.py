@@ -37,6 +37,12 @@ FIGURES = (
         Panel(LOGP_DIFF, "mean |Δlogp| per token", True),
         Panel(SEQ_KL, "sequence KL[μ||π] (k1 estimate)", True),
     )),
+    # Asynchronous runs only (--max-staleness K): beside the mismatch, which is then precision alone, the
+    # policy's move since the weights that sampled (the trainer at step t against itself at t-K).
+    FigureSpec("staleness.png", "Policy move since sampling, --max-staleness (log scale)", (
+        Panel("staleness/logp_abs_diff_mean", "mean |Δlogp| per token", True),
+        Panel("staleness/seq_kl", "sequence KL[π(t-K)||π(t)] (k1 estimate)", True),
+    )),
     FigureSpec("truncated_ratio.png", "Completions cut at the length limit",
                (Panel("completion/truncated_ratio", "completion/truncated_ratio", False),)),
     FigureSpec("entropy.png", "Policy entropy", (Panel("policy/entropy", "policy/entropy", False),)),

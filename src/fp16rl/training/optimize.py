@@ -37,7 +37,9 @@ class BatchOptimizer:
     """What the passes over a generation batch use: the algorithm's loss, the policy's training forward
     (``forward``: its model, head, data-parallel wrapper and compute context), the GA micro-batch size on
     this rank, the loss scaler, and ``optimizer_step``, one (scaled) optimizer step returning ``(skipped,
-    grad_norm)``. ``counters`` (the run's ``*_steps_total``) are updated in place."""
+    grad_norm)``. ``counters`` (the run's ``*_steps_total``) are updated in place. ``proximal``
+    (``--decoupled-loss``): every pass's ratio is against ``batch.old_logprobs``, the proximal policy
+    pi_theta(t-K) (``measure/staleness.py``), even in a single pass, whose ratio is otherwise exactly 1."""
 
     algorithm: Algorithm
     forward: TrainerForward
@@ -49,6 +51,7 @@ class BatchOptimizer:
     optimizer: torch.optim.Optimizer
     optimizer_step: Callable[[], tuple[int, float]]
     counters: dict[str, int]
+    proximal: bool = False
 
     def run(self, batch: RolloutBatch, stop: StopRequest, step: int, metrics: dict[str, float],
             collected: FromTrainingForward | None = None) -> dict[str, float]:
@@ -89,7 +92,7 @@ class BatchOptimizer:
             logger.warning(self.algorithm.empty_loss_warning(step))
         if collected is not None:
             with torch.no_grad():
-                collected.fill(*self.forward.logprobs(batch.tokens, with_entropy=True))
+                collected.fill(*self.forward.logprobs(batch.tokens, with_entropy=True, vocab=collected.vocab))
 
     def _backward_pass(self, batch: RolloutBatch, micro_tokens: Sequence[float], batch_tokens: int,
                        totals: dict[str, float], stop: StopRequest, collected: FromTrainingForward | None) -> None:
@@ -125,8 +128,10 @@ class BatchOptimizer:
         with forward.policy.autocast(part.tokens.input_ids.device.type), stop.watching_layers(forward.model):
             logprobs, entropy = completion_logprobs(forward.model, part.tokens, forward.temperature,
                                                     collected is not None, forward.chunk_tokens, forward.head,
-                                                    forward.run_backbone, forward.share_prompts)
-        old = logprobs.detach() if self.algorithm.passes == 1 else part.old_logprobs  # ratio 1, as in TRL
+                                                    forward.run_backbone, forward.share_prompts,
+                                                    collected.tap(at) if collected is not None else None)
+        single = self.algorithm.passes == 1 and not self.proximal
+        old = logprobs.detach() if single else part.old_logprobs  # one pass: ratio 1, as in TRL
         if collected is not None:
             part = replace(part, is_weights=collected.take(slice(at, at + part.advantages.shape[0]), logprobs,
                                                            entropy))

@@ -87,6 +87,9 @@ def check_ranks(config: TrainConfig, world_size: int) -> None:
     if config.algorithm == "ppo":
         raise ConfigError("--algorithm ppo trains in one process (its critic's gradients are not reduced across "
                           "ranks); launch it without torchrun, or use --algorithm grpo with several ranks")
+    if config.max_staleness:
+        raise ConfigError(f"--max-staleness {config.max_staleness} runs its sampler process beside one learner; "
+                          "launch it without torchrun, or use --max-staleness 0 with several ranks")
     if config.prompts_per_step % world_size:
         raise ConfigError(f"--prompts-per-step {config.prompts_per_step} does not divide among {world_size} ranks; "
                           "each rank owns whole prompt groups (use a multiple of the number of ranks)")

@@ -59,7 +59,7 @@ def build_learner(config: TrainConfig, model_path: Path, tokenizer: Any, policy:
     uses and the sampler, synced from the masters (an ablation's sampler starts from them)."""
     lora = lora_settings(config)
     model = load_trainer_model(model_path, policy.trainer_dtype, lora, config.attn_implementation, device,
-                               config.load_in_4bit)
+                               config.load_in_4bit, policy.fp32_modules)
     gradient_checkpointing = enable_gradient_checkpointing(model, config.gradient_checkpointing)
     algorithm.before_cast(model, adapters=lora is not None)
     weights = MasterWeights(model, policy, sharded=sharded)

@@ -25,7 +25,6 @@ from fp16rl.algo.batch import RolloutBatch
 from fp16rl.algo.grpo import Correction
 from fp16rl.config.options import TrainConfig
 from fp16rl.core.atomic import atomic_write_text
-from fp16rl.core.errors import ConfigError
 from fp16rl.core.scores import Scores
 from fp16rl.core.seeds import step_seed
 from fp16rl.learner.critic import Critic
@@ -33,10 +32,11 @@ from fp16rl.learner.distributed import DataParallel, WholeBatch
 from fp16rl.learner.fsdp import full_optimizer_state, shard_optimizer_state
 from fp16rl.learner.logprobs import LogitHead
 from fp16rl.learner.weights import MasterWeights
-from fp16rl.measure.pi_old import FromTrainingForward, is_denominator, telemetry
+from fp16rl.measure.pi_old import FromTrainingForward, is_denominator
 from fp16rl.measure.rollouts import Measurement, RolloutRequest, TrainerForward, measure_rollouts
+from fp16rl.measure.staleness import StepTelemetry
 from fp16rl.model.forward import TokenBatch, dropout_active
-from fp16rl.model.hardware import emulation_notes, keep_freed_memory, library_versions, resolve_threads
+from fp16rl.model.hardware import keep_freed_memory, library_versions, resolve_threads
 from fp16rl.model.loading import load_tokenizer, model_folder, require_4bit_support, resolve_device
 from fp16rl.model.precision import PrecisionPolicy, check_observed
 from fp16rl.runs.checkpoint import prune_checkpoints, remove_torn_saves
@@ -46,14 +46,17 @@ from fp16rl.tasks import make_task
 from fp16rl.tasks.base import RunProgress, Task, encode_text
 from fp16rl.training.algorithm import LossContext, StepRows
 from fp16rl.training.algorithms import make_algorithm
+from fp16rl.training.budget import enforce_budget
 from fp16rl.training.checkpoint_io import load_checkpoint, save_checkpoint, seed_everything
 from fp16rl.training.completions import CompletionRows, gathered_records
 from fp16rl.training.interrupt import RunInterrupted, StopRequest
 from fp16rl.training.monitor import CollapseEvent, monitor_for
 from fp16rl.training.optimize import BatchOptimizer, scaled_optimizer_step
-from fp16rl.training.outcomes import outcome_metrics
+from fp16rl.training.pipeline import AsyncRollouts, RolloutSide, Sampled, WeightHistory
 from fp16rl.training.plan import check_ranks, plan_run
+from fp16rl.training.run_notes import check_resumed_precision, run_notes
 from fp16rl.training.setup import build_learner, build_optimizer, sampling_params
+from fp16rl.training.step_metrics import step_metrics
 from fp16rl.training.trackers import RunTracker
 
 logger = logging.getLogger("fp16rl")
@@ -88,7 +91,9 @@ class Trainer:
         self.saved_steps: set[int] = set()
         self.resumed_from = plan.resume_from
         self.resumes: list[dict] | None = None  # config.yaml's record of what each resume changed
-        self.notes = self._notes()  # once everything loaded: a refused run prints its one error line only
+        # Once everything loaded (a refused run prints its one error line only): what the user should read first.
+        self.notes = run_notes(config, self.policy, self.device, self.algorithm.notes(), self.parallel.enabled,
+                               self.threads_note, self.rope_note)
         for note in self.notes if self.parallel.is_main else []:
             logger.warning(note)
         self.run_dir = plan.create() if self.parallel.is_main else plan.run_dir  # the first write
@@ -115,10 +120,12 @@ class Trainer:
             threads, self.threads_note = resolve_threads(config.threads, plan.threads, self.device)
             torch.set_num_threads(threads)
             keep_freed_memory()
+        self.cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else None
         if config.load_in_4bit:
             require_4bit_support(self.device)
         self.policy = PrecisionPolicy.from_options(config.dtype, config.sampler_dtype, config.trainer_dtype,
-                                                   config.loss_scale_growth_interval, config.trainer_compute)
+                                                   config.loss_scale_growth_interval, config.trainer_compute,
+                                                   config.fp32_modules)
         seed_everything(config.seed)
         self.sharded = config.fsdp and self.parallel.enabled
         model_path = model_folder(config.model_path)
@@ -140,6 +147,9 @@ class Trainer:
         self.scaler = self.policy.grad_scaler(self.device.type, sharded=self.sharded)
         self.start_step = plan.resume_step
         self.counters = {"skipped_steps_total": 0, "empty_loss_steps_total": 0}
+        # --max-staleness K: the weight versions steps in flight sample with; the sampler process and scorer
+        self.history = WeightHistory(config.max_staleness) if config.max_staleness else None
+        self.pipeline: AsyncRollouts | None = None
         self.precision_report: dict[str, Any] | None = None  # observed afresh at the first step, resumed or not
         return self._read_resume(plan.resume_from)
 
@@ -148,9 +158,13 @@ class Trainer:
         need of it (``_resumed``)."""
         if checkpoint is None or not self.parallel.is_main:
             return None
-        state = load_checkpoint(checkpoint, self.weights.load, self.optimizer, self.scheduler, self.scaler,
-                                {"critic": self.critic.weights.load} if self.critic else None)
-        self._check_resumed_precision(state.get("precision"), checkpoint)
+        more = {"critic": self.critic.weights.load} if self.critic else {}
+        if self.history is not None:
+            more["stale_weights"] = self.history.load
+        state = load_checkpoint(checkpoint, self.weights.load, self.optimizer, self.scheduler, self.scaler, more or None)
+        check_resumed_precision(self.policy, state.get("precision"), checkpoint)
+        if self.history is not None:
+            self.history.require(state["step"], f"checkpoint {checkpoint}")
         if not self.parallel.enabled:
             return state
         return {"state": state, "masters": {k: v.detach().cpu() for k, v in self.weights.named_masters().items()},
@@ -187,33 +201,6 @@ class Trainer:
 
     # --- notes and records ---------------------------------------------------------------------
 
-    def _notes(self) -> list[str]:
-        """Warnings a user should read before the run: settings that work against each other, slow dtypes."""
-        notes = emulation_notes({self.policy.sampler_dtype, self.policy.trainer_dtype}, self.device)
-        if self.config.importance_sampling_level == "sequence" and self.config.loss_type != "grpo":
-            notes.append(f"--importance-sampling-level sequence with --loss-type {self.config.loss_type} weights each "
-                         "sequence by its length instead of optimising GSPO's per-sequence objective; GSPO uses "
-                         "--loss-type grpo")
-        notes.extend(self.algorithm.notes())
-        if self.config.fsdp and not self.parallel.enabled:
-            notes.append("--fsdp shards over the ranks of a torchrun launch; in one process it changes nothing")
-        if self.threads_note is not None:
-            notes.append(self.threads_note)
-        if self.rope_note is not None:
-            notes.append(f"the mismatch includes a RoPE-scaling difference, not only precision: {self.rope_note}, "
-                         "and the sampler's cached decoding takes them from the positions decoded so far, the "
-                         "trainer's forward from the whole sequence, so mismatch/* is not zero even in float32 "
-                         "(summary.json: mismatch_includes_rope_scaling)")
-        return notes
-
-    def _check_resumed_precision(self, stored: dict[str, Any] | None, checkpoint: Any) -> None:
-        declared = (stored or {}).get("declared") or {}
-        now = self.policy.describe()
-        for key, value in declared.items():
-            if key in now and now[key] != value:
-                raise ConfigError(f"checkpoint {checkpoint} was written with {key}={value}, this run has {key}="
-                                  f"{now[key]}; a run keeps its precision (start a new run to change it)")
-
     def _total_steps(self) -> int:
         if self.config.max_steps > 0:
             return self.config.max_steps
@@ -227,7 +214,7 @@ class Trainer:
             "task": self.task.name,
             "total_steps": self.total_steps,
             "device": str(self.device),
-            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "cpu_threads": self.cpu_threads,
             "precision": self.precision_report or {"declared": self.policy.describe(), "observed": "after step 1"},
             "notes": self.notes,
             "versions": library_versions(),
@@ -255,6 +242,7 @@ class Trainer:
             with display, stop.installed():
                 for step in range(self.start_step + 1, self.total_steps + 1):
                     metrics = self.step(step, stop)
+                    enforce_budget(self, step, metrics)  # over --mismatch-budget: logged, then stopped
                     last_done = step
                     if self.tracker is not None:
                         self.tracker.log(step, metrics)
@@ -283,6 +271,8 @@ class Trainer:
             self.status = "interrupted"
             raise
         finally:
+            if self.pipeline is not None:  # the sampler process and the scoring thread end with the run
+                self.pipeline.close()
             if self.tracker is not None:
                 self.tracker.close()
             self.task.close()
@@ -310,19 +300,19 @@ class Trainer:
 
         # 1. Rollouts from the sampler (sampler dtype, their logprobs mu) and the trainer's logprobs of
         #    the same tokens at the same weights (pi_old): the measurement the probe makes too.
+        #    With --max-staleness K they come sampled at the weights of step t-K, and scored, from the
+        #    pipeline (``pipeline.py``), with the trainer's logprobs at those weights too.
         fused = self._pi_old_from_training()
-        items, measured = self._sample(step, stop, recompute=not fused)
+        got = self._async_rollouts(step, stop, fused) if self.history else self._sample_and_score(step, stop, fused)
+        measured, scores = got.measured, got.scores
+        split = StepTelemetry(self.correction, cfg.is_reference, cfg.decoupled_loss, got.stale,
+                              self.parallel.gather_rows(got.stale))  # K >= 1: mismatch and staleness apart
         rollouts, tokens = measured.rollouts, measured.tokens
-        token_lists = rollouts.completion_lists()
-        completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
 
-        # 2. Rewards; the whole batch (every rank's part) for group advantages and every metric.
-        t_reward = time.perf_counter()
-        grouped_items = [item for item in items for _ in range(cfg.num_generations)]
-        scores = self.task.score(grouped_items, completions, rollouts.truncated, token_lists,
-                                 progress=RunProgress(global_step=step - 1, max_steps=self.total_steps))
+        # 2. Rewards (scored with the rollouts); the whole batch (every rank's part) for group advantages and
+        #    every metric.
         mu, behaviour = rollouts.sampler_logprobs.to(self.device), rollouts.behaviour_logprobs.to(self.device)
-        whole = self._whole_batch(scores, measured, token_lists)
+        whole = self._whole_batch(scores, measured, got.token_lists)
         stop.check()
         t_scored = time.perf_counter()
 
@@ -330,28 +320,54 @@ class Trainer:
         #    (GRPO: group advantages, the reference; PPO: values, GAE; online DPO: pairs, their loss weights).
         #    pi_old from the training forward (``pi_old.py``): the metrics follow the loss.
         t_metrics = time.perf_counter()
-        metrics, is_weights = ({}, None) if fused else telemetry(whole, self.correction, cfg.is_reference)
+        metrics, is_weights = ({}, None) if fused else split.measure(whole)
         mismatch_s = measured.recompute_s + time.perf_counter() - t_metrics
         loss_mask = self._loss_mask(tokens, rollouts.truncated)
-        batch = self.algorithm.loss_batch(StepRows(whole, tokens, measured.old_logprobs, mu, is_weights, loss_mask),
-                                          metrics)
-        collected = FromTrainingForward(self.correction, is_denominator(cfg.is_reference, mu, behaviour),
-                                        tokens.completion_mask) if fused else None
+        batch = self.algorithm.loss_batch(StepRows(whole, tokens, split.loss_old(measured.old_logprobs), mu,
+                                                   is_weights, loss_mask), metrics)
+        collected = split.collector(is_denominator(cfg.is_reference, mu, behaviour), tokens.completion_mask,
+                                    vocab=measured.vocab) if fused else None
 
         # 4. Loss, backward (scaled in fp16), unscale, clip, step or skip; then sync the sampler.
         optim_metrics = self._optimize(batch, stop, step, metrics, collected)
         if collected is not None:
-            whole, mismatch_s = self._telemetry_from_forward(whole, collected, metrics)
-        self.sampler.sync_from(self.weights.full_masters())
+            whole, mismatch_s = self._telemetry_from_forward(whole, collected, metrics, split)
+        if self.pipeline is None:
+            self.sampler.sync_from(self.weights.full_masters())
+        else:  # the new weights are the version step + 1 + K samples with
+            self.pipeline.advance(step, self.weights.full_masters())
 
         # 5. Metrics (of the whole batch; times are this rank's).
-        times = {"t0": t0, "reward": t_reward, "scored": t_scored, "trained": time.perf_counter(),
+        times = {"t0": t0, "reward_s": got.reward_s, "scored": t_scored, "trained": time.perf_counter(),
                  "mismatch_s": mismatch_s}
-        metrics.update(self._step_metrics(whole, measured, optim_metrics, times))
+        metrics.update(step_metrics(whole, measured, optim_metrics, times, self.algorithm.passes,
+                                    self.parallel), **got.extra)
         if step % cfg.save_samples_steps == 0 or step == 1:  # every rank: the whole batch's records are gathered
-            self._log_samples(step, CompletionRows(grouped_items, completions, rollouts.finish_reasons, scores,
-                                                   self.algorithm.sample_advantages(batch)))
+            self._log_samples(step, CompletionRows(got.grouped_items, got.completions, rollouts.finish_reasons,
+                                                   scores, self.algorithm.sample_advantages(batch)))
         return metrics
+
+    def _sample_and_score(self, step: int, stop: StopRequest, fused: bool) -> Sampled:
+        """The synchronous loop's rollouts of ``step`` (``_sample``), decoded and scored."""
+        items, measured = self._sample(step, stop, recompute=not fused)
+        token_lists = measured.rollouts.completion_lists()
+        completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        t_reward = time.perf_counter()
+        grouped_items = [item for item in items for _ in range(self.config.num_generations)]
+        scores = self.task.score(grouped_items, completions, measured.rollouts.truncated, token_lists,
+                                 progress=RunProgress(global_step=step - 1, max_steps=self.total_steps))
+        return Sampled(grouped_items, measured, completions, token_lists, scores, time.perf_counter() - t_reward)
+
+    def _async_rollouts(self, step: int, stop: StopRequest, fused: bool) -> Sampled:
+        """``step``'s rollouts from the pipeline (started at the first step this process runs)."""
+        if self.pipeline is None:
+            self.history.record(step - 1, self.weights.full_masters())
+            self.pipeline = AsyncRollouts(RolloutSide(self.config, self.task, self.tokenizer, self.sampler,
+                                                      self.sampling, self.total_steps, self.cpu_threads, self.device),
+                                          self.history, step - 1)
+        got = self.pipeline.take(step, stop, self._forward(), self.weights, recompute=not fused)
+        self._observe(got.measured)
+        return got
 
     def _whole_batch(self, scores: Scores, measured: Measurement, token_lists: list[list[int]]) -> WholeBatch:
         """This rank's rewards and per-token tensors joined with every other rank's (``DataParallel``)."""
@@ -375,14 +391,14 @@ class Trainer:
             loss_mask[torch.tensor(truncated, device=self.device)] = False
         return loss_mask
 
-    def _telemetry_from_forward(self, whole: WholeBatch, collected: FromTrainingForward,
-                                metrics: dict[str, float]) -> tuple[WholeBatch, float]:
+    def _telemetry_from_forward(self, whole: WholeBatch, collected: FromTrainingForward, metrics: dict[str, float],
+                                split: StepTelemetry) -> tuple[WholeBatch, float]:
         """The mismatch metrics (into ``metrics``) once the training forward has given pi_old and the entropy
         of every row (``pi_old.py``); returns the whole batch with them and the metrics' seconds."""
         t_metrics = time.perf_counter()
         whole = replace(whole, old_logprobs=self.parallel.gather_rows(collected.old),
                         entropy=self.parallel.gather_rows(collected.entropy))
-        metrics.update(telemetry(whole, self.correction, self.config.is_reference)[0])
+        metrics.update(split.measure(whole)[0])
         return whole, time.perf_counter() - t_metrics
 
     def _sample(self, step: int, stop: StopRequest, recompute: bool) -> tuple[list[Any], Measurement]:
@@ -397,36 +413,19 @@ class Trainer:
         max_rows = self.sampler.rows_per_call(cfg.generation_batch_size, cfg.gpu_memory_utilization, prompt_ids,
                                               cfg.max_completion_length, cfg.num_generations)
         request = RolloutRequest(prompt_ids, cfg.num_generations, self.sampling, step_seed(cfg.seed, step), slots,
-                                 max_rows)
+                                 max_rows, cfg.vocab_parity_positions)
         measured = measure_rollouts(self.sampler, request, self._forward(), self.tokenizer.pad_token_id,
                                     with_entropy=True, should_stop=stop.check, watch=stop.watching_layers,
                                     recompute=recompute)
-        if self.precision_report is None:
-            self.precision_report = check_observed(self.policy, measured.observed["sampler"],
-                                                   measured.observed["trainer"], full_finetune=cfg.lora_r == 0)
-            self._write_config()
+        self._observe(measured)
         return items, measured
 
-    def _step_metrics(self, whole: WholeBatch, measured: Measurement, optim_metrics: dict[str, float],
-                      times: dict[str, float]) -> dict[str, float]:
-        """The outcome, entropy, optimizer, time and throughput metrics of a step; ``times``: its
-        ``perf_counter`` marks and the telemetry's seconds."""
-        num_tokens = float(whole.completion_mask.sum())
-        train_s = measured.recompute_s + times["trained"] - times["scored"]
-        return {
-            **outcome_metrics(whole.scores, whole.completion_mask, whole.truncated, whole.token_lists),
-            "policy/entropy": (whole.entropy * whole.completion_mask).sum().item() / max(num_tokens, 1.0),
-            **optim_metrics,
-            "time/rollout_s": measured.sample_s,
-            "time/reward_s": times["scored"] - times["reward"],
-            "time/train_s": train_s,
-            # The telemetry's cost: the metrics, and where the loss cannot give pi_old (``pi_old.py``),
-            # its no-grad recompute on the sampled tokens.
-            "time/mismatch_s": times["mismatch_s"],
-            "time/step_s": time.perf_counter() - times["t0"],
-            "throughput/rollout_tokens_per_s": num_tokens / max(measured.sample_s, 1e-9),
-            "throughput/train_tokens_per_s": num_tokens * self.algorithm.passes / max(train_s, 1e-9),
-        }
+    def _observe(self, measured: Measurement) -> None:
+        """At a run's first step: check the precision both engines computed in (config.yaml records it)."""
+        if self.precision_report is None:
+            self.precision_report = check_observed(self.policy, measured.observed["sampler"],
+                                                   measured.observed["trainer"], full_finetune=self.config.lora_r == 0)
+            self._write_config()
 
     def _forward(self) -> TrainerForward:
         """The policy's compute path for the logprobs of a whole batch (``measure.rollouts``)."""
@@ -462,7 +461,7 @@ class Trainer:
         (``optimize.py``); ``metrics``: the step's so far."""
         optimizer = BatchOptimizer(self.algorithm, self._forward(), self.parallel, self._micro_batch_size(),
                                    self.config.gradient_accumulation_steps, self.sharded, self.scaler, self.optimizer,
-                                   self._optimizer_step, self.counters)
+                                   self._optimizer_step, self.counters, proximal=self.config.decoupled_loss)
         return optimizer.run(batch, stop, step, metrics, collected)
 
     def _trainables(self) -> list[MasterWeights]:
@@ -487,8 +486,11 @@ class Trainer:
             return None
         state = {**self.counters, "data_position": step, "precision": self.precision_report,
                  "world_size": self.parallel.world_size}
+        more = {"critic": self.critic.weights.named_masters()} if self.critic else {}
+        if self.history is not None:  # the versions the steps in flight sample with: a resume regenerates them
+            more["stale_weights"] = self.history.checkpoint_tensors(step)
         path = save_checkpoint(self.run_dir, step, masters, self.model, optimizer_state, self.scheduler, self.scaler,
-                               state, {"critic": self.critic.weights.named_masters()} if self.critic else None)
+                               state, more or None)
         if self.config.save_total_limit is not None:
             prune_checkpoints(self.run_dir, self.config.save_total_limit, keep=self.resumed_from)
         return path
