@@ -103,6 +103,56 @@ def test_options_refuse_what_async_rollouts_do_not_support(tmp_path):
             toy_config(tmp_path / "run", **options).validate()
     with pytest.raises(ConfigError, match="launch it without torchrun"):
         check_ranks(toy_config(tmp_path / "run", max_staleness=1), world_size=2)
+    with pytest.raises(ConfigError, match="4-bit"):
+        toy_config(tmp_path / "run", max_staleness=1, load_in_4bit=True, lora_r=8).validate()
+
+
+def test_a_script_reimported_in_the_sampler_process_is_refused(monkeypatch):
+    """spawn imports the user's script again in the sampler process: a run built there (a script without
+    the __main__ guard) is refused with a line that says what to do, before any model loads."""
+    import multiprocessing
+
+    from fp16rl.core.errors import UserError
+    from fp16rl.training.pipeline import SAMPLER_PROCESS, refuse_in_sampler_process
+
+    refuse_in_sampler_process()  # the learner's own process
+    monkeypatch.setattr(multiprocessing.current_process(), "name", SAMPLER_PROCESS)
+    with pytest.raises(UserError, match='if __name__ == "__main__"'):
+        refuse_in_sampler_process()
+
+
+class _FailingAt:
+    """toy:digits whose prompts of one step cannot be made (as a dataset refuses a step's prompts)."""
+
+    def __init__(self, inner, bad_step: int):
+        self.inner, self.bad_step = inner, bad_step
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def batch(self, step, num_prompts):
+        if step == self.bad_step:
+            raise ValueError(f"no prompts for step {step + 1}")
+        return self.inner.batch(step, num_prompts)
+
+
+def test_a_step_whose_prompts_fail_raises_at_that_step_and_leaves_no_process(tmp_path):
+    """K = 1 makes step 3's job while step 1 trains; its error is raised when the run reaches step 3, as in
+    the synchronous loop (steps 1-2 logged), and the sampler process and scoring thread are gone after."""
+    import multiprocessing
+    import threading
+
+    from fp16rl.model.loading import load_tokenizer, model_folder
+    from fp16rl.tasks import make_task
+
+    config = toy_config(tmp_path / "run", max_steps=4, max_staleness=1, num_generations=2, prompts_per_step=2,
+                        max_completion_length=8, report_to=["none"])
+    task = _FailingAt(make_task(config, load_tokenizer(model_folder("tiny"))), bad_step=2)
+    with pytest.raises(ValueError, match="no prompts for step 3"):
+        Trainer(config, task=task).train(show_progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert not multiprocessing.active_children()
+    assert not [t for t in threading.enumerate() if t.name == "fp16rl-scorer"]
 
 
 def test_fp32_k1_precision_part_is_zero_and_staleness_is_not(tmp_path):

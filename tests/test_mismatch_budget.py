@@ -44,7 +44,10 @@ def test_check_budget_records_warns_and_stops(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(mismatch_budget=-1.0), "--mismatch-budget must be >= 0"),
+    (dict(mismatch_budget=-1.0), "--mismatch-budget must be a finite number >= 0"),
+    (dict(mismatch_budget=math.nan), "--mismatch-budget must be a finite number"),
+    (dict(mismatch_budget=math.inf), "--mismatch-budget must be a finite number"),
+    (dict(vocab_parity_positions=5000), "--vocab-parity-positions .* at most 1024"),
     (dict(mismatch_budget=0.1, vocab_parity_positions=0), "needs --vocab-parity-positions > 0"),
     (dict(mismatch_budget=0.1, mismatch_budget_metric="mismatch/ess"), "--mismatch-budget-metric must be one of"),
     (dict(mismatch_budget_action="ignore"), "--mismatch-budget-action must be one of"),
@@ -96,3 +99,18 @@ def test_budget_lets_the_matched_fp16_run_through_and_warn_goes_on(tmp_path, tin
 
     notes = [run.budget_note for run in load_inputs([matched.run_dir, warned.run_dir]).runs]
     assert notes[0] is None and "at step 1, 2 (warned, went on)" in notes[1]
+
+
+def test_compare_does_not_rerun_an_arm_the_budget_stopped(tmp_path):
+    """Running a compare again resumes unfinished arms; a budget-stopped one would stop again at the same
+    step, so it counts as done (while the report still counts it as incomplete)."""
+    from fp16rl.compare import Arm, RunSpec
+    from fp16rl.runs.folders import DONE_STATUSES
+
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = RunSpec(Arm("dtype=bfloat16", {"dtype": "bfloat16"}), 0, run, tmp_path / "log")
+    (run / "summary.json").write_text(json.dumps({"status": STATUS}))
+    assert spec.state() == "done" and STATUS not in DONE_STATUSES
+    (run / "summary.json").write_text(json.dumps({"status": "failed"}))
+    assert spec.state() == "fresh"

@@ -29,7 +29,7 @@ from fp16rl.config.parse import (build_parser, is_trl_call, load_yaml_mapping, l
 from fp16rl.config.trl_fields import TRL_FIELDS
 from fp16rl.core.errors import ConfigError
 from fp16rl.core.paths import TINY, resolve_model_path
-from fp16rl.runs.folders import arm_slug, DONE_STATUSES, refuse_used_folder
+from fp16rl.runs.folders import arm_slug, FINAL_STATUSES, refuse_used_folder
 from fp16rl.tasks.checks import check_dataset
 
 
@@ -82,9 +82,10 @@ class RunSpec:
         return args
 
     def state(self) -> str:
-        """done | resume | fresh: what running it again means."""
+        """done | resume | fresh: what running it again means (a run the mismatch budget stopped is done: it
+        would stop again at the same step)."""
         summary = self.run_dir / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("status") in DONE_STATUSES:
+        if summary.is_file() and json.loads(summary.read_text()).get("status") in FINAL_STATUSES:
             return "done"
         if checkpoint_dirs(self.run_dir):
             return "resume"

@@ -40,6 +40,7 @@ BUDGET_METRICS = ("mismatch/vocab_kl", "mismatch/vocab_kl_max", "mismatch/vocab_
                   "mismatch/logp_abs_diff_mean", "mismatch/logp_abs_diff_max", "mismatch/prob_abs_diff_mean",
                   "mismatch/prob_abs_diff_max")
 BUDGET_ACTIONS = ("stop", "warn")
+MAX_VOCAB_PARITY_POSITIONS = 1024  # rows of vocabulary x 4 bytes: 1024 x 152k (Qwen) = 0.6 GB at most
 # Names whose implementations live in higher layers (tasks): declared here so that options are checked
 # without importing them; tests/test_layers.py asserts the registries hold exactly these names.
 ARC_REWARDS = ("arc-v1", "arc-v2-no-pixel-score")  # fp16rl.tasks.arc.reward.REWARDS
@@ -178,7 +179,7 @@ class TrainConfig:
     dpo_beta: float = opt(0.1, "online_dpo: beta of the DPO loss, the strength of the implicit KL to the reference (TRL's default).")
     dpo_loss_type: str = opt("sigmoid", "online_dpo: sigmoid (DPO, -log sigmoid(beta h)) | ipo ((h - 1/(2 beta))^2), h the chosen-minus-rejected log-ratio to the reference of the summed completion logprobs (as TRL's OnlineDPOTrainer).", choices=DPO_LOSS_TYPES)
     max_staleness: int = opt(0, "Asynchronous rollouts with bounded staleness K: 0 = the synchronous loop (sample, score, train, sync). K >= 1: a sampler in its own process generates the rollouts of step t from the weights after step t-1-K exactly (clamped at the initial weights) while the learner trains, a thread scores them, and the CPU threads are split between the two; deterministic whatever the timing. mismatch/* then compare trainer and sampler at the weights that sampled (precision alone), staleness/* the trainer at the current weights against those (the policy's move). GRPO only, one process (not under torchrun).")
-    decoupled_loss: bool = opt(False, "With --max-staleness K >= 1: clip the ratio against the proximal policy pi_theta(t-K), the trainer's logprobs at the weights that sampled, instead of the current weights, and take the IS correction (--is-correction) on pi_theta(t-K)/mu, precision alone: the staleness sits under the clip, the precision under the IS weight. Without it the ratio is against the current weights and the IS weight corrects the whole off-policy ratio pi_theta(t-1)/mu (AReaL's decoupled form with --is-correction token_truncate).")
+    decoupled_loss: bool = opt(False, "With --max-staleness K >= 1: clip the ratio against the proximal policy pi_theta(t-K), the trainer's logprobs at the weights that sampled, instead of the current weights, and take the IS correction (--is-correction) on pi_theta(t-K)/mu, precision alone: the staleness sits under the clip, the precision under the IS weight. Without it the ratio is against the current weights and the IS weight corrects the whole off-policy ratio pi_theta(t-1)/mu ; with --is-correction token_truncate that is AReaL's decoupled objective, its proximal policy being the current weights).")
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = opt(1e-5, "AdamW learning rate.")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norm weights, as in HF Trainer).")
@@ -348,6 +349,9 @@ def _check_combinations(c: TrainConfig) -> None:
     if c.max_staleness and c.algorithm != "grpo":
         raise ConfigError(f"--max-staleness needs --algorithm grpo (its loss is the one split into precision and "
                           f"staleness); --algorithm {c.algorithm} samples synchronously: use --max-staleness 0")
+    if c.max_staleness and c.load_in_4bit:
+        raise ConfigError("--max-staleness sends the sampler's model to its own process, which a 4-bit "
+                          "(bitsandbytes) model cannot cross; use --max-staleness 0 with --load-in-4bit")
     if c.decoupled_loss and not c.max_staleness:
         raise ConfigError("--decoupled-loss clips against the weights that sampled, which are the current ones "
                           "unless --max-staleness >= 1; give --max-staleness or leave --decoupled-loss out")
@@ -438,8 +442,11 @@ def _check_parity_and_budget(c: TrainConfig) -> None:
     """--vocab-parity-positions and the mismatch budget (training/budget.py)."""
     if c.vocab_parity_positions < 0:
         raise ConfigError(f"--vocab-parity-positions must be >= 0 (0 turns it off), got {c.vocab_parity_positions}")
-    if c.mismatch_budget is not None and c.mismatch_budget < 0:
-        raise ConfigError(f"--mismatch-budget must be >= 0, got {c.mismatch_budget}")
+    if c.mismatch_budget is not None and not (math.isfinite(c.mismatch_budget) and c.mismatch_budget >= 0):
+        raise ConfigError(f"--mismatch-budget must be a finite number >= 0, got {c.mismatch_budget}")
+    if c.vocab_parity_positions > MAX_VOCAB_PARITY_POSITIONS:
+        raise ConfigError(f"--vocab-parity-positions keeps a full-vocabulary row per position (vocabulary x 4 bytes "
+                          f"each); at most {MAX_VOCAB_PARITY_POSITIONS}, got {c.vocab_parity_positions}")
     if c.mismatch_budget is not None and "vocab" in c.mismatch_budget_metric and c.vocab_parity_positions == 0:
         raise ConfigError(f"--mismatch-budget-metric {c.mismatch_budget_metric} needs --vocab-parity-positions > 0 "
                           "(it is 0); turn the parity on or bound another metric, e.g. mismatch/token_kl_k3")

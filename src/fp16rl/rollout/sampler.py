@@ -155,7 +155,8 @@ class CompletionBuffers:
             behaviour_logprobs=(self.behaviour if self.processing else self.logprobs)[:, :width]
             .masked_fill(~mask, 0.0).cpu(),
             kept_mass=self.kept_mass[:, :width].masked_fill(~mask, 1.0).cpu(),
-            vocab=self.keeper.result() if self.keeper is not None else None,
+            # on the CPU like the other fields: a step's decode calls then hold one call's rows on the device
+            vocab=self.keeper.result().to(torch.device("cpu")) if self.keeper is not None else None,
         )
 
 

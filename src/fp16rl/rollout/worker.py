@@ -9,11 +9,15 @@ the weights behind every completion are fixed by the schedule, never by timing. 
 go back whole (pickled, so fields the sampler adds travel along), with the seconds it took.
 
 The worker ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, and the learner alone
-decides when to stop (``training/interrupt.py``); it closes the worker.
+decides when to stop (``training/interrupt.py``); it closes the worker by setting ``stop`` (polled per
+decoded token, so a job in progress is abandoned at once) and sending ``None``. A worker whose learner
+died without closing it (killed, out of memory) sees its parent gone within ``_POLL_S`` and exits.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import signal
 import time
 import traceback
@@ -24,6 +28,8 @@ import torch
 
 from fp16rl.rollout.draw import SamplingParams
 from fp16rl.rollout.sampler import Sampler
+
+_POLL_S = 1.0  # how often an idle worker checks that its learner is still alive
 
 
 @dataclass(frozen=True)
@@ -82,28 +88,53 @@ class WorkerFailure:
     message: str
 
 
-def serve(sampler: Sampler, threads: int, inbox: Any, outbox: Any) -> None:
-    """The worker's loop: until ``None``, load each ``WeightVersion`` and sample each ``SampleJob`` from
-    ``inbox`` in order, putting a ``SampledJob`` (or one ``WorkerFailure``) in ``outbox``."""
+class Stopped(Exception):
+    """The learner set the stop event: the job in progress is abandoned."""
+
+
+def serve(sampler: Sampler, threads: int, inbox: Any, outbox: Any, stop: Any) -> None:
+    """The worker's loop: until ``None`` or ``stop`` (a multiprocessing ``Event``), load each
+    ``WeightVersion`` and sample each ``SampleJob`` from ``inbox`` in order, putting a ``SampledJob`` (or
+    one ``WorkerFailure``) in ``outbox``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     version = -1
+
+    def should_stop() -> None:
+        if stop.is_set():
+            raise Stopped
+
     try:
-        while (message := inbox.get()) is not None:
+        while (message := _next(inbox, stop)) is not None:
             if isinstance(message, WeightVersion):
                 sampler.sync_from(message.unpack())
                 version = message.version
                 continue
-            outbox.put(sample(sampler, message, version))
+            outbox.put(sample(sampler, message, version, should_stop))
+    except Stopped:
+        return
     except Exception:  # the learner reports it as one line and stops the run
         outbox.put(WorkerFailure(traceback.format_exc()))
 
 
-def sample(sampler: Sampler, job: SampleJob, version: int) -> SampledJob:
-    """Generate ``job``'s completions with the sampler's current weights (``version``)."""
+def _next(inbox: Any, stop: Any) -> Any:
+    """The next message, or None once the learner stopped the worker or is gone."""
+    while not stop.is_set():
+        try:
+            return inbox.get(timeout=_POLL_S)
+        except queue.Empty:
+            parent = multiprocessing.parent_process()
+            if parent is not None and not parent.is_alive():
+                return None
+    return None
+
+
+def sample(sampler: Sampler, job: SampleJob, version: int, should_stop: Any = None) -> SampledJob:
+    """Generate ``job``'s completions with the sampler's current weights (``version``); ``should_stop`` is
+    polled per decoded token and raises to abandon the job."""
     start = time.perf_counter()
     rollouts = sampler.generate(job.prompt_ids, job.num_generations, job.params, seed=job.seed, slots=job.slots,
-                                max_rows=job.max_rows, vocab_positions=job.vocab_positions)
+                                should_stop=should_stop, max_rows=job.max_rows, vocab_positions=job.vocab_positions)
     return SampledJob(job.step, rollouts, time.perf_counter() - start, version)
 
 

@@ -13,6 +13,9 @@ from fp16rl.config.parse import load_yaml_mapping
 from fp16rl.core.errors import ConfigError, FolderInUseError
 
 DONE_STATUSES = ("finished", "stopped_on_collapse")  # a run in one of these needs no resume
+BUDGET_STOPPED = "stopped_on_mismatch_budget"  # stopped by --mismatch-budget (training/budget.py)
+# Runs that running again would not change: a budget-stopped run would stop again at the same step.
+FINAL_STATUSES = DONE_STATUSES + (BUDGET_STOPPED,)
 
 
 def refuse_used_folder(path: Path, what: str, hint: str = "choose another folder") -> None:

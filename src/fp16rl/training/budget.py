@@ -3,9 +3,11 @@
 prime-rl refuses a model whose mismatch KL exceeds a level by hand; TRL and others warn at most, and a
 resume can raise the mismatch unnoticed. Here the run checks it: ``--mismatch-budget VALUE`` bounds one
 ``mismatch/*`` metric (``--mismatch-budget-metric``, default ``mismatch/vocab_kl``, the exact KL(mu || pi)
-of the full-vocabulary parity) on every step's measurement. Every step's rollouts are the first sampled
-after a weight sync (``Sampler.sync_from`` ends each step), so this is the check "at step 1, after every
-weight sync and after a resume" (a resume's first step measures the weights it loaded).
+of the full-vocabulary parity) on every step's measurement. In the synchronous loop every step's rollouts
+are the first sampled after a weight sync (``Sampler.sync_from`` ends each step), so this is the check "at
+step 1, after every weight sync and after a resume" (a resume's first step measures the weights it
+loaded). With ``--max-staleness K`` a step measures the weights it sampled with (K steps old), each
+version once it is used: the same check, K steps later.
 
 Over budget, ``--mismatch-budget-action stop`` (the default) ends the run: the step's metrics are logged
 (with ``mismatch/budget_exceeded`` 1), summary.json's status is ``stopped_on_mismatch_budget`` and
@@ -22,10 +24,11 @@ from typing import Any, Protocol
 
 from fp16rl.config.options import TrainConfig
 from fp16rl.core.errors import UserError
+from fp16rl.runs.folders import BUDGET_STOPPED
 
 logger = logging.getLogger("fp16rl")
 
-STATUS = "stopped_on_mismatch_budget"  # summary.json's status of a run the budget stopped
+STATUS = BUDGET_STOPPED  # summary.json's status of a run the budget stopped
 EXCEEDED = "mismatch/budget_exceeded"  # 1.0 on a step over budget, else 0.0 (logged when a budget is set)
 
 

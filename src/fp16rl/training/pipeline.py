@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import queue
 import signal
 import threading
@@ -36,7 +37,7 @@ import torch
 import torch.multiprocessing
 
 from fp16rl.config.options import TrainConfig
-from fp16rl.core.errors import ConfigError
+from fp16rl.core.errors import ConfigError, UserError
 from fp16rl.core.scores import Scores
 from fp16rl.core.seeds import step_seed
 from fp16rl.learner.weights import MasterWeights
@@ -53,6 +54,7 @@ from fp16rl.training.interrupt import StopRequest
 
 logger = logging.getLogger("fp16rl")
 _POLL_S = 0.05  # how often a wait looks at Ctrl-C and the worker's health
+SAMPLER_PROCESS = "fp16rl-sampler"  # the worker process's name (``refuse_in_sampler_process``)
 
 
 @dataclass
@@ -135,6 +137,16 @@ def start_immune_to_ctrl_c(process: Any) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def refuse_in_sampler_process() -> None:
+    """Refuse to build a run inside the sampler process. ``spawn`` imports the user's script again in the
+    child; a script that trains at top level, without ``if __name__ == "__main__":``, would build a whole
+    second run there (and multiprocessing then fails in its bootstrapping phase)."""
+    if multiprocessing.current_process().name == SAMPLER_PROCESS:
+        raise UserError('fp16rl\'s sampler process imported a script that starts training at top level: with '
+                        '--max-staleness put the training under `if __name__ == "__main__":` (the sampler process '
+                        'is spawned, as in torch.multiprocessing)')
+
+
 def split_threads(threads: int) -> tuple[int, int]:
     """The run's CPU threads shared out as (sampler, learner): half each, the learner the odd one."""
     sampler = max(1, threads // 2)
@@ -167,31 +179,48 @@ class AsyncRollouts:
         self.ready_changed = threading.Condition()
         self.prompts: dict[int, list[Any]] = {}
         self.closing, self.sent_version = False, -1
+        self.submit_failed = False  # a step whose job could not be made: nothing after it is sent
         context = torch.multiprocessing.get_context("spawn")
-        self.inbox, self.outbox = context.Queue(), context.Queue()
+        self.inbox, self.outbox, self.stop_worker = context.Queue(), context.Queue(), context.Event()
         sampler_threads, learner_threads = split_threads(side.threads or 1)
-        self.process = context.Process(target=serve, args=(side.sampler, sampler_threads, self.inbox, self.outbox),
-                                       daemon=True, name="fp16rl-sampler")
-        start_immune_to_ctrl_c(self.process)
-        if side.threads is not None:
-            torch.set_num_threads(learner_threads)
+        self.process = context.Process(target=serve, args=(side.sampler, sampler_threads, self.inbox, self.outbox,
+                                                           self.stop_worker), daemon=True, name=SAMPLER_PROCESS)
         self.scorer = threading.Thread(target=self._score_steps, args=(done + 1,), daemon=True, name="fp16rl-scorer")
-        self.scorer.start()
-        for step in range(done + 1, done + 2 + self.max_staleness):
-            self._submit(step)
+        start_immune_to_ctrl_c(self.process)
+        try:  # a start that fails half-way leaves no process or thread behind
+            if side.threads is not None:
+                torch.set_num_threads(learner_threads)
+            self.scorer.start()
+            for step in range(done + 1, done + 2 + self.max_staleness):
+                self._submit(step)
+        except BaseException:
+            self.close()
+            raise
 
     def _submit(self, step: int) -> None:
-        """Send the worker the weights ``step`` samples with (unless sent last) and ``step``'s job."""
-        cfg = self.side.config
-        if step > self.side.total_steps:
+        """Send the worker the weights ``step`` samples with (unless sent last) and ``step``'s job. A job that
+        cannot be made (the task's ``batch`` refuses the step's prompts) is ``step``'s result, raised when the
+        learner takes ``step``, as the synchronous loop raises it there; nothing after it is sent (the
+        scoring thread reads the worker's results in step order)."""
+        if step > self.side.total_steps or self.submit_failed:
             return
+        try:
+            self._send_job(step)
+        except Exception as err:
+            self.submit_failed = True
+            with self.ready_changed:
+                self.ready[step] = err
+                self.ready_changed.notify_all()
+
+    def _send_job(self, step: int) -> None:
+        cfg = self.side.config
+        with self.tokenizer_lock:  # the scoring thread decodes with the same tokenizer
+            items = self.side.task.batch(step - 1, cfg.prompts_per_step)
+            prompt_ids = [encode_text(self.side.tokenizer, item.text) for item in items]
         version = version_of(step, self.max_staleness)
         if version != self.sent_version:
             self.inbox.put(WeightVersion.pack(version, self.history.versions[version]))
             self.sent_version = version
-        items = self.side.task.batch(step - 1, cfg.prompts_per_step)
-        with self.tokenizer_lock:
-            prompt_ids = [encode_text(self.side.tokenizer, item.text) for item in items]
         max_rows = self.side.sampler.rows_per_call(cfg.generation_batch_size, cfg.gpu_memory_utilization, prompt_ids,
                                                    cfg.max_completion_length, cfg.num_generations)
         self.prompts[step] = [item for item in items for _ in range(cfg.num_generations)]
@@ -209,6 +238,9 @@ class AsyncRollouts:
     def _score_steps(self, first: int) -> None:
         """Score the worker's results in step order until the run's last step (or ``close``)."""
         for step in range(first, self.side.total_steps + 1):
+            with self.ready_changed:
+                if step in self.ready:  # its job could not be made (``_submit``): nothing comes after it
+                    return
             try:
                 result = self._next_result()
                 if result is None:
@@ -229,7 +261,10 @@ class AsyncRollouts:
                 message = self.outbox.get(timeout=_POLL_S)
             except queue.Empty:  # look at the worker, then wait again
                 if not self.process.is_alive():
-                    raise RuntimeError(f"the sampler process ended unexpectedly (exit code {self.process.exitcode})")
+                    raise RuntimeError(f"the sampler process ended unexpectedly (exit code {self.process.exitcode}); "
+                                       "a script that trains with --max-staleness must run it under "
+                                       "`if __name__ == \"__main__\":` (the sampler process is spawned and "
+                                       "imports the script again)")
                 continue
             if isinstance(message, WorkerFailure):
                 raise RuntimeError("the sampler process failed: " + message.message.strip().splitlines()[-1]) from None
@@ -290,6 +325,7 @@ class AsyncRollouts:
         """Stop the worker and the thread (the end of a run, an error or Ctrl-C); give the learner its
         threads back."""
         self.closing = True
+        self.stop_worker.set()  # a job in progress is abandoned at its next token
         with contextlib.suppress(Exception):
             self.inbox.put(None)
         self.process.join(timeout=10)
@@ -299,6 +335,9 @@ class AsyncRollouts:
         for channel in (self.inbox, self.outbox):
             channel.cancel_join_thread()
             channel.close()
-        self.scorer.join(timeout=30)
+        # A reward in progress finishes before the run closes its task (an ARC sandbox pool closed under a
+        # running score would be rebuilt by it and left behind); the thread looks at ``closing`` between steps.
+        if self.scorer.is_alive():
+            self.scorer.join()
         if self.side.threads is not None:
             torch.set_num_threads(self.side.threads)

@@ -52,7 +52,7 @@ from fp16rl.training.completions import CompletionRows, gathered_records
 from fp16rl.training.interrupt import RunInterrupted, StopRequest
 from fp16rl.training.monitor import CollapseEvent, monitor_for
 from fp16rl.training.optimize import BatchOptimizer, scaled_optimizer_step
-from fp16rl.training.pipeline import AsyncRollouts, RolloutSide, Sampled, WeightHistory
+from fp16rl.training.pipeline import AsyncRollouts, RolloutSide, Sampled, WeightHistory, refuse_in_sampler_process
 from fp16rl.training.plan import check_ranks, plan_run
 from fp16rl.training.run_notes import check_resumed_precision, run_notes
 from fp16rl.training.setup import build_learner, build_optimizer, sampling_params
@@ -70,6 +70,7 @@ class Trainer:
         """``task``, or ``dataset`` (+ ``reward_funcs``), replace what ``config.dataset_path`` names (the
         Python API: ``fp16rl.train``). Under torchrun every rank builds one (``fp16rl.learner.distributed``)."""
         config.validate()
+        refuse_in_sampler_process()  # a script re-imported by --max-staleness's spawned sampler
         self.config = config
         self.parallel = DataParallel.from_environment(resolve_device(config.device).type)
         check_ranks(config, self.parallel.world_size)  # every rank refuses alike
