@@ -13,6 +13,10 @@ that the mismatch telemetry costs (``time/mismatch_s``: the no-grad recompute of
 metrics) and the ratio of completion tokens/s. TRL computes no such telemetry.
 
     python bench/step_vs_trl.py --model smollm2-135m --dtypes float32 --modes full,lora --steps 4 --rounds 2
+    python bench/step_vs_trl.py --model smollm2-135m --modes full,lora --steps 4 --threads 2 --max-staleness 0,1
+
+``--max-staleness 0,1`` adds a row per K: fp16rl with asynchronous rollouts (its threads split between the
+sampler process and the learner) against the same TRL run.
 
 TRL on a CPU runs fp32 and bf16 (``bf16=True``: autocast); fp16 mixed precision needs a GPU there,
 so fp16 rows show fp16rl alone.
@@ -44,12 +48,16 @@ TRL_DEFAULTS = {"loss_type": "dapo", "max_grad_norm": 1.0, "lr_scheduler_type": 
                 "weight_decay": 0.0}
 
 
-def fp16rl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
+def fp16rl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, out: Path,
+                 staleness: int = 0) -> list[dict[str, float]]:
+    """fp16rl's steps; ``staleness``: --max-staleness (K >= 1: the sampler in its own process, the run's
+    threads split between it and the learner)."""
     config = TrainConfig(model_path=model, dataset_path="toy:digits", output_dir=str(out), dtype=dtype,
                          lora_r=LORA_R if lora else 0, lora_alpha=2 * LORA_R, num_generations=args.generations,
                          prompts_per_step=1, max_completion_length=args.completion_tokens, beta=0.0, top_p=TOP_P,
                          learning_rate=LEARNING_RATE, mask_truncated_completions=False, **TRL_DEFAULTS,
-                         max_steps=args.steps + 1, save_steps=10**6, report_to=["none"], seed=0)
+                         max_steps=args.steps + 1, save_steps=10**6, report_to=["none"], seed=0,
+                         max_staleness=staleness)
     trainer = Trainer(config)
     if args.fixed_length:  # no stop token: every completion is --completion-tokens long, as TRL's below
         trainer.sampler.eos_token_ids = trainer.sampler.eos_token_ids[:0]
@@ -60,6 +68,8 @@ def fp16rl_steps(model: str, dtype: str, lora: bool, args: argparse.Namespace, o
         records.append({"s": time.perf_counter() - start, "tokens": metrics["completion/length_mean"] * args.generations,
                         "rollout": metrics["time/rollout_s"], "train": metrics["time/train_s"],
                         "telemetry": metrics["time/mismatch_s"] / metrics["time/step_s"]})
+    if trainer.pipeline is not None:
+        trainer.pipeline.close()
     trainer.tracker.close()
     return records[1:]
 
@@ -121,8 +131,9 @@ def measure(engine: str, model: str, dtype: str, lora: bool, args: argparse.Name
         from fp16rl.model.hardware import keep_freed_memory
 
         keep_freed_memory()
-    steps = fp16rl_steps if engine == "fp16rl" else trl_steps
-    return steps(model, dtype, lora, args, out)
+    if engine == "trl":
+        return trl_steps(model, dtype, lora, args, out)
+    return fp16rl_steps(model, dtype, lora, args, out, staleness=int(engine.partition("-k")[2] or 0))
 
 
 def isolated(*call: Any) -> list[dict[str, float]]:
@@ -147,7 +158,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float]
                              "fp16rl: no stop token), so both do the same work whatever they draw")
     parser.add_argument("--trl-keep-freed-memory", action="store_true",
                         help="give TRL's process fp16rl's allocator setting too (hardware.keep_freed_memory)")
+    parser.add_argument("--max-staleness", default="0",
+                        help="fp16rl's --max-staleness values, comma-separated (e.g. 0,1): one fp16rl row each")
     args = parser.parse_args(argv)
+    stalenesses = [int(k) for k in args.max_staleness.split(",")]
     for name in ("steps", "rounds", "generations", "completion_tokens", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -157,17 +171,20 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict[str, float]
         for dtype in args.dtypes.split(","):
             for mode in args.modes.split(","):
                 lora = mode == "lora"
-                engines = ["fp16rl"] + (["trl"] if dtype != "float16" else [])
+                ours_names = ["fp16rl" if k == 0 else f"fp16rl-k{k}" for k in stalenesses]
+                engines = ours_names + (["trl"] if dtype != "float16" else [])
                 records: dict[str, list[dict[str, float]]] = {engine: [] for engine in engines}
                 for round_ in range(args.rounds):  # ABBA: a drift of the machine's speed falls on both engines
                     for engine in engines if round_ % 2 == 0 else engines[::-1]:
                         records[engine] += isolated(engine, model, dtype, lora, args,
                                                     Path(folder) / f"{engine}-{dtype}-{mode}-{round_}")
-                ours = summary(records["fp16rl"])
                 theirs = summary(records["trl"]) if "trl" in records else None
-                rows.append((dtype, mode, ours, theirs))
-                print(f"{dtype} {mode}: fp16rl {ours['s']:.2f} s/step, TRL "
-                      + (f"{theirs['s']:.2f} s/step" if theirs else "n/a"), flush=True)
+                for name in ours_names:
+                    ours = summary(records[name])
+                    label = mode if name == "fp16rl" else f"{mode}, K={name.partition('-k')[2]}"
+                    rows.append((dtype, label, ours, theirs))
+                    print(f"{dtype} {label}: fp16rl {ours['s']:.2f} s/step, TRL "
+                          + (f"{theirs['s']:.2f} s/step" if theirs else "n/a"), flush=True)
     print(f"\n{args.model}, {args.generations} x {args.completion_tokens} tokens"
           f"{' (fixed length)' if args.fixed_length else ''}, {args.threads} thread(s), "
           f"median of {args.rounds} x {args.steps} steps, each run after a warm-up\n")

@@ -32,12 +32,15 @@ def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
     In a subprocess: TRL imports trackio, which fixes its database folder when first imported."""
     path = Path(__file__).resolve().parents[1] / "bench" / "step_vs_trl.py"
     done = subprocess.run([sys.executable, str(path), "--model", "tiny", "--steps", "1", "--generations", "2",
-                           "--completion-tokens", "8", "--modes", "full", "--dtypes", "float32,float16", "--rounds", "1"],
+                           "--completion-tokens", "8", "--modes", "full", "--dtypes", "float32,float16", "--rounds", "1",
+                           "--max-staleness", "0,1"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| float")]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("float32", "full"), ("float16", "full")]
-    fp32, fp16 = ([cell.strip() for cell in r] for r in rows)
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("float32", "full"), ("float32", "full, K=1"),
+                                                            ("float16", "full"), ("float16", "full, K=1")]
+    fp32, fp32_async, fp16, _ = ([cell.strip() for cell in r] for r in rows)
+    assert fp32_async[2] == fp32[2] and float(fp32_async[4]) > 0  # the same TRL run; fp16rl's K=1 steps
     assert float(fp32[2]) > 0 and float(fp32[4]) > 0  # TRL's and fp16rl's s/step
     assert fp32[10].endswith("x") and fp32[11].endswith("x")  # the s/step and tok/s ratios
     assert all(0 < float(x) <= 8 for x in fp32[9].split("/"))  # tokens per completion (TRL, fp16rl): 1..8
