@@ -102,6 +102,18 @@ class Measurement:
         return vocab_parity_metrics(self.vocab, parallel)
 
 
+def trainer_inputs(rollouts: Any, forward: TrainerForward, pad_token_id: int) -> tuple[TokenBatch, VocabParity | None]:
+    """The sampled ``rollouts`` as the trainer's token batch on its device, and the full-vocabulary parity
+    whose trainer side ``forward`` fills (None when the sampler kept no rows): what every measurement of a
+    sampled batch starts from (``measure_rollouts``; ``training/pipeline.py`` for a stale batch)."""
+    device = next(forward.model.parameters()).device
+    tokens = build_token_batch(rollouts.prompt_ids, rollouts.num_generations, rollouts.completion_ids,
+                               rollouts.completion_mask, pad_token_id).to(device)
+    vocab = None if rollouts.vocab is None else VocabParity(
+        rollouts.vocab.to(device), forward.head, forward.temperature, tokens.completion_ids)
+    return tokens, vocab
+
+
 @torch.no_grad()
 def measure_rollouts(
     sampler: Sampler, request: RolloutRequest, forward: TrainerForward, pad_token_id: int, with_entropy: bool = False,
@@ -122,11 +134,7 @@ def measure_rollouts(
                                 vocab_positions=request.vocab_positions)
     sampled = time.perf_counter()
     model = forward.model
-    device = next(model.parameters()).device
-    tokens = build_token_batch(rollouts.prompt_ids, request.num_generations, rollouts.completion_ids,
-                               rollouts.completion_mask, pad_token_id).to(device)
-    vocab = None if rollouts.vocab is None else VocabParity(
-        rollouts.vocab.to(device), forward.head, forward.temperature, tokens.completion_ids)
+    tokens, vocab = trainer_inputs(rollouts, forward, pad_token_id)
     if not recompute:
         return Measurement(rollouts, tokens, None, None, {"sampler": rollouts.observed_dtype, "trainer": None},
                            sampled - start, 0.0, vocab)

@@ -41,9 +41,7 @@ from fp16rl.core.errors import ConfigError, UserError
 from fp16rl.core.scores import Scores
 from fp16rl.core.seeds import step_seed
 from fp16rl.learner.weights import MasterWeights
-from fp16rl.measure.rollouts import Measurement, TrainerForward
-from fp16rl.measure.vocab import VocabParity
-from fp16rl.model.forward import build_token_batch
+from fp16rl.measure.rollouts import Measurement, TrainerForward, trainer_inputs
 from fp16rl.model.precision import DtypeRecorder
 from fp16rl.rollout.draw import SamplingParams
 from fp16rl.rollout.sampler import Sampler
@@ -305,11 +303,8 @@ class AsyncRollouts:
         (result, completions, token_lists, scores, reward_s), waited = self._wait(step, stop)
         rollouts, version = result.rollouts, result.version
         start = time.perf_counter()
-        tokens = build_token_batch(rollouts.prompt_ids, rollouts.num_generations, rollouts.completion_ids,
-                                   rollouts.completion_mask, self.side.tokenizer.pad_token_id).to(self.side.device)
         # The full-vocabulary parity is precision too: its trainer side from the same forward at the sampling weights.
-        vocab = None if rollouts.vocab is None else VocabParity(rollouts.vocab.to(self.side.device), forward.head,
-                                                                forward.temperature, tokens.completion_ids)
+        tokens, vocab = trainer_inputs(rollouts, forward, self.side.tokenizer.pad_token_id)
         recorder = DtypeRecorder()
         watch: Callable[[torch.nn.Module], Any] = stop.watching_layers
         with recorder.watch(forward.model), watch(forward.model), at_weights(weights, self.history.versions[version]):
