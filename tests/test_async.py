@@ -155,6 +155,52 @@ def test_a_step_whose_prompts_fail_raises_at_that_step_and_leaves_no_process(tmp
     assert not [t for t in threading.enumerate() if t.name == "fp16rl-scorer"]
 
 
+class _ScoredAfterMeasured:
+    """toy:digits whose reward for step s waits (up to ``patience`` seconds, as on a remote verifier) until the
+    learner has begun measuring step s's tokens, and records whether it saw that happen."""
+
+    def __init__(self, inner, measuring, patience: float = 60.0):
+        self.inner, self.measuring, self.patience, self.saw = inner, measuring, patience, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, items, completions, truncated, completion_ids=None, progress=None):
+        step = progress.global_step + 1
+        self.saw[step] = self.measuring[step].wait(self.patience)
+        return self.inner.score(items, completions, truncated, completion_ids, progress)
+
+
+def test_the_learner_measures_a_steps_tokens_while_its_rewards_wait(tmp_path, monkeypatch):
+    """The trainer's forwards at the sampling and the current weights need the tokens, not the rewards: the
+    learner runs them while a waiting reward scores the step (every reward saw its step being measured before
+    it returned), and the run is the one a reward that does not wait gives."""
+    import threading
+
+    from fp16rl.model.loading import load_tokenizer, model_folder
+    from fp16rl.tasks import make_task
+    from fp16rl.training import pipeline
+
+    measuring = {step: threading.Event() for step in range(1, 4)}
+    taken = iter(range(1, 4))  # the learner measures steps in order
+
+    def marking(*args, inputs=pipeline.trainer_inputs, **kwargs):
+        measuring[next(taken)].set()
+        return inputs(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "trainer_inputs", marking)
+    options = dict(max_steps=3, max_staleness=1, num_generations=2, prompts_per_step=2, max_completion_length=8,
+                   report_to=["none"])
+    config = toy_config(tmp_path / "waits", **options)
+    task = _ScoredAfterMeasured(make_task(config, load_tokenizer(model_folder("tiny"))), measuring)
+    Trainer(config, task=task).train(show_progress=False)
+    assert task.saw == {1: True, 2: True, 3: True}
+    monkeypatch.undo()
+    Trainer(toy_config(tmp_path / "plain", **options)).train(show_progress=False)
+    assert (_comparable(read_metrics(tmp_path / "waits" / "metrics.jsonl"))
+            == _comparable(read_metrics(tmp_path / "plain" / "metrics.jsonl")))
+
+
 def test_fp32_k1_precision_part_is_zero_and_staleness_is_not(tmp_path):
     """fp32, K = 1, the decoupled loss: both engines at the weights that sampled agree (mismatch ~0) while
     the policy's move since then is measured (staleness > 0 from step 2, the first with stale weights)."""

@@ -11,9 +11,12 @@ of this process scores, and the learner trains, all at once:
   sends them and submits step ``t+1+K``, which needs exactly them;
 - the scoring thread takes the worker's results in step order, decodes and scores them (a reward that
   waits on I/O releases the GIL, so it overlaps the learner's compute);
-- ``take(t)`` waits for step t's scored rollouts, then computes the trainer's logprobs of them at the
-  weights that sampled (``lstale``, the weights swapped in for one no-grad forward: the precision side of
-  ``measure/staleness.py``) and, unless the training forward gives it, at the current weights.
+- ``take(t)`` waits for step t's sampled tokens (the scoring thread hands them over before it scores them),
+  computes the trainer's logprobs of them at the weights that sampled (``lstale``, the weights swapped in
+  for one no-grad forward: the precision side of ``measure/staleness.py``) and, unless the training forward
+  gives it, at the current weights, and only then waits for the scores. Those forwards need the tokens, not
+  the rewards, so with a reward that waits they run during the wait instead of after it: with K = 1 the
+  chain "sample t+2, score it, train it" that bounds the period then holds one forward less.
 
 Every completion depends only on (seed, step, slot, g), the prompt and the weights version, all fixed by
 the schedule, and each engine computes with a fixed thread count, so two runs with the same options log
@@ -243,14 +246,20 @@ class AsyncRollouts:
                 result = self._next_result()
                 if result is None:
                     return
+                self._publish(step, result)  # the learner measures the tokens while they are scored
                 scored = self._score(step, result)
             except BaseException as err:  # handed to the learner, which raises it in its own thread
                 scored = err
-            with self.ready_changed:
-                self.ready[step] = scored
-                self.ready_changed.notify_all()
+            self._publish(step, scored)
             if isinstance(scored, BaseException):
                 return
+
+    def _publish(self, step: int, value: Any) -> None:
+        """``step``'s entry in ``ready``: its ``SampledJob`` (sampled, being scored), then the scored result or
+        the exception that stopped the thread."""
+        with self.ready_changed:
+            self.ready[step] = value
+            self.ready_changed.notify_all()
 
     def _next_result(self) -> SampledJob | None:
         """The worker's next result; None once closing; a worker that died or failed raises."""
@@ -281,26 +290,35 @@ class AsyncRollouts:
 
     # --- the learner's side ------------------------------------------------------------------
 
-    def _wait(self, step: int, stop: StopRequest) -> tuple[Any, float]:
-        """Step ``step``'s scored result once the thread has it, and the seconds waited (Ctrl-C polled)."""
+    def _wait(self, step: int, stop: StopRequest, scored: bool) -> tuple[Any, float]:
+        """Step ``step``'s entry once it is scored (``scored``) or at least sampled (a ``SampledJob`` or already
+        the scored result), and the seconds waited (Ctrl-C polled); an exception the thread handed over is raised."""
         start = time.perf_counter()
         with self.ready_changed:
-            while step not in self.ready:
+            while not self._arrived(step, scored):
                 self.ready_changed.wait(_POLL_S)
                 stop.check()
-                if not self.scorer.is_alive() and step not in self.ready:
+                if not self.scorer.is_alive() and not self._arrived(step, scored):
                     raise RuntimeError(f"the scoring thread stopped before step {step}")
-            result = self.ready.pop(step)
+            result = self.ready[step]
+            if scored or isinstance(result, BaseException):
+                del self.ready[step]
         if isinstance(result, BaseException):
             raise result
         return result, time.perf_counter() - start
+
+    def _arrived(self, step: int, scored: bool) -> bool:
+        value = self.ready.get(step)
+        return value is not None and not (scored and isinstance(value, SampledJob))
 
     @torch.no_grad()
     def take(self, step: int, stop: StopRequest, forward: TrainerForward, weights: MasterWeights,
              recompute: bool) -> Sampled:
         """Step ``step``'s rollouts, scored, with the trainer's logprobs at the weights that sampled them
-        and (``recompute``) at the current ones; the pipeline's overlap in ``extra``'s ``time/wait_s``."""
-        (result, completions, token_lists, scores, reward_s), waited = self._wait(step, stop)
+        and (``recompute``) at the current ones, computed while the rewards are (module docstring); the
+        seconds the learner waited for the pipeline in ``extra``'s ``time/wait_s``."""
+        got, waited_tokens = self._wait(step, stop, scored=False)
+        result: SampledJob = got if isinstance(got, SampledJob) else got[0]  # or already scored
         rollouts, version = result.rollouts, result.version
         start = time.perf_counter()
         # The full-vocabulary parity is precision too: its trainer side from the same forward at the sampling weights.
@@ -313,8 +331,10 @@ class AsyncRollouts:
         measured = Measurement(rollouts, tokens, current, entropy,
                                {"sampler": rollouts.observed_dtype, "trainer": recorder.report()},
                                result.sample_s, time.perf_counter() - start, vocab)
+        (_, completions, token_lists, scores, reward_s), waited_scores = self._wait(step, stop, scored=True)
         return Sampled(self.prompts.pop(step), measured, completions, token_lists, scores, reward_s, stale,
-                       {"staleness/version_lag": float(step - 1 - version), "time/wait_s": waited})
+                       {"staleness/version_lag": float(step - 1 - version),
+                        "time/wait_s": waited_tokens + waited_scores})
 
     def close(self) -> None:
         """Stop the worker and the thread (the end of a run, an error or Ctrl-C); give the learner its
