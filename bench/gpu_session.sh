@@ -4,7 +4,8 @@
 #
 #   1. the CUDA paths through the CLI on the tiny model: fp16 (GradScaler) and bf16 with LoRA, full
 #      fine-tuning in both trainer compute paths (half_copy, autocast), gradient checkpointing,
-#      4-bit (bitsandbytes NF4); a line per run with the mismatch, loss scale and skipped steps;
+#      4-bit (bitsandbytes NF4), asynchronous rollouts (--max-staleness 1: the sampler process on the GPU,
+#      never run on one yet); a line per run with the mismatch, loss scale and skipped steps;
 #   2. bench/gpu_step.py at the seed's shape (prompt 8,600 + 8 x 1,024 tokens, LoRA r=1) on a
 #      1B-shaped random Llama, fp16 and bf16, the trainer's prompt shared (the default) and not; then
 #      an 8B-shaped one in fp16 (SIZES=1b skips it).
@@ -35,7 +36,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 summary() {  # one line per run: steps, last mismatch, loss scale, skipped steps, loss finite
   python3 - "$1" <<'EOF'
 import math, sys
-from fp16rl.tracking import read_metrics
+from fp16rl.runs.tracking import read_metrics
 rows = read_metrics(sys.argv[1] + "/metrics.jsonl")
 if not rows:
     print("    no metrics"); sys.exit()
@@ -68,6 +69,7 @@ done <<'EOF'
 --dtype float16 --lora-r 0 --trainer-compute autocast --gradient-checkpointing
 --dtype float16 --load-in-4bit
 --dtype bfloat16 --load-in-4bit --gradient-checkpointing
+--dtype float16 --max-staleness 1 --decoupled-loss --is-correction token_truncate
 EOF
 
 [ "${SEED_SHAPE:-1}" = 1 ] || exit 0
