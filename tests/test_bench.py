@@ -46,3 +46,18 @@ def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
     assert all(0 < float(x) <= 8 for x in fp32[9].split("/"))  # tokens per completion (TRL, fp16rl): 1..8
     assert 0 < float(fp32[8].rstrip("%")) < 100  # the telemetry's share of the step
     assert fp16[2] == "n/a" and float(fp16[4]) > 0  # TRL has no fp16 on a CPU
+
+
+def test_python_in_bench_shell_scripts_imports_what_exists():
+    """The Python heredocs of bench/*.sh run only on a lent GPU: their fp16rl imports are checked here, so a
+    module moved by a refactor fails on a CPU, not in a session's scarce device time."""
+    import importlib
+    import re
+
+    found, seen = [], 0
+    for script in sorted((Path(__file__).parent.parent / "bench").glob("*.sh")):
+        for module, names in re.findall(r"^\s*from (fp16rl[\w.]*) import ([\w, ]+)$", script.read_text(), re.M):
+            imported, seen = importlib.import_module(module), seen + 1
+            found += [(script.name, module, name.strip()) for name in names.split(",")
+                      if not hasattr(imported, name.strip())]
+    assert seen >= 1 and found == []  # gpu_session.sh reads its runs' metrics with read_metrics
