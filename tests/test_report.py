@@ -267,6 +267,23 @@ def test_arm_label_and_slug():
     assert arm_slug("a b/c") == "a_b_c"
 
 
+def test_legend_labels_keep_what_tells_arms_apart():
+    """A legend of long arm names squeezed the plot to a sliver: each label keeps the overrides that differ
+    and the shared ones are said once (wrapped); a single arm or identical parts keep the whole name."""
+    from fp16rl.report.plots import arm_labels
+
+    common = "importance_sampling_level=sequence,loss_type=grpo,is_clip_min=0.98,is_clip_max=1.02"
+    labels, shared = arm_labels([f"dtype=bfloat16,{common}", f"dtype=float16,{common}"])
+    assert labels == {f"dtype=bfloat16,{common}": "dtype=bfloat16", f"dtype=float16,{common}": "dtype=float16"}
+    assert shared == common
+    labels, shared = arm_labels(["dtype=bfloat16,lr=1", "dtype=float16,lr=2", "dtype=float32,lr=1"])
+    assert labels["dtype=float16,lr=2"] == "dtype=float16,lr=2" and labels["dtype=bfloat16,lr=1"] == "dtype=bfloat16,lr=1"
+    assert shared == ""
+    long = ",".join(f"option_{i}=value_{i}" for i in range(8))
+    labels, shared = arm_labels([long])
+    assert shared == "" and labels[long].replace("\n", "") == long and max(map(len, labels[long].split("\n"))) <= 60
+
+
 def test_bad_paths(tmp_path: Path):
     with pytest.raises(ReportError, match="does not exist"):
         load_inputs([tmp_path / "nope"])

@@ -197,10 +197,24 @@ def _unlog(values: np.ndarray, panel: Panel) -> np.ndarray:
     return np.power(10.0, values) if panel.log else values
 
 
+_LEGEND_WIDTH = 60  # characters per legend line at font size 8 in a 6.4-inch panel
+
+
+def arm_labels(arms: Sequence[str]) -> tuple[dict[str, str], str]:
+    """Each arm's legend label and the options every arm shares. Arm names are comma-separated overrides
+    (``dtype=bfloat16,loss_type=grpo,...``); a legend that repeats the shared ones leaves no room for the
+    plot, so each label keeps what tells the arms apart and the shared part is said once."""
+    parts = {arm: arm.split(",") for arm in arms}
+    shared = [p for p in parts[arms[0]] if all(p in parts[a] for a in arms)] if len(arms) > 1 else []
+    labels = {arm: ",".join(p for p in parts[arm] if p not in shared) or arm for arm in arms}
+    return {arm: textwrap.fill(label, _LEGEND_WIDTH) for arm, label in labels.items()}, ",".join(shared)
+
+
 def _legend(ax: Any, arms: Sequence[str], colours: dict[str, Any], drawn: _Drawn) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colours[arm], linewidth=2, label=f"{arm} ({n} seed{'s' * (n != 1)})")
+    labels, shared = arm_labels(arms)
+    handles = [Line2D([], [], color=colours[arm], linewidth=2, label=f"{labels[arm]} ({n} seed{'s' * (n != 1)})")
                for arm in arms if (n := drawn.seeds.get(arm, 0))]
     if drawn.partial:
         handles.append(Line2D([], [], color="grey", linewidth=1.3, linestyle="--",
@@ -208,4 +222,5 @@ def _legend(ax: Any, arms: Sequence[str], colours: dict[str, Any], drawn: _Drawn
     if drawn.collapse:
         handles.append(Line2D([], [], color="black", marker="x", markersize=8, markeredgewidth=2, linestyle="none",
                               label="collapse detected"))
-    ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85)
+    title = textwrap.fill(f"every arm: {shared}", _LEGEND_WIDTH) if shared else None
+    ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85, title=title, title_fontsize=8)
