@@ -14,6 +14,7 @@ Two regimes per row count, each timed with 1 and 2 torch threads:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Callable
 
@@ -29,7 +30,7 @@ def per_call_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def resident_kernels(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], object]]:
