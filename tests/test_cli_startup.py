@@ -39,6 +39,7 @@ def test_help_and_refusals_do_not_import_the_heavy_libraries(tmp_path):
 
 
 def test_emulated_half_precision_is_announced_with_its_measured_slowdown(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(hardware, "emulated_dtypes", lambda: frozenset())  # a kernel exists, but is slow
     monkeypatch.setattr(hardware, "matmul_slowdown", lambda dtype: {"torch.float16": 6.25}.get(str(dtype), 1.1))
     with caplog.at_level(logging.WARNING, logger="fp16rl"):
         Trainer(toy_config(tmp_path / "run", dtype="float16", max_steps=1))
@@ -49,6 +50,18 @@ def test_emulated_half_precision_is_announced_with_its_measured_slowdown(tmp_pat
     with caplog.at_level(logging.WARNING, logger="fp16rl"):
         Trainer(toy_config(tmp_path / "run32", dtype="float32", max_steps=1))
     assert not caplog.records
+
+
+def test_a_dtype_without_a_kernel_is_announced_as_widened(tmp_path, monkeypatch, caplog):
+    import torch
+
+    monkeypatch.setattr(hardware, "emulated_dtypes", lambda: frozenset({torch.bfloat16}))
+    monkeypatch.setattr(hardware, "matmul_slowdown", lambda dtype: 1.0)
+    with caplog.at_level(logging.WARNING, logger="fp16rl"):
+        Trainer(toy_config(tmp_path / "run", dtype="bfloat16", max_steps=1))
+    notes = [r.getMessage() for r in caplog.records if "no kernel on this CPU" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("bfloat16 matmul") and "widen it to float32" in notes[0]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["notes"] == notes
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -2,8 +2,9 @@
 front), CPU threads, the allocator setting.
 
 Many CPUs have no native float16 (and some no bfloat16) matmul: torch then converts to float32
-and back inside the kernel, which can be several times slower than float32 itself. A user who
-runs ``--dtype float16`` on such a CPU deserves one line saying so before a step takes minutes.
+and back inside the kernel, element by element, far slower than float32 itself. fp16rl's linear
+layers compute such a dtype widened to float32 (``half_matmul``); a user who runs ``--dtype float16``
+on such a CPU still deserves one line saying so, and what remains slow.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from functools import lru_cache
 
 import torch
+
+from fp16rl.model.half_matmul import emulated_dtypes, half_matmul_path
 
 EMULATED_SLOWDOWN = 2.0  # half precision this much slower than float32 is not a native kernel
 
@@ -52,14 +55,20 @@ def cpu_name() -> str:
 
 
 def emulation_notes(dtypes: set[torch.dtype], device: torch.device) -> list[str]:
-    """One line per half dtype this CPU computes far slower than float32 (none on GPUs)."""
+    """One line per half dtype this CPU has no fast matmul kernel for (none on GPUs): widened by
+    ``half_matmul`` in the linear layers, or else measured far slower than float32."""
     if device.type != "cpu":
         return []
     notes = []
     for dtype in sorted(dtypes - {torch.float32}, key=str):
+        name = str(dtype).removeprefix("torch.")
+        if dtype in emulated_dtypes():
+            notes.append(f"{name} matmul has no kernel on this CPU ({cpu_name()}): the linear layers of both engines "
+                         f"widen it to float32 and round once to {name}, as the kernel would (fp16rl.model.half_matmul); "
+                         "attention and elementwise ops stay emulated, so steps are slower than in float32")
+            continue
         slowdown = matmul_slowdown(dtype)
         if slowdown >= EMULATED_SLOWDOWN:
-            name = str(dtype).removeprefix("torch.")
             notes.append(f"{name} matmul on this CPU ({cpu_name()}) is {slowdown:.1f}x slower than float32 "
                          f"(a measured 256x256 matmul): it is emulated, not native, so steps will be slow; "
                          "a GPU computes it natively")
@@ -151,7 +160,7 @@ def library_versions() -> dict[str, str]:
 
     versions = {"fp16rl": metadata.version("fp16rl"), "torch": str(torch.__version__), "transformers": transformers.__version__,
                 "peft": peft.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                "torch_threads": str(torch.get_num_threads())}
+                "torch_threads": str(torch.get_num_threads()), "cpu_half_matmul": half_matmul_path()}
     if "bitsandbytes" in sys.modules:
         versions["bitsandbytes"] = sys.modules["bitsandbytes"].__version__
     return versions

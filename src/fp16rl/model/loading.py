@@ -20,6 +20,7 @@ from fp16rl.core.atomic import atomic_directory
 from fp16rl.config.options import DEFAULT_LORA_TARGETS
 from fp16rl.core.errors import ModelError
 from fp16rl.model.forward import causal_lm
+from fp16rl.model.half_matmul import widen_linears
 from fp16rl.model.islands import island_parameter_ids, keep_in_fp32, resolve_islands
 from fp16rl.core.paths import TINY, fp16rl_home, resolve_model_path
 from fp16rl.runs.folders import refuse_used_folder
@@ -110,6 +111,8 @@ def load_model(
         # Truncated weights, an unknown architecture, a config transformers rejects: one line, not a traceback.
         raise ModelError(f"cannot load the model in {path}: {_first_line(err)}") from None
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    if torch.device(device).type == "cpu" and not load_in_4bit:
+        widen_linears(model)  # half matmuls at float32 speed where this CPU has no half kernel
     return model
 
 
@@ -210,6 +213,8 @@ def load_trainer_model(
         model.requires_grad_(True)
     else:
         model = apply_lora(model, lora)
+        if torch.device(device).type == "cpu" and not load_in_4bit:
+            widen_linears(model)  # the adapters' layers, as load_model did the base's
     islands = resolve_islands(model, fp32_modules) if fp32_modules else []
     keep_in_fp32(model, islands, trainer_dtype)  # before the cast below: their FP32 weights are the loaded ones
     if lora is not None:
