@@ -148,3 +148,20 @@ def test_the_fast_decoder_still_computes_what_hugging_face_computes(dtype, widen
                 out.append(decoder.step(torch.tensor([token, token + 7])))
     for hf, fast in zip(*outputs):
         assert torch.equal(hf, fast)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_fixed_weights_widened_once_compute_what_widened_linear_computes(dtype, widen_every_half):
+    """The decode loop's layers (``widened_with``): float32 weights made once, bitwise the same outputs as
+    ``widened_linear``; with gradients on (training) it is ``widened_linear`` itself."""
+    from fp16rl.model.half_matmul import widened_with
+
+    generator = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(48, 32, generator=generator).to(dtype), torch.randn(48, generator=generator).to(dtype)
+    x = torch.randn(6, 1, 32, generator=generator).to(dtype)
+    linear = widened_with(weight, bias)
+    with torch.inference_mode():
+        assert torch.equal(linear(x), widened_linear(x, weight, bias))
+    trained = weight.clone().requires_grad_(True)
+    out = widened_with(trained, bias)(x)
+    assert out.requires_grad and torch.equal(out.detach(), widened_linear(x, weight, bias))

@@ -27,13 +27,13 @@ elementwise operations stay torch's own.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["WidenedLinear", "emulated_dtypes", "half_matmul_path", "widen_linears", "widened_linear"]
+__all__ = ["WidenedLinear", "emulated_dtypes", "half_matmul_path", "widen_linears", "widened_linear", "widened_with"]
 
 # The checks torch's CPU matmul itself makes to choose oneDNN for a half dtype (aten's
 # ``use_mkldnn_matmul``); without it the dtype falls back to the element-by-element kernel.
@@ -109,6 +109,25 @@ def _widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     if needs_graph:
         return _WidenedLinearFunction.apply(x, weight, bias)
     return _forward(x, weight, bias)  # decoding: no autograd.Function bookkeeping per call
+
+
+def widened_with(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> widened_linear(x, weight, bias)`` for a loop in which the weights stay as they are (the fast
+    decoder's, built for one ``generate`` call): their float32 copies are made once, not at every token,
+    which would stream the weights through memory three times a step. The same numbers as
+    ``widened_linear``; inputs of another dtype, or under autocast, go to ``widened_linear`` itself."""
+    dtype = weight.dtype
+    if weight.device.type != "cpu" or dtype not in emulated_dtypes() or (bias is not None and bias.dtype != dtype):
+        return partial(widened_linear, weight=weight, bias=bias)
+    wide_weight = weight.detach().float()
+    wide_bias = None if bias is None else bias.detach().float()
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != dtype or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+            return widened_linear(x, weight, bias)
+        return F.linear(x.float(), wide_weight, wide_bias).to(dtype)
+
+    return linear
 
 
 class WidenedLinear(torch.nn.Linear):

@@ -45,13 +45,11 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from fp16rl.model.forward import causal_lm, length_dependent_rope, not_full_attention, prefill_forward
 from fp16rl.model.islands import hidden_like
-from fp16rl.model.half_matmul import WidenedLinear, widened_linear
+from fp16rl.model.half_matmul import WidenedLinear, widened_with
 
 # Exact classes, not subclasses: a subclass may override the layer forward this loop re-implements.
 SUPPORTED_CLASSES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-# A linear layer's class -> its forward as a function of (x, weight, bias).
-LINEARS: dict[type, Callable[..., torch.Tensor]] = {torch.nn.Linear: F.linear, WidenedLinear: widened_linear}
 RMS_NORMS = (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm)  # one forward, written out in ``_lean_norm``
 
 
@@ -82,7 +80,7 @@ def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``module``'s forward for the decode loop, without ``nn.Module.__call__``'s bookkeeping (~1.4 us a
     call on a CPU, a visible share of a small model's step: bench/RESULTS.md).
 
-    A plain ``nn.Linear`` is ``F.linear(x, weight, bias)``, its own forward (a ``WidenedLinear``, ``widened_linear``); a plain ``nn.Embedding`` is
+    A plain ``nn.Linear`` is ``F.linear(x, weight, bias)``, its own forward (a ``WidenedLinear``: ``widened_with``); a plain ``nn.Embedding`` is
     ``F.embedding`` (not with ``max_norm``, which rewrites rows; its other options only shape gradients).
     A peft LoRA ``Linear`` with one plain adapter (no dropout, no variant, in the input's dtype) runs
     peft's own operations, ``base(x) + B(A(x)) * scaling``, without its per-call bookkeeping (adapter
@@ -93,8 +91,8 @@ def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     if _hooked(module):
         return module
-    if type(module) in LINEARS:
-        return partial(LINEARS[type(module)], weight=module.weight, bias=module.bias)
+    if type(module) in (torch.nn.Linear, WidenedLinear):
+        return _lean_linear(module)
     if type(module) is torch.nn.Embedding and module.max_norm is None:  # max_norm renormalises rows in place
         return partial(F.embedding, weight=module.weight, padding_idx=module.padding_idx)
     if type(module) is not LoraLinear or len(module.active_adapters) != 1:
@@ -104,19 +102,27 @@ def _lean(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return module
     base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
     plain = (isinstance(module.lora_dropout[name], torch.nn.Identity)
-             and all(type(layer) in LINEARS for layer in (base, lora_a, lora_b)) and lora_a.bias is None
+             and all(type(layer) in (torch.nn.Linear, WidenedLinear) for layer in (base, lora_a, lora_b)) and lora_a.bias is None
              and lora_b.bias is None and lora_a.weight.dtype == base.weight.dtype)
     if not plain:
         return module
     scaling = module.scaling[name]
-    linear, linear_a, linear_b = LINEARS[type(base)], LINEARS[type(lora_a)], LINEARS[type(lora_b)]
+    linear, linear_a, linear_b = _lean_linear(base), _lean_linear(lora_a), _lean_linear(lora_b)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if module.disable_adapters or module.merged or x.dtype != lora_a.weight.dtype:
             return module(x)
-        return linear(x, base.weight, base.bias) + linear_b(linear_a(x, lora_a.weight), lora_b.weight) * scaling
+        return linear(x) + linear_b(linear_a(x)) * scaling
 
     return forward
+
+
+def _lean_linear(layer: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A plain linear layer's forward with its weights bound: ``F.linear``, or for a ``WidenedLinear``
+    ``widened_with`` (its float32 weights made once per decoder, which lives for one ``generate``)."""
+    if type(layer) is WidenedLinear:
+        return widened_with(layer.weight, layer.bias)
+    return partial(F.linear, weight=layer.weight, bias=layer.bias)
 
 
 def _lean_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
