@@ -27,6 +27,21 @@ def test_gpu_step_benchmark_runs_at_a_tiny_shape(tmp_path):
     assert bench.model_flops(100, 1, 1, 3, 2, 2, 1) == sampler + 3 * forward == 5910
 
 
+def test_half_linears_benchmark_runs_at_a_tiny_shape():
+    """torch's half kernel against the widened linears: every table has its float32 floor and both dtypes."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "half_linears.py"
+    done = subprocess.run([sys.executable, str(path), "--model", "tiny", "--rows", "2", "--tokens", "8",
+                           "--new-tokens", "4", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith(("| float", "| bfloat"))]
+    assert [r[0] for r in rows] == ["bfloat16"] * 2 + ["float16"] * 2 + ["float32", "bfloat16", "float16"] * 2
+    matmuls, model, decode = rows[:4], rows[4:7], rows[7:]
+    assert all(float(t) > 0 for r in matmuls for cell in r[2:] for t in cell.split(" / "))
+    assert model[0][2] == "-" and all(r[3].endswith("x") and float(r[1]) > 0 for r in model[1:])
+    assert all(float(cell) > 0 for r in decode[1:] for cell in r[1:])
+
+
 def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
     """TRL's GRPOTrainer and fp16rl on the same tiny work: both engines report steps, tokens and a ratio.
     In a subprocess: TRL imports trackio, which fixes its database folder when first imported."""

@@ -3,8 +3,9 @@
 Warm-start the tiny model on arc-lite (cached after the first time), run bf16 vs fp16 with paired
 seeds on arc-lite code RL, probe SmolLM2-135M's mismatch, and write the comparison report.
 
-CPUs differ by an order of magnitude in half-precision speed (float16 is emulated on most of them,
-bfloat16 on some), so the demo measures this machine first: one real GRPO step per arm and a small
+CPUs differ by an order of magnitude in half-precision speed (most have no float16 matmul kernel, some
+no bfloat16 one; ``model.half_matmul`` widens those linears, the rest stays slow), so the demo measures
+this machine first: one real GRPO step per arm and a small
 probe, then sizes the number of steps and the probe to fit ``BUDGET_S`` and says how long it will
 take. ``quick`` is a ~2-minute smoke version (4 steps, one seed, no probe) used in tests.
 """

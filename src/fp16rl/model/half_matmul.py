@@ -114,7 +114,8 @@ def _widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def widened_with(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> widened_linear(x, weight, bias)`` for a loop in which the weights stay as they are (the fast
     decoder's, built for one ``generate`` call): their float32 copies are made once, not at every token,
-    which would stream the weights through memory three times a step. The same numbers as
+    which would stream the weights through memory three times a step. The copies hold twice the half
+    weights' memory while the decoder lives (one ``generate`` call). The same numbers as
     ``widened_linear``; inputs of another dtype, or under autocast, go to ``widened_linear`` itself."""
     dtype = weight.dtype
     if weight.device.type != "cpu" or dtype not in emulated_dtypes() or (bias is not None and bias.dtype != dtype):
