@@ -165,3 +165,16 @@ def test_fixed_weights_widened_once_compute_what_widened_linear_computes(dtype, 
     trained = weight.clone().requires_grad_(True)
     out = widened_with(trained, bias)(x)
     assert out.requires_grad and torch.equal(out.detach(), widened_linear(x, weight, bias))
+
+
+def test_edge_shapes_and_float64_under_autocast(widen_every_half):
+    """A 1-D input and an empty batch have gradients of their own shapes; float64 under autocast is left
+    alone, as autocast leaves it."""
+    weight = torch.randn(3, 5).bfloat16().requires_grad_(True)
+    for shape in ((5,), (0, 5)):
+        x = torch.randn(shape).bfloat16().requires_grad_(True)
+        widened_linear(x, weight).float().sum().backward()
+        assert x.grad.shape == x.shape and weight.grad.shape == weight.shape
+    x64, w64 = torch.randn(2, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(widened_linear(x64, w64), F.linear(x64, w64))

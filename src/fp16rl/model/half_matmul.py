@@ -92,8 +92,8 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        if dtype not in emulated_dtypes():
-            return F.linear(x, weight, bias)
+        if dtype not in emulated_dtypes() or torch.float64 in (x.dtype, weight.dtype):
+            return F.linear(x, weight, bias)  # autocast leaves float64 alone; F.linear does what it does
         # What autocast does for F.linear: every floating input cast to its dtype, then the half matmul.
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
