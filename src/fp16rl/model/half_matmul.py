@@ -4,7 +4,7 @@ kernel would compute them, with float32's GEMM.
 Why: without oneDNN's bfloat16 path (AVX-512 or AMX) or its float16 path (AVX512-FP16 or AMX-FP16),
 torch multiplies half matrices with a fallback kernel that widens each element to float32, sums the
 products in float32 and rounds each output once, one element at a time: 10-50x slower than a float32
-GEMM (bench/RESULTS.md, "Half-precision linears on CPUs without the kernel": a SmolLM2-135M
+GEMM (bench/RESULTS.md, "Half-precision linears on a CPU without a half kernel": a SmolLM2-135M
 training forward and backward in bfloat16 took 12x longer than with this module). ``widened_linear``
 does that same arithmetic at float32 speed:
 
@@ -18,7 +18,7 @@ unit apart, with the same error against float64 (tests/test_half_matmul.py).
 
 Both engines hold these layers: ``widen_linears`` swaps the class of every plain ``nn.Linear`` when
 the model is loaded (after LoRA for its adapters), the sampler's copy inherits the class, and the
-fast decoder calls ``widened_linear`` as the layer's forward; so the sampler and the trainer still
+fast decoder calls ``widened_with`` (the same numbers, weights widened once per call); so the sampler and the trainer still
 compute alike. Under CPU autocast the layer casts its inputs to the autocast dtype first, as autocast
 does for ``F.linear``. Float32 layers, GPUs, and dtypes the CPU has a kernel for run ``F.linear``
 itself; a CPU with both kernels (Intel Sapphire Rapids) swaps nothing. Attention's matmuls and the
@@ -139,10 +139,10 @@ class WidenedLinear(torch.nn.Linear):
 
 
 def widen_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """Make every plain ``nn.Linear`` of ``model`` a ``WidenedLinear`` (in place; returned for chaining)
-    where this CPU lacks a half kernel; nothing where it has both. Idempotent."""
+    """Make every plain ``nn.Linear`` of ``model`` held on the CPU a ``WidenedLinear`` (in place; returned
+    for chaining) where this CPU lacks a half kernel; nothing where it has both, nothing on a GPU. Idempotent."""
     if emulated_dtypes():
         for module in model.modules():
-            if type(module) is torch.nn.Linear:
+            if type(module) is torch.nn.Linear and module.weight.device.type == "cpu":
                 module.__class__ = WidenedLinear
     return model

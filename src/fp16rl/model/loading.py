@@ -111,8 +111,7 @@ def load_model(
         # Truncated weights, an unknown architecture, a config transformers rejects: one line, not a traceback.
         raise ModelError(f"cannot load the model in {path}: {_first_line(err)}") from None
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
-    if torch.device(device).type == "cpu" and not load_in_4bit:
-        widen_linears(model)  # half matmuls at float32 speed where this CPU has no half kernel
+    widen_linears(model)  # half matmuls at float32 speed where this CPU has no half kernel
     return model
 
 
@@ -212,9 +211,7 @@ def load_trainer_model(
     if lora is None:
         model.requires_grad_(True)
     else:
-        model = apply_lora(model, lora)
-        if torch.device(device).type == "cpu" and not load_in_4bit:
-            widen_linears(model)  # the adapters' layers, as load_model did the base's
+        model = widen_linears(apply_lora(model, lora))  # the adapters' layers, as load_model did the base's
     islands = resolve_islands(model, fp32_modules) if fp32_modules else []
     keep_in_fp32(model, islands, trainer_dtype)  # before the cast below: their FP32 weights are the loaded ones
     if lora is not None:
