@@ -42,20 +42,25 @@ def test_half_linears_benchmark_runs_at_a_tiny_shape():
     assert all(float(cell) > 0 for r in decode[1:] for cell in r[1:])
 
 
-def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
-    """TRL's GRPOTrainer and fp16rl on the same tiny work: both engines report steps, tokens and a ratio.
-    In a subprocess: TRL imports trackio, which fixes its database folder when first imported. Every engine
-    runs in a fresh process (~15-30 s of imports each here), so the smoke test runs three: fp16rl at K = 0
-    and K = 1 and TRL in float32; fp16 (fp16rl alone: TRL has no fp16 on a CPU) adds one row, K = 0 only."""
+def step_vs_trl_rows(*options: str) -> list[list[str]]:
+    """The table rows (cells stripped) of ``bench/step_vs_trl.py`` on the tiny model, 1 step of 2 x 8 tokens.
+    In a subprocess: TRL imports trackio, which fixes its database folder when first imported."""
     path = Path(__file__).resolve().parents[1] / "bench" / "step_vs_trl.py"
-    common = [sys.executable, str(path), "--model", "tiny", "--steps", "1", "--generations", "2",
-              "--completion-tokens", "8", "--modes", "full", "--rounds", "1"]
-    done = subprocess.run([*common, "--dtypes", "float32", "--max-staleness", "0,1"],
+    done = subprocess.run([sys.executable, str(path), "--model", "tiny", "--steps", "1", "--generations", "2",
+                           "--completion-tokens", "8", "--modes", "full", "--rounds", "1", *options],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| float")]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("float32", "full"), ("float32", "full, K=1")]
-    fp32, fp32_async = ([cell.strip() for cell in r] for r in rows)
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| float")]
+
+
+def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
+    """TRL's GRPOTrainer and fp16rl on the same tiny work: both engines report steps, tokens and a ratio.
+    Every engine runs in a fresh process (~15-30 s of imports each here): float32 only, fp16rl at K = 0 and
+    K = 1 beside one TRL run; the fp16 row (no TRL) is the next test's."""
+    rows = step_vs_trl_rows("--dtypes", "float32", "--max-staleness", "0,1")
+    assert [r[:2] for r in rows] == [["float32", "full"], ["float32", "full, K=1"]]
+    fp32, fp32_async = rows
     assert fp32_async[2] == fp32[2] and float(fp32_async[4]) > 0  # the same TRL run; fp16rl's K=1 steps
     assert float(fp32[2]) > 0 and float(fp32[4]) > 0  # TRL's and fp16rl's s/step
     assert fp32[10].endswith("x") and fp32[11].endswith("x")  # the s/step and tok/s ratios
@@ -65,13 +70,7 @@ def test_step_vs_trl_benchmark_runs_at_a_tiny_shape():
 
 def test_step_vs_trl_without_trl_prints_n_a_for_it():
     """A dtype TRL cannot run on a CPU (fp16) gets fp16rl's figures and n/a for TRL's and the ratios."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "step_vs_trl.py"
-    done = subprocess.run([sys.executable, str(path), "--model", "tiny", "--steps", "1", "--generations", "2",
-                           "--completion-tokens", "8", "--modes", "full", "--rounds", "1", "--dtypes", "float16"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()
-            if line.startswith("| float")]
+    rows = step_vs_trl_rows("--dtypes", "float16")
     assert [r[:2] for r in rows] == [["float16", "full"]]
     assert rows[0][2] == rows[0][3] == rows[0][10] == rows[0][11] == "n/a" and float(rows[0][4]) > 0
 
