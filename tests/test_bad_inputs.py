@@ -216,6 +216,12 @@ CASES = [
     (["compare", "--config", "{ws}/good.yaml", "--arms", "dtype=float9", "--seeds", "0", "--output-dir",
       "{ws}/cmp"], "unknown dtype 'float9'"),
     (["report", "{ws}/not_a_run", "-o", "{ws}/report_out"], "not_a_run"),
+    # click's usage errors (typer parses every command but train): the same one line, not click's framed box
+    (["report", "--bogus"], "error: fp16rl report: No such option: --bogus (see `fp16rl report --help`)"),
+    (["report", "{ws}/run", "--margin", "abc"], "fp16rl report: Invalid value for '--margin'"),
+    (["export"], "fp16rl export: Missing argument 'checkpoint'"),
+    (["nosuchcmd"], "fp16rl: No such command 'nosuchcmd'"),
+    (["compare", "--seeds"], "Option '--seeds' requires an argument"),
 ]
 
 

@@ -1,5 +1,5 @@
 """``python -m fp16rl`` = ``fp16rl`` (what ``torchrun -m fp16rl train ...`` runs on every rank)."""
 
-from fp16rl.cli import app
+from fp16rl.cli import main
 
-app()
+main()

@@ -18,8 +18,9 @@ Imports: every package below it (compare, training, probe, report, tools and dow
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -32,7 +33,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from fp16rl.cli.arc import app as arc_app
 from fp16rl.cli.data import app as data_app
-from fp16rl.cli.common import USER_ERRORS, console, fail, install_warning_handler
+from fp16rl.cli.common import USER_ERRORS, console, fail, install_warning_handler, print_error
 from fp16rl.cli.common import quiet_libraries as _quiet_libraries
 from fp16rl.cli.options import option, settings_command
 from fp16rl.config.parse import parse_train_args
@@ -302,5 +303,26 @@ def export(
     typer.echo(str(folder))
 
 
-def main() -> None:
-    app()
+def main(args: Optional[list[str]] = None) -> NoReturn:
+    """The console script (``fp16rl``, ``python -m fp16rl``): the typer app, except that click's usage
+    errors (an unknown option or command, a missing argument, a value of the wrong type) end as every
+    other bad input does, in one ``error:`` line and exit code 2, instead of click's framed box."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="fp16rl", standalone_mode=False)
+    except typer.TyperException as err:  # click's ClickException, as vendored by typer
+        if type(err).__name__ != "NoArgsIsHelpError":  # a bare group: its help is printed already
+            print_error(_usage_message(err))
+        code = err.exit_code
+    except typer.Abort:
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(err: typer.TyperException) -> str:
+    """Click's message, with the command it concerns and where its options are listed."""
+    ctx = getattr(err, "ctx", None)
+    if ctx is None:
+        return err.format_message()
+    hint = f" (see `{ctx.command_path} --help`)" if ctx.command.get_help_option(ctx) else ""
+    return f"{ctx.command_path}: {err.format_message()}{hint}"

@@ -1,5 +1,5 @@
 """``python -m fp16rl.cli`` = ``fp16rl``."""
 
-from fp16rl.cli import app
+from fp16rl.cli import main
 
-app()
+main()

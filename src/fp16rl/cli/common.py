@@ -33,15 +33,20 @@ RANK0_GRACE_S = 20.0  # how long a refusing rank other than 0 waits for rank 0 t
 def fail(message: object) -> NoReturn:
     """Print ``error: <message>`` as one line on stderr and exit with code 2 (bad input). Under torchrun
     only rank 0 prints it: the ranks fail together, and one line says why."""
+    print_error(message)
+    raise typer.Exit(2)
+
+
+def print_error(message: object) -> None:
+    """The printing half of :func:`fail`, for a caller outside a command (the console script's handler)."""
     record_for_launcher(f"error: {one_line(message)}")
     if not is_main_process():
         # torchrun stops every rank as soon as one exits: leaving at once could kill rank 0 (on a slow
         # machine still importing) before its line is printed. Rank 0 exits first instead; torchrun
         # then stops this rank, and its report names rank 0's line as the root cause.
         time.sleep(RANK0_GRACE_S)
-        raise typer.Exit(2)
+        return
     console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def record_for_launcher(line: str) -> None:
