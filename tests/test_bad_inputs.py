@@ -215,6 +215,10 @@ CASES = [
     # other commands share the contract
     (["compare", "--config", "{ws}/good.yaml", "--arms", "dtype=float9", "--seeds", "0", "--output-dir",
       "{ws}/cmp"], "unknown dtype 'float9'"),
+    (["compare", "--config", "{ws}/good.yaml", "--arms", "dtype=float16", "--seeds", "0,1,0", "--output-dir",
+      "{ws}/cmp"], "--seeds lists seed 0 more than once"),
+    (["compare", "--config", "{ws}/good.yaml", "--arms", "dtype=float16", "--parallel", "0", "--output-dir",
+      "{ws}/cmp"], "--parallel must be >= 1, got 0"),
     (["report", "{ws}/not_a_run", "-o", "{ws}/report_out"], "not_a_run"),
     # click's usage errors (typer parses every command but train): the same one line, not click's framed box
     (["report", "--bogus"], "error: fp16rl report: No such option: --bogus (see `fp16rl report --help`)"),

@@ -145,6 +145,11 @@ def plan_comparison(base_config: Path | None, arm_specs: Sequence[str], seeds: S
         raise ConfigError("two arms have the same name")
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:  # one run folder per arm x seed: a repeated seed would be one run, counted twice
+        raise ConfigError(f"--seeds lists seed {repeated[0]} more than once")
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {parallel}")
     manifest = {
         "base_config": base,
         "arms": [{"name": arm.name, "overrides": arm.overrides} for arm in arms],
