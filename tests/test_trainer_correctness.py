@@ -128,6 +128,23 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path):
     assert len(groups[0.0]) + len(groups[0.1]) == len(trainer.weights.names)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "granite", "cohere"])
+def test_weight_decay_rule_is_hf_trainers(tmp_path, arch):
+    """fp16rl's copy of HF Trainer's no-decay rule (imported Trainer costs every run seconds) gives the names
+    Trainer's own method gives, with and without LoRA, on every tiny architecture (cohere: LayerNorm)."""
+    from transformers import AutoModelForCausalLM
+    from transformers import Trainer as HFTrainer
+
+    from fp16rl.learner.weights import decay_parameter_names
+    from fp16rl.model.loading import LoraSettings, apply_lora, write_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(write_tiny_model(tmp_path / arch, TinyModelSpec(arch=arch)))
+    for candidate in (model, apply_lora(model, LoraSettings(r=4, alpha=8))):
+        ours = decay_parameter_names(candidate)
+        assert ours == HFTrainer.get_decay_parameter_names(None, candidate)
+        assert 0 < len(ours) < len([name for name, _ in candidate.named_parameters()])  # norms left out
+
+
 def test_grad_norm_covers_every_optimizer_step(tmp_path):
     trainer = Trainer(toy_config(tmp_path / "run", num_iterations=3, max_steps=1))
     norms = []

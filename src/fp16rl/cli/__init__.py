@@ -33,7 +33,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from fp16rl.cli.arc import app as arc_app
 from fp16rl.cli.data import app as data_app
-from fp16rl.cli.common import USER_ERRORS, console, fail, install_warning_handler, print_error
+from fp16rl.cli.common import (USER_ERRORS, console, fail, install_warning_handler, own_process, print_error,
+                               skip_bitsandbytes)
 from fp16rl.cli.common import quiet_libraries as _quiet_libraries
 from fp16rl.cli.options import option, settings_command
 from fp16rl.config.parse import parse_train_args
@@ -65,6 +66,7 @@ def train(ctx: typer.Context) -> None:
         check_ranks(config, launched_ranks())  # every rank, before torch and the process group
         if is_main_process():  # under torchrun rank 0 decides (the others would race its folder)
             plan = plan_run(config)  # every check that needs no model: refused in a second, before torch loads
+        skip_bitsandbytes(needed=config.load_in_4bit)
         _quiet_libraries()
         from fp16rl.training.trainer import Trainer
 
@@ -151,6 +153,7 @@ def _probe(settings: ProbeSettings, output_dir: Optional[Path]) -> None:
         settings.validate()
         out_dir = output_dir or default_output_dir(Path(model_path).name)
         refuse_used_folder(out_dir, "--output-dir")  # before minutes of work, not after
+        skip_bitsandbytes(needed=False)  # a probe never quantises
         _quiet_libraries()
         result = run_probe(settings, show_progress=True)
         drill = _drill_down(settings, result) if settings.drill_down else None
@@ -246,6 +249,7 @@ def demo(
     """Warm-start the tiny model on arc-lite, run bf16 vs fp16 (paired seeds), probe SmolLM2 if prepared, report."""
     from fp16rl.cli.demo import run_demo
 
+    skip_bitsandbytes(needed=False)  # the demo's models are never quantised
     _quiet_libraries()
     try:
         html = run_demo(output_dir, quick, say=console.print)
@@ -307,6 +311,7 @@ def main(args: Optional[list[str]] = None) -> NoReturn:
     """The console script (``fp16rl``, ``python -m fp16rl``): the typer app, except that click's usage
     errors (an unknown option or command, a missing argument, a value of the wrong type) end as every
     other bad input does, in one ``error:`` line and exit code 2, instead of click's framed box."""
+    own_process()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="fp16rl", standalone_mode=False)

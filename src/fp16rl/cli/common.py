@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -76,6 +77,26 @@ def install_warning_handler() -> None:
     if not any(isinstance(h, _OneLineWarnings) for h in logger.handlers):
         logger.addHandler(_OneLineWarnings())
     logger.propagate = False
+
+
+_OWN_PROCESS = False  # set by the console script (``fp16rl.cli.main``): this process runs one command
+
+
+def own_process() -> None:
+    """Say that this process runs one command and exits (the console script, never an in-process caller
+    such as typer's ``CliRunner``), so a command may make process-wide choices (``skip_bitsandbytes``)."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+
+
+def skip_bitsandbytes(needed: bool) -> None:
+    """For a command that will not quantise (``needed`` False) in a process of its own: mark bitsandbytes
+    absent (a ``sys.modules`` entry of None, Python's documented way to halt an import), so that peft,
+    which imports it whenever it is installed, sees it unavailable. That import costs ~1-3 s of every
+    run's start-up on a CPU: bitsandbytes wraps its kernels in ``torch.compile`` at import, which loads
+    inductor. Nothing changes once peft or bitsandbytes is loaded, or in a process that runs more."""
+    if _OWN_PROCESS and not needed and "peft" not in sys.modules:
+        sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
 
 
 def quiet_libraries() -> None:

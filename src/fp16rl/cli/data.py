@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fp16rl.cli.common import USER_ERRORS, fail, quiet_libraries
+from fp16rl.cli.common import USER_ERRORS, fail, quiet_libraries, skip_bitsandbytes
 from fp16rl.cli.options import settings_command
 from fp16rl.tools.perfectible import PerfectibleSettings
 
@@ -17,7 +17,8 @@ def _perfectible(settings: PerfectibleSettings) -> None:
     from fp16rl.tools.perfectible import run_perfectible
 
     try:
-        settings.train_config()  # every option checked before the model loads
+        config = settings.train_config()  # every option checked before the model loads
+        skip_bitsandbytes(needed=config.load_in_4bit)
         quiet_libraries()
         summary = run_perfectible(settings, show_progress=True)
     except USER_ERRORS as err:

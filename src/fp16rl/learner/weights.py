@@ -20,6 +20,20 @@ from fp16rl.model.islands import island_parameter_ids
 from fp16rl.model.precision import PrecisionPolicy
 
 
+# HF Trainer's rule for the parameters without weight decay (``transformers.Trainer.get_decay_parameter_names``):
+# those inside an ``nn.LayerNorm`` or whose name matches one of these. Importing ``transformers.Trainer`` to call
+# it would cost every run seconds of start-up (it loads accelerate, peft, bitsandbytes);
+# tests/test_trainer_correctness.py checks this rule against Trainer's own on every tiny architecture.
+NO_DECAY_NAME_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters that AdamW decays, by HF Trainer's rule."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return get_parameter_names(model, [nn.LayerNorm], list(NO_DECAY_NAME_PATTERNS))
+
+
 class MasterWeights:
     """The trainable parameters of ``model`` and their FP32 masters (the same tensors when no copy is kept)."""
 
@@ -59,10 +73,7 @@ class MasterWeights:
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups as HF Trainer builds them: no weight decay on biases and norm weights."""
-        from transformers import Trainer
-
-        # An unbound call: the method reads only the model; HF's own rule, not a copy of it.
-        decay = set(Trainer.get_decay_parameter_names(None, model))
+        decay = set(decay_parameter_names(model))
         groups = [
             {"params": [m for n, m in zip(self.names, self.masters) if n in decay], "weight_decay": weight_decay},
             {"params": [m for n, m in zip(self.names, self.masters) if n not in decay], "weight_decay": 0.0},

@@ -161,6 +161,6 @@ def library_versions() -> dict[str, str]:
     versions = {"fp16rl": metadata.version("fp16rl"), "torch": str(torch.__version__), "transformers": transformers.__version__,
                 "peft": peft.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "torch_threads": str(torch.get_num_threads()), "cpu_half_matmul": half_matmul_path()}
-    if "bitsandbytes" in sys.modules:
+    if sys.modules.get("bitsandbytes") is not None:  # None: skipped (``fp16rl.cli.common.skip_bitsandbytes``)
         versions["bitsandbytes"] = sys.modules["bitsandbytes"].__version__
     return versions

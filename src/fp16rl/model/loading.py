@@ -132,7 +132,7 @@ def require_4bit_support(device: torch.device) -> None:
 
 def set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Make every bitsandbytes 4-bit layer of ``model`` dequantise to and multiply in ``dtype``."""
-    if "bitsandbytes" not in sys.modules:  # no 4-bit layer exists unless it was imported; don't import it here
+    if sys.modules.get("bitsandbytes") is None:  # no 4-bit layer exists unless it was imported (None: skipped)
         return
     from bitsandbytes.nn import Linear4bit
 
