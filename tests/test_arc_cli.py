@@ -55,4 +55,4 @@ def test_synth_writes_dataset_and_programs(tmp_path: Path) -> None:
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "exists" in again.stderr
     bad = runner.invoke(app, ["synth", "--num-tasks", "2", "--seed", "1", "--output", str(tmp_path / "x.json"), "--min-side", "9", "--max-side", "4"])
-    assert bad.exit_code == 2 and "min_side" in bad.stderr
+    assert bad.exit_code == 2 and "--max-side must be in [--min-side (9), 30], got 4" in bad.stderr

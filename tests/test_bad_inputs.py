@@ -44,6 +44,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     payload = json.dumps({"t1": GOOD_TASK}).encode()
     (ws / "truncated.json.gz").write_bytes(gzip.compress(payload)[:-12])
     (ws / "corrupt.json").write_bytes(payload[:-5])
+    (ws / "good_task.json").write_bytes(payload)
+    (ws / "latin1_program.py").write_bytes("def transform(grid):\n    return grid  # caf\xe9\n".encode("latin-1"))
     (ws / "latin1.json").write_bytes(payload.replace(b"t1", b"t\xe9"))
     bad_grid = {"t1": GOOD_TASK, "bad_task": {**GOOD_TASK, "train": [{"input": [[1, 12]], "output": [[1]]}]}}
     (ws / "bad_grid.json").write_text(json.dumps(bad_grid))
@@ -220,6 +222,18 @@ CASES = [
     (["compare", "--config", "{ws}/good.yaml", "--arms", "dtype=float16", "--parallel", "0", "--output-dir",
       "{ws}/cmp"], "--parallel must be >= 1, got 0"),
     (["report", "{ws}/not_a_run", "-o", "{ws}/report_out"], "not_a_run"),
+    (["arc", "run-code", "{ws}/latin1_program.py", "--dataset-path", "{ws}/good_task.json", "--task-id", "t1"],
+     "latin1_program.py is not UTF-8 text"),
+    (["arc", "run-code", "{ws}/data_folder", "--dataset-path", "{ws}/good_task.json", "--task-id", "t1"],
+     "data_folder is a folder; pass the program's file"),
+    (["arc", "run-code", "{ws}/latin1_program.py", "--dataset-path", "{ws}/good_task.json", "--task-id", "t1",
+      "--memory-limit-mb", "8"], "--memory-limit-mb must be >= 64, got 8"),
+    (["arc", "run-code", "{ws}/latin1_program.py", "--dataset-path", "{ws}/good_task.json", "--task-id", "t1",
+      "--timeout", "-1"], "--timeout must be in (0, 3600] seconds, got -1.0"),
+    (["arc", "synth", "--output", "{ws}/synth.json", "--num-tasks", "2", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["arc", "synth", "--output", "{ws}/synth.json", "--num-tasks", "2", "--seed", "0", "--max-side", "99"],
+     "--max-side must be in [--min-side (3), 30], got 99"),
+    (["arc", "warmstart", "--steps", "0"], "--steps must be >= 1, got 0"),
     # click's usage errors (typer parses every command but train): the same one line, not click's framed box
     (["report", "--bogus"], "error: fp16rl report: No such option: --bogus (see `fp16rl report --help`)"),
     (["report", "{ws}/run", "--margin", "abc"], "fp16rl report: Invalid value for '--margin'"),

@@ -9,9 +9,10 @@ from pathlib import Path
 import typer
 
 from fp16rl.cli.common import fail
+from fp16rl.config.options import CODE_MEMORY_MIN_MB, CODE_TIMEOUT_MAX_S
 from fp16rl.sandbox import Sandbox, SandboxLimits, extract_code
 from fp16rl.tasks.arc.copying import apply_verdict, judge_copying
-from fp16rl.tasks.arc.data import load_dataset
+from fp16rl.tasks.arc.data import MAX_SIDE, load_dataset
 from fp16rl.tasks.arc.reward import REWARDS, evaluate, get_reward
 from fp16rl.tasks.arc.synthetic import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, write_synthetic
 
@@ -30,6 +31,8 @@ def run_code(
     memory_limit_mb: int = typer.Option(4096, "--memory-limit-mb", "--memory_limit_mb", help="Address-space limit of the program."),
 ) -> None:
     """Run PROGRAM's `transform` on the task's train and test inputs; print outcome, per-grid results and rewards as JSON."""
+    if limits_problem := code_limits_problem(timeout, memory_limit_mb):
+        fail(limits_problem)
     try:
         reward_fn = get_reward(reward_name)
         dataset = load_dataset(dataset_path, skip_invalid=True)
@@ -39,9 +42,14 @@ def run_code(
         fail(f"{dataset.source}: task '{task_id}': {dataset.skipped[task_id]}")
     if task_id not in dataset.tasks:
         fail(f"{dataset.source}: no task '{task_id}'")
+    if program.is_dir():
+        fail(f"{program} is a folder; pass the program's file")
     if not program.is_file():
         fail(f"{program}: program file not found")
-    text = program.read_text()
+    try:
+        text = program.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"{program} is not UTF-8 text (byte {exc.start})")
     code = extract_code(text) or text
     task = dataset.tasks[task_id]
     inputs = [pair["input"] for pair in (*task["train"], *task["test"])]
@@ -63,6 +71,23 @@ def run_code(
     typer.echo(json.dumps(report, indent=2))
 
 
+def refuse_below(*checks: tuple[str, int | None, int]) -> None:
+    """Fail on the first (flag, value, minimum) whose given value is below its minimum (None: not given)."""
+    for flag, value, minimum in checks:
+        if value is not None and value < minimum:
+            fail(f"{flag} must be >= {minimum}, got {value}")
+
+
+def code_limits_problem(timeout: float, memory_limit_mb: int) -> str | None:
+    """What is wrong with run-code's limits, by the bounds a training run's --code-timeout and
+    --code-memory-limit-mb have (``TrainConfig.validate``); None when they are fine."""
+    if not 0 < timeout <= CODE_TIMEOUT_MAX_S:  # also refuses NaN
+        return f"--timeout must be in (0, {CODE_TIMEOUT_MAX_S:g}] seconds, got {timeout}"
+    if memory_limit_mb < CODE_MEMORY_MIN_MB:
+        return f"--memory-limit-mb must be >= {CODE_MEMORY_MIN_MB}, got {memory_limit_mb}"
+    return None
+
+
 @app.command("synth")
 def synth(
     num_tasks: int = typer.Option(..., "--num-tasks", "--num_tasks", help="How many tasks to generate."),
@@ -75,6 +100,9 @@ def synth(
     """Generate an arc-lite dataset plus its reference programs (<name>.programs.json beside it)."""
     if output.exists() and not overwrite:
         fail(f"{output} exists; pass --overwrite to replace it")
+    refuse_below(("--num-tasks", num_tasks, 1), ("--seed", seed, 0), ("--min-side", min_side, 2))
+    if not min_side <= max_side <= MAX_SIDE:
+        fail(f"--max-side must be in [--min-side ({min_side}), {MAX_SIDE}], got {max_side}")
     try:
         tasks_path, programs = write_synthetic(output, num_tasks, seed, min_side, max_side)
     except (ValueError, OSError) as exc:
@@ -96,6 +124,7 @@ def warmstart(
     from fp16rl.tasks.arc.lite import arc_lite_dataset
     from fp16rl.tools.arc_lite import ArcLiteSettings, arc_lite_warm_model
 
+    refuse_below(("--steps", steps, 1), ("--num-tasks", num_tasks, 1), ("--seed", seed, 0))
     given = {"steps": steps, "num_tasks": num_tasks, "seed": seed}
     settings = ArcLiteSettings(**{name: value for name, value in given.items() if value is not None})
     try:

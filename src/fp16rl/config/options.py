@@ -35,6 +35,10 @@ IS_REFERENCES = ("unprocessed", "behaviour")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
 ALGORITHMS = ("grpo", "ppo", "online_dpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+# The sandbox's limits on a model-written program: below ~64 MB of address space a confined child cannot even
+# map the standard library's shared objects; an hour is the longest wall clock one program may take.
+CODE_MEMORY_MIN_MB = 64
+CODE_TIMEOUT_MAX_S = 3600.0
 # Mismatch metrics a --mismatch-budget may bound (larger = further apart; training/budget.py checks them).
 BUDGET_METRICS = ("mismatch/vocab_kl", "mismatch/vocab_kl_max", "mismatch/vocab_tv", "mismatch/vocab_tv_max",
                   "mismatch/token_kl_k3", "mismatch/token_kl_k1", "mismatch/seq_kl", "mismatch/chi2_token",
@@ -231,7 +235,7 @@ class TrainConfig:
                               ("ppo_epochs", 1), ("save_samples_steps", 1), ("save_steps", 1),
                               ("loss_scale_growth_interval", 1), ("logprob_chunk_tokens", 1), ("lora_r", 0),
                               ("lora_alpha", 1), ("top_k", 0), ("max_staleness", 0),
-                              ("seed", 0), ("code_memory_limit_mb", 64)):
+                              ("seed", 0), ("code_memory_limit_mb", CODE_MEMORY_MIN_MB)):
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{flag(name)} must be >= {minimum}, got {getattr(self, name)}")
         _check_ranges(self)
@@ -309,7 +313,7 @@ def _check_ranges(c: TrainConfig) -> None:
         ("epochs", c.epochs > 0, "> 0"),
         ("gpu_memory_utilization", 0 < c.gpu_memory_utilization <= 1, "in (0, 1]"),
         ("threads", c.threads >= 0, ">= 0 (0 = auto)"),
-        ("code_timeout", 0 < c.code_timeout <= 3600, "in (0, 3600] seconds"),
+        ("code_timeout", 0 < c.code_timeout <= CODE_TIMEOUT_MAX_S, f"in (0, {CODE_TIMEOUT_MAX_S:g}] seconds"),
         ("n_jobs", c.n_jobs == -1 or c.n_jobs >= 1, "-1 (all cores) or >= 1"),
         ("max_steps", c.max_steps == -1 or c.max_steps >= 1, "-1 (from epochs) or >= 1"),
         ("per_device_train_batch_size", c.per_device_train_batch_size is None or c.per_device_train_batch_size >= 1,

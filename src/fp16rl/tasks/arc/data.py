@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fp16rl.core.atomic import atomic_write_bytes
 from fp16rl.core.errors import DatasetError
 
 Grid = list[list[int]]
@@ -143,10 +144,10 @@ def solutions_path(challenges: Path) -> Path | None:
 
 
 def write_task_map(path: Path, tasks: TaskMap) -> None:
-    """Write a task map as JSON, gzipped when the name ends in ``.gz``."""
+    """Write a task map as JSON, gzipped when the name ends in ``.gz`` (atomically and durably)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps(tasks, separators=(",", ":")).encode()
-    path.write_bytes(gzip.compress(payload, mtime=0) if path.name.endswith(".gz") else payload)
+    atomic_write_bytes(path, gzip.compress(payload, mtime=0) if path.name.endswith(".gz") else payload)
 
 
 def _read_json(path: Path) -> Any:

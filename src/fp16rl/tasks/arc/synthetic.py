@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fp16rl.core.atomic import atomic_write_text
 from fp16rl.tasks.arc.data import MAX_SIDE, ArcTaskData, Grid, TaskMap, task_problem, write_task_map
 from fp16rl.tasks.arc.encoders import ColorNameEncoder, GridEncoder
 from fp16rl.tasks.arc.prompts import PromptTemplate, build_messages, render_messages
@@ -229,7 +230,7 @@ def write_synthetic(
     tasks, programs = generate_tasks(num_tasks, seed, min_side, max_side)
     write_task_map(path, tasks)
     side = programs_path(path)
-    side.write_text(json.dumps(programs, indent=1))
+    atomic_write_text(side, json.dumps(programs, indent=1))
     return path, side
 
 
