@@ -133,6 +133,8 @@ def test_cli_writes_json_markdown_and_figure(tmp_path, tiny_path):
     (["--fp32-modules", "flagged", "--no-check-fp16-range"], "needs the fp16 range check"),
     (["--fp32-modules", "norms", "--lora-r", "0", "--trainer-compute", "autocast"], "autocast"),
     (["--fp32-modules", "no such/module"], "--fp32-modules 'no such/module'"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_bad_options_are_one_error_line(tmp_path, args, message):
     result = CliRunner().invoke(app, ["probe", "--model-path", "tiny", *args, "--output-dir", str(tmp_path / "o")])

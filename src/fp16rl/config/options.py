@@ -342,10 +342,15 @@ def _check_fp32_modules(c: TrainConfig) -> None:
             raise ConfigError(f"--fp32-modules cannot be used with {why}")
 
 
+def device_problem(device: str) -> str | None:
+    """What is wrong with a --device value (train's and the probe's); None when it names a device."""
+    return None if _DEVICE.match(device) else f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+
+
 def _check_combinations(c: TrainConfig) -> None:
     """Values that are each fine but cannot go together, and names checked against known sets."""
-    if not _DEVICE.match(c.device):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    if problem := device_problem(c.device):
+        raise ConfigError(problem)
     if not c.model_path.strip():
         raise ConfigError("--model-path is empty")
     if not c.output_dir.strip():

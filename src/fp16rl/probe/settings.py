@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from fp16rl.config.options import fp32_modules_problem, opt, train_option
+from fp16rl.config.options import device_problem, fp32_modules_problem, opt, train_option
 from fp16rl.config.dtypes import canonical_dtype
 from fp16rl.core.errors import PrecisionError, ProbeError
 from fp16rl.tasks.base import encode_text
@@ -87,6 +87,10 @@ class ProbeSettings:
             raise ProbeError("--fp16-headroom must be >= 1")
         if self.threads < 0:
             raise ProbeError("--threads must be >= 0 (0 = auto)")
+        if self.seed < 0:
+            raise ProbeError(f"--seed must be >= 0, got {self.seed}")
+        if problem := device_problem(self.device):
+            raise ProbeError(problem)
         if self.lora_r < 0 or (self.lora_r > 0 and (self.lora_alpha < 1 or not self.lora_target_modules)):
             raise ProbeError("--lora-r must be >= 0 (0 = full fine-tuning), with --lora-alpha >= 1 and target modules")
         for name, choices in (("trainer_compute", ("half_copy", "autocast")), ("sampler_engine", ("auto", "fast", "hf"))):
