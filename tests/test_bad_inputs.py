@@ -194,6 +194,8 @@ CASES = [
       "--keep", "0.9,0.1", "--output", "{ws}/kept.jsonl"], "--keep must be LOW,HIGH"),
     (["data", "perfectible", "--model-path", "tiny", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "math",
       "--output", "{ws}/good.jsonl"], "exists; choose another file"),
+    (["data", "perfectible", "--model-path", "tiny", "--dataset-path", "{ws}/good.jsonl", "--reward-funcs", "math",
+      "--solved-threshold", "nan", "--output", "{ws}/kept.jsonl"], "--solved-threshold must be a finite number, got nan"),
     (["export", "{ws}/not_a_run", "--output", "{ws}/exported"], "neither a run folder with checkpoints"),
     (["export", "{ws}/run", "--output", "{ws}/in_use"], "is in use (not empty)"),
     # output folders and resuming

@@ -12,6 +12,7 @@ atomically at the end, with the dataset's columns plus ``pass_rate``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class PerfectibleSettings:
             raise ConfigError("--samples and --batch-prompts must be >= 1")
         if len(self.keep) != 2 or not 0 <= self.keep[0] <= self.keep[1] <= 1:
             raise ConfigError(f"--keep must be LOW,HIGH with 0 <= LOW <= HIGH <= 1, got {self.keep}")
+        if not math.isfinite(self.solved_threshold):  # a NaN threshold would count nothing as solved
+            raise ConfigError(f"--solved-threshold must be a finite number, got {self.solved_threshold}")
         if not self.output.endswith(".jsonl"):
             raise ConfigError(f"--output {self.output}: write a .jsonl file (train reads it as --dataset-path)")
         return config
