@@ -42,6 +42,18 @@ def test_half_linears_benchmark_runs_at_a_tiny_shape():
     assert all(float(cell) > 0 for r in decode[1:] for cell in r[1:])
 
 
+def test_startup_benchmark_times_a_refusal_and_a_one_step_run():
+    """bench/startup.py: both commands, each a fresh process of this checkout, with positive times."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "startup.py"
+    done = subprocess.run([sys.executable, str(path), "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["refused train (--dtype float8)", "tiny model, 1 step"]
+    for line in lines:
+        wall, cpu = (float(line.split(key)[1].split()[0]) for key in ("wall", "cpu"))
+        assert wall > 0 and cpu > 0, line
+
+
 def step_vs_trl_rows(*options: str) -> list[list[str]]:
     """The table rows (cells stripped) of ``bench/step_vs_trl.py`` on the tiny model, 1 step of 2 x 8 tokens.
     In a subprocess: TRL imports trackio, which fixes its database folder when first imported."""
