@@ -175,7 +175,7 @@ def test_rewards_that_are_all_none_are_announced_once(caplog):
         for _ in range(2):
             assert rewards(["p"] * 3, ["a", "b", "c"], [[]] * 3, {}, [4, 5, 6]).rewards == [0.0] * 3
         (message,) = _warnings(caplog)
-        assert "returned None for all 3 completions of this step (dataset rows 4, 5, 6)" in message
+        assert "returned None or NaN for all 3 completions of this step (dataset rows 4, 5, 6)" in message
         assert "learns nothing" in message
         caplog.clear()
         rewards = RewardSet.build([nothing, some])
@@ -186,8 +186,8 @@ def test_rewards_that_are_all_none_are_announced_once(caplog):
         rewards(["p"] * 2, ["skip", "skip"], [[]] * 2, {}, [2, 3])  # every row: said once more
         rewards(["p"] * 2, ["skip", "skip"], [[]] * 2, {}, [2, 3])
     first, every = _warnings(caplog)
-    assert first.startswith("all reward functions (nothing, some) returned None for dataset row 1 (completion 1)")
-    assert "returned None for all 2 completions" in every
+    assert first.startswith("all reward functions (nothing, some) returned None or NaN for dataset row 1 (completion 1)")
+    assert "returned None or NaN for all 2 completions" in every
 
 
 def test_reward_errors_scored_zero_are_announced(caplog):

@@ -253,8 +253,8 @@ class RewardSet:
         where = (f"all {len(unscored)} completions of this step (dataset rows {_rows_text(rows)})" if every
                  else f"dataset row {rows[unscored[0]]} (completion {unscored[0]})")
         consequence = "they all score 0 and the step learns nothing" if every else "it scores 0"
-        logger.warning(f"{functions} ({', '.join(self.names)}) returned None for {where}: {consequence}; make at "
-                       "least one reward function return a number for every row (None means not applicable)")
+        logger.warning(f"{functions} ({', '.join(self.names)}) returned None or NaN for {where}: {consequence}; make "
+                       "at least one reward function return a number for every row (None means not applicable)")
 
     def _warn_failures(self, name: str, failure: Failures, batch: int) -> None:
         """``on_error="zero"`` turns a failing function into silent zeros: say so the first time it fails,
