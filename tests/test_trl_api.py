@@ -18,7 +18,7 @@ import pytest
 from fp16rl.config.parse import parse_train_args
 from fp16rl.config.trl_fields import DEFAULT_ONLY, GRPO_CONFIG_NAMES, HONOURED, IGNORED, MAPPED, TRL_FIELDS
 from fp16rl.config.trl_names import translate
-from fp16rl.core.errors import ConfigError
+from fp16rl.core.errors import ConfigError, DatasetError
 from fp16rl.runs.tracking import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "trl"
@@ -259,6 +259,13 @@ def test_grpo_trainer_refusals(tmp_path, fp16rl_home):
         GRPOTrainer("tiny", reward_funcs=len, args=args, train_dataset=rows, tools=[len])
     with pytest.raises(ConfigError, match="train"):
         GRPOTrainer("tiny", reward_funcs=len, args=args).save_model()
+    from datasets import Dataset, DatasetDict
+
+    with pytest.raises(DatasetError, match="must be a datasets.Dataset or a list of dicts, got dict"):
+        GRPOTrainer("tiny", reward_funcs=len, args=args, train_dataset={"prompt": ["x"]})
+    with pytest.raises(DatasetError, match=r"a DatasetDict with the splits train, test; pass one of them"):
+        splits = DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows)})
+        GRPOTrainer("tiny", reward_funcs=len, args=args, train_dataset=splits)
 
 
 def test_import_fp16rl_stays_torch_free():

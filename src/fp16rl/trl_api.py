@@ -106,8 +106,10 @@ class GRPOTrainer:
         if isinstance(args, TrainConfig):
             raise ConfigError("GRPOTrainer takes a GRPOConfig; with a TrainConfig use fp16rl.train(config, dataset, "
                               "reward_funcs)")
+        from fp16rl.tasks.dataset import given_dataset
+
         self.args = args
-        self.train_dataset = train_dataset
+        self.train_dataset = given_dataset(train_dataset)  # as TRL's, a wrong type is refused here, not at train()
         self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks or []]
         model_options = {**_peft_options(peft_config), "model_name_or_path": self._model_path(model, processing_class)}
         self._translation = translate({**_given(args), **model_options}, launched_ranks())

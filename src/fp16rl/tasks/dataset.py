@@ -85,6 +85,21 @@ def _valid_text(dataset: Any, path: Path, loader: str | None) -> Any:
     raise DatasetError(f"{path}: {text_file_problem(path, loader) or problem}")
 
 
+def given_dataset(dataset: Any) -> Any:
+    """The dataset a Python caller passed (``train(dataset=...)``, TRL's ``train_dataset``) as a
+    ``datasets.Dataset``: one as it is, a list of dicts converted; anything else refused by name."""
+    datasets = _datasets()
+    if isinstance(dataset, (list, tuple)):
+        return dataset_from_rows(dataset)
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise DatasetError(f"the dataset passed is a DatasetDict with the splits {', '.join(map(str, dataset))}; "
+                           "pass one of them, e.g. dataset['train']")
+    if not isinstance(dataset, datasets.Dataset):
+        raise DatasetError(f"the dataset passed must be a datasets.Dataset or a list of dicts, got "
+                           f"{type(dataset).__name__}")
+    return dataset
+
+
 def dataset_from_rows(rows: Sequence[dict[str, Any]]) -> Any:
     """A ``datasets.Dataset`` from a list of dicts (the Python API)."""
     datasets = _datasets()
@@ -169,7 +184,7 @@ def prompt_data(config: Any, dataset: Any = None, reward_funcs: Sequence[Any] | 
     system_prompt = config.system_prompt
     if dataset is not None:
         source = "the dataset passed to train()"
-        dataset = dataset_from_rows(dataset) if isinstance(dataset, (list, tuple)) else dataset
+        dataset = given_dataset(dataset)
     elif config.dataset_path.startswith(PROCEDURAL_PREFIX):
         from fp16rl.tasks import gym
 
