@@ -128,3 +128,36 @@ def test_an_interrupted_attempt_is_set_aside_never_deleted(tmp_path):
     kept = sorted(p.name for p in tmp_path.iterdir())
     assert kept == ["seed-0.incomplete", "seed-0.incomplete-2", "seed-0.incomplete-3"]
     assert (tmp_path / "seed-0.incomplete" / "metrics.jsonl").read_text() == "attempt 0\n"
+
+
+def test_ctrl_c_stops_the_runs_in_progress_and_starts_no_other(tmp_path):
+    """A Ctrl-C reaches compare alone (each run has a session of its own); compare passes it on once, so the
+    running seed stops at a safe point with a checkpoint, the next seed never starts, and compare exits 130
+    with a line saying how to resume. (Before, the next seed started as soon as the first had stopped.)"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fp16rl.runs.checkpoint import checkpoint_dirs
+    from fp16rl.runs.tracking import read_metrics
+
+    out = tmp_path / "cmp"
+    compare = subprocess.Popen(
+        [sys.executable, "-m", "fp16rl.cli", "compare", "--arms", "dtype=float32", "--seeds", "0,1", "--output-dir",
+         str(out), "--model-path", "tiny", "--max-steps", "400", "--num-generations", "2", "--prompts-per-step", "2",
+         "--max-completion-length", "8", "--report-to", "none"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    first = out / "runs" / "dtype=float32" / "seed-0"
+    deadline = time.monotonic() + 300
+    while not read_metrics(first / "metrics.jsonl") and time.monotonic() < deadline and compare.poll() is None:
+        time.sleep(0.2)
+    compare.send_signal(signal.SIGINT)
+    output, _ = compare.communicate(timeout=300)
+    assert compare.returncode == 130, output
+    assert "seed 0: interrupted" in output and "seed 1" not in output
+    assert "run the same command again to resume" in " ".join(output.split())
+    done = len(read_metrics(first / "metrics.jsonl"))
+    assert 1 <= done < 400 and [p.name for p in checkpoint_dirs(first)] == [f"step-{done}"]
+    assert json.loads((first / "summary.json").read_text())["status"] == "interrupted"
+    assert not (out / "runs" / "dtype=float32" / "seed-1").exists()

@@ -11,15 +11,18 @@ finished runs, resumes interrupted ones from their last checkpoint and starts mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from fp16rl.core.atomic import atomic_write_text
 from fp16rl.runs.checkpoint import checkpoint_dirs
@@ -27,7 +30,7 @@ from fp16rl.config.options import TrainConfig
 from fp16rl.config.parse import (build_parser, is_trl_call, load_yaml_mapping, load_yaml_options, option_names,
                                  parse_train_args)
 from fp16rl.config.trl_fields import TRL_FIELDS
-from fp16rl.core.errors import ConfigError
+from fp16rl.core.errors import INTERRUPTED_EXIT, ConfigError
 from fp16rl.core.paths import TINY, resolve_model_path
 from fp16rl.runs.folders import arm_slug, FINAL_STATUSES, refuse_used_folder
 from fp16rl.tasks.checks import check_dataset
@@ -211,6 +214,8 @@ def run_comparison(
             free_gpus.put(device)
 
     def run_one(spec: RunSpec, device: str | None) -> tuple[str, str]:
+        if processes.stopped_by is not None:  # a signal came: leave it for the next invocation, unannounced
+            return str(spec.run_dir), "not started"
         state = spec.state()
         if state == "done":
             on_event(spec, "kept")
@@ -226,15 +231,71 @@ def run_comparison(
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         with spec.log_path.open("a") as log:
-            code = subprocess.run([sys.executable, "-m", "fp16rl.cli", "train", *args], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env).returncode
-        outcome = spec.state()
-        result = "failed" if code != 0 else ("finished" if outcome == "done" else "incomplete")
+            code = processes.run([sys.executable, "-m", "fp16rl.cli", "train", *args], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+        result = run_outcome(code, spec.state())
         on_event(spec, result)
         return str(spec.run_dir), result
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    processes = RunProcesses()
+    with processes.relaying(), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return dict(pool.map(execute, specs))
+
+
+def run_outcome(code: int | None, state: str) -> str:
+    """What became of one run, from its exit code (None: never started) and its folder's state."""
+    if code is None:
+        return "not started"
+    if code == INTERRUPTED_EXIT:  # Ctrl-C or SIGTERM: stopped, with a checkpoint unless stopped at once
+        return "interrupted"
+    return "failed" if code != 0 else ("finished" if state == "done" else "incomplete")
+
+
+class RunProcesses:
+    """The ``fp16rl train`` processes of a comparison, and what a signal to ``compare`` does to them.
+
+    Each run starts in a session of its own, so a Ctrl-C in the terminal reaches ``compare`` alone, which
+    passes it (or a SIGTERM) on to every running run once: the first signal stops each at its next safe
+    point with a checkpoint, a second one at once, as for a single run. After a signal no other run starts,
+    so re-running the same command resumes exactly the runs that were stopped. (Before, a Ctrl-C stopped the
+    runs in progress and ``compare`` went on to start the next ones; a SIGTERM left its runs going alone.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopped_by: str | None = None
+
+    def run(self, argv: list[str], **popen: Any) -> int | None:
+        """Run ``argv`` to its end and return its exit code; None, without starting it, after a signal."""
+        with self._lock:
+            if self.stopped_by is not None:
+                return None
+            process = subprocess.Popen(argv, start_new_session=True, **popen)
+            self._running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self._lock:
+                self._running.discard(process)
+
+    def _relay(self, number: int, _frame: object) -> None:
+        with self._lock:
+            self.stopped_by = signal.Signals(number).name
+            for process in self._running:
+                process.send_signal(number)
+
+    @contextlib.contextmanager
+    def relaying(self) -> Iterator[None]:
+        """Relay SIGINT and SIGTERM while the block runs (from the main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.signal(number, self._relay) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def aside_name(run_dir: Path) -> Path:

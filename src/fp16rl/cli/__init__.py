@@ -38,6 +38,7 @@ from fp16rl.cli.common import (USER_ERRORS, console, fail, install_warning_handl
 from fp16rl.cli.common import quiet_libraries as _quiet_libraries
 from fp16rl.cli.options import option, settings_command
 from fp16rl.config.parse import parse_train_args
+from fp16rl.core.errors import INTERRUPTED_EXIT
 from fp16rl.core.paths import fp16rl_home
 from fp16rl.probe.settings import ProbeSettings
 
@@ -85,7 +86,7 @@ def train(ctx: typer.Context) -> None:
     if trainer.status == "interrupted":
         console.print(f"interrupted after step {max(trainer.saved_steps)}: checkpoint saved in "
                       f"{trainer.run_dir / 'checkpoints'}; continue with --resume")
-        raise typer.Exit(130)
+        raise typer.Exit(INTERRUPTED_EXIT)
     from fp16rl.training.trackers import output_lines
 
     for line in output_lines(trainer.run_dir, config.report_to):
@@ -235,7 +236,12 @@ def compare(
     except USER_ERRORS as err:
         fail(str(err))
     failed = [run for run, outcome in outcomes.items() if outcome == "failed"]
+    stopped = [run for run, outcome in outcomes.items() if outcome in ("interrupted", "not started")]
     console.print(f"runs: {output_dir / 'runs'}   logs: {output_dir / 'logs'}")
+    if stopped and not failed:
+        console.print(f"stopped: {len(stopped)} run(s) interrupted or not started; run the same command again "
+                      "to resume them")
+        raise typer.Exit(INTERRUPTED_EXIT)
     console.print(f"report: fp16rl report {output_dir} -o {output_dir / 'report'}")
     if failed:
         fail(f"{len(failed)} run(s) failed; see {output_dir / 'logs'}")

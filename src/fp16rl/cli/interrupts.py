@@ -17,10 +17,10 @@ from rich.markup import escape
 
 from fp16rl.runs.checkpoint import checkpoint_dirs
 from fp16rl.cli.common import console
+from fp16rl.core.errors import INTERRUPTED_EXIT
 from fp16rl.core.ranks import is_main_process
 from fp16rl.runs.reuse import discard_run_entries, ended_before_step_one, holds_nothing_of_value
 
-INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
 
 
 def next_move(run_dir: Path) -> str:
@@ -56,4 +56,4 @@ def stop_interrupted(config: Any, plan: Any, trainer: Any, at_once: bool) -> NoR
         message = ("stopped at once (second signal): " if at_once else "interrupted: ") + next_move(trainer.run_dir)
     if is_main_process():
         console.print(escape(message), highlight=False, soft_wrap=True)
-    raise typer.Exit(INTERRUPTED)
+    raise typer.Exit(INTERRUPTED_EXIT)

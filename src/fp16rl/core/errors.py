@@ -7,6 +7,10 @@ that the CLI can refuse bad input before torch or transformers are loaded.
 
 from __future__ import annotations
 
+# The exit code of a run stopped by Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports a process Ctrl-C
+# stopped): ``fp16rl train`` exits with it, and ``compare`` reads it as "interrupted", not "failed".
+INTERRUPTED_EXIT = 130
+
 
 class UserError(ValueError):
     """Input that cannot work; the message names the problem (file, row, field, option)."""
