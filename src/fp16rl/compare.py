@@ -242,6 +242,9 @@ def run_comparison(
         return dict(pool.map(execute, specs))
 
 
+STOPPED_OUTCOMES = ("interrupted", "not started")  # a signal stopped the comparison; re-running resumes it
+
+
 def run_outcome(code: int | None, state: str) -> str:
     """What became of one run, from its exit code (None: never started) and its folder's state."""
     if code is None:

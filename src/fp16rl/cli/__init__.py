@@ -219,7 +219,7 @@ def compare(
 
     Any `fp16rl train` option may follow (e.g. `--model-path tiny --max-steps 20`): shared by every arm,
     after --config's and before the arm's own."""
-    from fp16rl.compare import run_comparison, split_train_args
+    from fp16rl.compare import STOPPED_OUTCOMES, run_comparison, split_train_args
 
     try:  # `--arms A B` (several values after one flag, as in the docs) leaves B as an extra argument
         base_args, more_arms = split_train_args(ctx.args)
@@ -236,7 +236,7 @@ def compare(
     except USER_ERRORS as err:
         fail(str(err))
     failed = [run for run, outcome in outcomes.items() if outcome == "failed"]
-    stopped = [run for run, outcome in outcomes.items() if outcome in ("interrupted", "not started")]
+    stopped = [run for run, outcome in outcomes.items() if outcome in STOPPED_OUTCOMES]
     console.print(f"runs: {output_dir / 'runs'}   logs: {output_dir / 'logs'}")
     if stopped and not failed:
         console.print(f"stopped: {len(stopped)} run(s) interrupted or not started; run the same command again "

@@ -140,7 +140,7 @@ def prepare_probe_model(say: Callable[[str], None]) -> Path | None:
 
 def run_demo(output_dir: Path, quick: bool, say: Callable[[str], None] = print, budget_s: float = BUDGET_S) -> Path:
     """Run every stage; returns the report's HTML path."""
-    from fp16rl.compare import run_comparison
+    from fp16rl.compare import STOPPED_OUTCOMES, run_comparison
     from fp16rl.report import build_report
     from fp16rl.tasks.arc.lite import arc_lite_dataset
     from fp16rl.tools.arc_lite import ArcLiteSettings, arc_lite_warm_model
@@ -171,6 +171,9 @@ def run_demo(output_dir: Path, quick: bool, say: Callable[[str], None] = print, 
     compare_dir = output_dir / "compare"
     outcomes = run_comparison(base, ARMS, plan.seeds, compare_dir,
                               on_event=lambda spec, event: say(f"    {spec.arm.name} seed {spec.seed}: {event}"))
+    if any(outcome in STOPPED_OUTCOMES for outcome in outcomes.values()):  # Ctrl-C: compare stopped its runs
+        say(f"    stopped; the runs so far are in {compare_dir / 'runs'}")
+        raise KeyboardInterrupt
     failed = [run for run, outcome in outcomes.items() if outcome == "failed"]
     if failed:
         raise RuntimeError(f"demo runs failed; see the logs in {compare_dir / 'logs'}: {failed}")
