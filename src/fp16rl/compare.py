@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def plan_comparison(base_config: Path | None, arm_specs: Sequence[str], seeds: S
         raise ConfigError("two arms have the same name")
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
-    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    repeated = [seed for seed, count in Counter(seeds).items() if count > 1]
     if repeated:  # one run folder per arm x seed: a repeated seed would be one run, counted twice
         raise ConfigError(f"--seeds lists seed {repeated[0]} more than once")
     if parallel < 1:
